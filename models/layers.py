@@ -1,0 +1,129 @@
+"""Small building blocks shared by the generator and the stage-1 models (spec §4.1, §4.4.2, §4.4.5, §4.4.6).
+
+Submodule names are part of the checkpoint format: do not rename attributes or reorder registrations.
+"""
+import math
+
+import torch
+import torch.nn as nn
+
+
+def init_weight(module):
+    """Xavier-normal weights and zero biases for conv/linear layers; use as `net.apply(init_weight)`."""
+    if isinstance(module, (nn.Conv1d, nn.Linear, nn.ConvTranspose1d)):
+        nn.init.xavier_normal_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+class ResBlock(nn.Module):
+    """x + conv(lrelu(conv(x))) on (B, C, T); no activation after the sum."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.model = nn.Sequential(
+            nn.Conv1d(channels, channels, 3, 1, 1),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv1d(channels, channels, 3, 1, 1),
+        )
+
+    def forward(self, x):
+        return x + self.model(x)
+
+
+class MLP(nn.Module):
+    """Linear -> LeakyReLU(0.2) -> Linear, stored as `mlp.0` / `mlp.2`."""
+
+    def __init__(self, in_dim, hidden_dim, out_dim):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.LeakyReLU(0.2, inplace=True), nn.Linear(hidden_dim, out_dim))
+
+    def forward(self, x):
+        return self.mlp(x)
+
+
+class BasicBlock(nn.Module):
+    """1-D residual block of the audio encoder.
+
+    `padding` applies to the first conv and the shortcut conv only (the published code calls it `first_dilation`);
+    the second conv is always 'same' padded. The shortcut is a conv+BN when `downsample` is true, else the identity.
+    """
+
+    def __init__(self, in_channels, channels, kernel_size, stride=1, padding=0, downsample=False):
+        super().__init__()
+        self.conv1 = nn.Conv1d(in_channels, channels, kernel_size, stride, padding)
+        self.bn1 = nn.BatchNorm1d(channels)
+        self.act = nn.LeakyReLU(0.01, inplace=True)
+        self.conv2 = nn.Conv1d(channels, channels, kernel_size, 1, kernel_size // 2)
+        self.bn2 = nn.BatchNorm1d(channels)
+        self.downsample = None
+        if downsample:
+            self.downsample = nn.Sequential(
+                nn.Conv1d(in_channels, channels, kernel_size, stride, padding), nn.BatchNorm1d(channels))
+
+    def forward(self, x):
+        shortcut = x if self.downsample is None else self.downsample(x)
+        out = self.act(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.act(out + shortcut)
+
+
+class WavEncoder(nn.Module):
+    """Sample-rate audio features (B, L, C) -> per-frame features (B, T', out_dim), about 533 samples per frame.
+
+    The published model has out_dim=512 and internal widths 128/256/512; here the widths are out_dim/4, /2, /1 so a
+    small `audio_f` gives a small encoder while 512 reproduces the published keys and shapes.
+    Three scales are concatenated: two extra branches re-downsample the 1/30 and 1/180 features to the frame rate.
+    """
+
+    def __init__(self, out_dim, audio_in=1):
+        super().__init__()
+        if out_dim % 4:
+            raise ValueError(f"WavEncoder out_dim must be divisible by 4, got {out_dim}")
+        c1, c2, c3 = out_dim // 4, out_dim // 2, out_dim
+        k = 15
+        self.feat_extractor = nn.Sequential(
+            BasicBlock(audio_in, c1, k, stride=5, padding=1600, downsample=True),
+            BasicBlock(c1, c1, k, stride=6, downsample=True),
+            BasicBlock(c1, c1, k, stride=1, padding=7),
+            BasicBlock(c1, c2, k, stride=6, downsample=True),
+            BasicBlock(c2, c2, k, stride=1, padding=7),
+            BasicBlock(c2, c3, k, stride=3, downsample=True),
+        )
+        self.multi_scale = nn.ModuleList([
+            nn.Sequential(BasicBlock(c1, c2, k, stride=6, downsample=True), BasicBlock(c2, c3, k, stride=3, downsample=True)),
+            nn.Sequential(BasicBlock(c2, c3, k, stride=3, downsample=True)),
+        ])
+        self.out = nn.Linear(3 * c3, out_dim)
+
+    def forward(self, wav):
+        if wav.dim() == 2:
+            wav = wav.unsqueeze(-1)
+        x = wav.transpose(1, 2)                       # (B, C, L)
+        fine = self.feat_extractor[:3](x)             # ~1/30 of the samples
+        mid = self.feat_extractor[3:5](fine)          # ~1/180
+        coarse = self.feat_extractor[5](mid)          # frame rate
+        feats = torch.cat([self.multi_scale[0](fine), self.multi_scale[1](mid), coarse], dim=1)
+        return self.out(feats.transpose(1, 2))
+
+
+class PeriodicPositionalEncoding(nn.Module):
+    """Sinusoidal encoding of period `period`, tiled to cover `max_seq_len`; forward(x) = dropout(x + pe[:, :T])."""
+
+    def __init__(self, d_model, dropout=0.1, period=25, max_seq_len=600):
+        super().__init__()
+        if d_model % 2:
+            raise ValueError(f"PeriodicPositionalEncoding needs an even d_model, got {d_model}")
+        self.dropout = nn.Dropout(p=dropout)
+        position = torch.arange(period, dtype=torch.float32).unsqueeze(1)
+        inv_freq = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model))
+        pe = torch.zeros(period, d_model)
+        pe[:, 0::2] = torch.sin(position * inv_freq)
+        pe[:, 1::2] = torch.cos(position * inv_freq)
+        repeats = max_seq_len // period + 1
+        self.register_buffer("pe", pe.unsqueeze(0).repeat(1, repeats, 1))  # persistent: it is in the checkpoint
+
+    def forward(self, x):
+        if x.shape[1] > self.pe.shape[1]:
+            raise ValueError(f"sequence of {x.shape[1]} frames is longer than the positional table ({self.pe.shape[1]})")
+        return self.dropout(x + self.pe[:, : x.shape[1]])

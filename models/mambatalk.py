@@ -1,0 +1,187 @@
+"""MambaTalk generator (spec §4.4): audio + words + speaker + masked motion -> per-part VQ latents and code logits.
+
+Widths come from args (hidden_size H, audio_f A, motion_f M, vae_codebook_size K, pose_dims, pose_length); the
+published config (768/512/256/256/330/64) reproduces the released checkpoint's keys and shapes exactly
+(`shared/spec/state_dict_mambatalk.tsv`). Attribute names and registration order are that checkpoint format.
+"""
+import os
+import warnings
+
+import torch
+import torch.nn as nn
+
+from models import ssm
+from models.layers import MLP, PeriodicPositionalEncoding, WavEncoder
+from models.motion_representation import VQEncoderV6
+
+NUM_SPEAKERS = 25  # BEAT2 English speakers after the id remapping of dataloaders (spec §2)
+
+
+def transformer_encoder(d_model, nhead, num_layers=1):
+    """PyTorch defaults: post-norm, ReLU, dropout 0.1, feed-forward width = d_model."""
+    layer = nn.TransformerEncoderLayer(d_model, nhead, dim_feedforward=d_model, batch_first=True)
+    return nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
+
+
+def motion_dim(args):
+    """Motion canvas width: 6D pose + trans (3) + foot contact (4) = 337 published."""
+    return args.pose_dims + 3 + 4
+
+
+class GlobalScan(nn.Module):
+    """Masked motion canvas -> global motion tokens (B,T,H); face audio/text fusion + motion -> global features (B,T,H)."""
+
+    def __init__(self, args):
+        super().__init__()
+        H, A, M, P = args.hidden_size, args.audio_f, args.motion_f, motion_dim(args)
+        self.learnable_query = nn.Parameter(torch.zeros(1, 1, P))
+        self.motion_encoder = VQEncoderV6(P, M, 3)
+        self.motion_proj1 = MLP(M, H, M)
+        self.motion_proj2 = nn.Linear(M, H)
+        self.position_embeddings = PeriodicPositionalEncoding(H, 0.1, args.pose_length, args.pose_length)
+        # face_q_self_attn's output is discarded in the published forward; it is kept only so checkpoints load
+        self.face_q_self_attn = transformer_encoder(H, 4)
+        self.body_q_self_attn = transformer_encoder(H, 4)
+        self.motion_self_encoder = transformer_encoder(H, 4)
+        self.face_scan = ssm.MambaScan(A, A, n_layer=1, d_intermediate=2 * A)
+        self.body_scan = ssm.MambaScan(M, M, n_layer=1, d_intermediate=H)
+        self.out = nn.Linear(A + M, H)
+
+    def forward(self, in_motion, mask, spk_body, fusion_face):
+        query = torch.where(mask == 1, self.learnable_query.expand_as(in_motion), in_motion)
+        body_feat = self.motion_encoder(query)
+        motion_feat = self.motion_proj2(self.motion_proj1(body_feat))
+        motion_feat = self.position_embeddings(self.body_q_self_attn(spk_body) + motion_feat)
+        global_motion = self.motion_self_encoder(motion_feat)
+        global_features = self.out(torch.cat([self.face_scan(fusion_face), self.body_scan(body_feat)], dim=-1))
+        return global_motion, global_features
+
+
+class LocalScan(nn.Module):
+    """Cross-attends global motion to body audio/text, then per-part Mamba scans -> latents and code logits."""
+
+    def __init__(self, args):
+        super().__init__()
+        H, A, K = args.hidden_size, args.audio_f, args.vae_codebook_size
+        self.position_embeddings = PeriodicPositionalEncoding(H, 0.1, args.pose_length, args.pose_length)
+        decoder_layer = nn.TransformerDecoderLayer(H, 4, dim_feedforward=H, batch_first=True)
+        self.motion_cross_attn = nn.TransformerDecoder(decoder_layer, num_layers=8)
+        self.motion2latent_upper = MLP(H, H, H)
+        self.motion2latent_hands = MLP(H, H, H)
+        self.motion2latent_lower = MLP(H, H, H)
+        self.face_proj = nn.Linear(2 * H, H)
+        self.upper_proj = nn.Linear(2 * H, H)
+        self.hands_proj = nn.Linear(2 * H, H)
+        self.lower_proj = nn.Linear(2 * H, H)
+        self.body_proj = nn.Linear(A, H)
+        self.face_scan = ssm.MambaScan(H, H, n_layer=4, d_intermediate=H)
+        self.upper_scan = ssm.MambaModel(H, n_layer=1, d_intermediate=H)
+        self.hands_scan = ssm.MambaModel(H, n_layer=1, d_intermediate=H)
+        self.lower_scan = ssm.MambaModel(H, n_layer=1, d_intermediate=H)
+        self.motion_down_face = nn.Linear(H, K)
+        self.motion_down_upper = nn.Linear(H, K)
+        self.motion_down_hands = nn.Linear(H, K)
+        self.motion_down_lower = nn.Linear(H, K)
+        self.face_classifier = MLP(K, H, K)
+        self.upper_classifier = MLP(K, H, K)
+        self.hands_classifier = MLP(K, H, K)
+        self.lower_classifier = MLP(K, H, K)
+
+    def forward(self, global_motion, global_features, spk_face, spk_body, fusion_body):
+        pe = self.position_embeddings
+        g = global_motion + self.motion_cross_attn(tgt=pe(global_motion), memory=self.body_proj(fusion_body))
+        upper, hands, lower = self.motion2latent_upper(g), self.motion2latent_hands(g), self.motion2latent_lower(g)
+        dec_face = self.face_scan(self.face_proj(torch.cat([pe(spk_face), global_features], dim=-1)))
+        # each body part sees its own tokens (with speaker and position) and the sum of the other two parts
+        dec_upper = self.upper_scan(self.upper_proj(torch.cat([pe(upper + spk_body), hands + lower], dim=-1)))
+        dec_hands = self.hands_scan(self.hands_proj(torch.cat([pe(hands + spk_body), upper + lower], dim=-1)))
+        dec_lower = self.lower_scan(self.lower_proj(torch.cat([pe(lower + spk_body), upper + hands], dim=-1)))
+        rec_face = self.motion_down_face(dec_face)
+        rec_upper = self.motion_down_upper(dec_upper + upper)
+        rec_hands = self.motion_down_hands(dec_hands + hands)
+        rec_lower = self.motion_down_lower(dec_lower + lower)
+        return dict(
+            rec_face=rec_face, rec_upper=rec_upper, rec_lower=rec_lower, rec_hands=rec_hands,
+            cls_face=self.face_classifier(rec_face), cls_upper=self.upper_classifier(rec_upper),
+            cls_lower=self.lower_classifier(rec_lower), cls_hands=self.hands_classifier(rec_hands),
+        )
+
+
+def word_embedding_weights(args, vocab=None):
+    """(n_words, dim) float tensor for the word embeddings: the vocab's fastText vectors when available
+    (`vocab`, else `args.data_path + 'weights/vocab.pkl'`), otherwise a seeded N(0,1) init with a warning."""
+    if vocab is None:
+        path = os.path.join(args.data_path, "weights", "vocab.pkl")
+        if os.path.isfile(path):
+            from dataloaders.beat2 import load_vocab
+            vocab = load_vocab(path)
+    weights = getattr(vocab, "word_embedding_weights", None)
+    if weights is not None:
+        return torch.as_tensor(weights, dtype=torch.float32).clone()
+    n_words = getattr(vocab, "n_words", None) or args.word_index_num
+    source = "the vocabulary has no word_embedding_weights" if vocab is not None else \
+        f"no vocab.pkl under {os.path.join(args.data_path, 'weights')}"
+    warnings.warn(f"MambaTalk word embeddings: {source}; using a seeded random init ({n_words} x {args.word_dims})")
+    generator = torch.Generator().manual_seed(getattr(args, "random_seed", 2021))
+    return torch.randn(n_words, args.word_dims, generator=generator)
+
+
+class MambaTalk(nn.Module):
+    def __init__(self, args, vocab=None):
+        super().__init__()
+        if getattr(args, "ssm_backend", None):
+            ssm.set_ssm_backend(args.ssm_backend)
+        H, A = args.hidden_size, args.audio_f
+        self.motion_dim = motion_dim(args)
+        words = word_embedding_weights(args, vocab)
+        freeze = bool(getattr(args, "t_fix_pre", False))
+        # face and body branches each get their own (trainable unless t_fix_pre) copy of the word vectors
+        self.text_pre_encoder_face = nn.Embedding.from_pretrained(words.clone(), freeze=freeze)
+        self.text_encoder_face = nn.Linear(words.shape[1], A)
+        self.text_pre_encoder_body = nn.Embedding.from_pretrained(words.clone(), freeze=freeze)
+        self.text_encoder_body = nn.Linear(words.shape[1], A)
+        self.audio_pre_encoder_face = WavEncoder(A, audio_in=3)
+        self.audio_pre_encoder_body = WavEncoder(A, audio_in=2)  # amplitude + CTC id only
+        self.at_attn_face = nn.Linear(2 * A, 2 * A)
+        self.at_attn_body = nn.Linear(2 * A, 2 * A)
+        self.global_scan = GlobalScan(args)
+        self.local_scan = LocalScan(args)
+        self.speaker_encoder_face = nn.Embedding(NUM_SPEAKERS, H)
+        self.speaker_encoder_body = nn.Embedding(NUM_SPEAKERS, H)
+
+    @staticmethod
+    def fuse(text, audio, gate):
+        """Per-channel softmax gate between text and audio; logits (2c, 2c+1) of channel c weigh (audio, text)."""
+        alpha = torch.softmax(gate(torch.cat([text, audio], dim=-1)).reshape(*text.shape, 2), dim=-1)
+        return text * alpha[..., 1] + audio * alpha[..., 0]
+
+    @staticmethod
+    def match_length(feat, n_frames):
+        """Crop extra audio frames, or repeat the last frames, so the audio features have n_frames frames."""
+        d = n_frames - feat.shape[1]
+        if d < 0:
+            return feat[:, :n_frames]
+        if d > 0:
+            if d > feat.shape[1]:
+                raise ValueError(f"audio gives {feat.shape[1]} frames, far fewer than the {n_frames} motion frames")
+            return torch.cat([feat, feat[:, -d:]], dim=1)
+        return feat
+
+    def forward(self, in_audio, in_word, mask, in_motion, in_id, **kwargs):
+        """in_audio (B,L,3), in_word (B,T) long, mask and in_motion (B,T,pose_dims+7), in_id (B,T,1) long.
+        Returns rec_{face,upper,lower,hands} (B,T,K) latents and cls_* (B,T,K) code logits.
+        Extra keyword arguments of the published call (use_word, is_test, ...) have no effect there and are ignored."""
+        if in_motion.shape[-1] != self.motion_dim or mask.shape != in_motion.shape:
+            raise ValueError(f"MambaTalk expects in_motion and mask of shape (B, T, {self.motion_dim}), "
+                             f"got {tuple(in_motion.shape)} and {tuple(mask.shape)}")
+        n_frames = in_motion.shape[1]
+        text_face = self.text_encoder_face(self.text_pre_encoder_face(in_word))
+        text_body = self.text_encoder_body(self.text_pre_encoder_body(in_word))
+        audio_face = self.match_length(self.audio_pre_encoder_face(in_audio), n_frames)
+        audio_body = self.match_length(self.audio_pre_encoder_body(in_audio[..., :2]), n_frames)
+        fusion_face = self.fuse(text_face, audio_face, self.at_attn_face)
+        fusion_body = self.fuse(text_body, audio_body, self.at_attn_body)
+        spk_face = self.speaker_encoder_face(in_id).squeeze(2)
+        spk_body = self.speaker_encoder_body(in_id).squeeze(2)
+        global_motion, global_features = self.global_scan(in_motion, mask, spk_body, fusion_face)
+        return self.local_scan(global_motion, global_features, spk_face, spk_body, fusion_body)

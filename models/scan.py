@@ -1,0 +1,195 @@
+"""Selective scan (the S6 recurrence of Mamba-1) with three interchangeable backends.
+
+Layout follows mamba-ssm's `selective_scan_fn`: u, delta, z (b, d, l); A (d, n); B, C (b, n, l);
+D, delta_bias (d,). With dt = softplus(delta + delta_bias) (softplus optional):
+
+    h_t = exp(dt_t * A) * h_{t-1} + dt_t * B_t * u_t        (h: (b, d, n), h_{-1} = 0)
+    y_t = <C_t, h_t> + D * u_t ;  out = y * silu(z)
+
+Backends:
+  reference  the plain step-by-step recurrence (ground truth for tests, slow).
+  torch      this project's scan in plain PyTorch (CPU and GPU, differentiable). Decays and inputs are
+             precomputed for a block of time steps at once, the recurrence itself is one fused
+             multiply-add per step, and the backward pass is written by hand (a reverse scan of the same
+             form) and recomputes states block by block, so memory stays O(b * block * d * n).
+             It only ever multiplies decays in (0, 1], so it is stable for any length and decay.
+  cuda       mamba-ssm's fused kernel (needs `mamba_ssm` built for this GPU and CUDA tensors).
+"""
+import functools
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("reference", "torch", "cuda")
+
+# Elements of one (b, block, d, n) float32 work tensor in the torch backend; the time block is
+# chosen so that a work tensor stays under this size (64 MB).
+BLOCK_ELEMENTS = 1 << 24
+
+
+@functools.lru_cache(maxsize=None)
+def _mamba_ssm_scan():
+    """mamba-ssm's selective_scan_fn, or None when the package (or its kernel) does not import."""
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    except Exception:  # ImportError, or a kernel built for another torch/CUDA (OSError, RuntimeError)
+        return None
+    return selective_scan_fn
+
+
+def available_backends():
+    names = ["reference", "torch"]
+    if torch.cuda.is_available() and _mamba_ssm_scan() is not None:
+        names.append("cuda")
+    return names
+
+
+def resolve_backend(name, tensor):
+    """'auto' -> 'cuda' when mamba-ssm imports and `tensor` is on a GPU, else 'torch'."""
+    if name == "auto":
+        return "cuda" if tensor.is_cuda and _mamba_ssm_scan() is not None else "torch"
+    if name not in BACKENDS:
+        raise ValueError(f"unknown ssm backend {name!r}; expected one of auto, {', '.join(BACKENDS)}")
+    if name == "cuda" and (not tensor.is_cuda or _mamba_ssm_scan() is None):
+        raise ValueError("ssm backend 'cuda' needs CUDA tensors and an importable mamba_ssm "
+                         "(pip install mamba-ssm --no-build-isolation); use 'torch' or 'auto' instead")
+    return name
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   backend="torch"):
+    """Returns (b, d, l) in u's dtype. See the module docstring for the recurrence."""
+    backend = resolve_backend(backend, u)
+    if backend == "cuda":
+        return _mamba_ssm_scan()(u, delta, A, B.contiguous(), C.contiguous(), D, z, delta_bias,
+                                 delta_softplus)
+    if backend == "reference":
+        return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    dtype, work = u.dtype, _work_dtype(u)
+    with torch.autocast(u.device.type, enabled=False):
+        u, delta, A, B, C = (t.to(work) for t in (u, delta, A, B, C))
+        dt = delta if delta_bias is None else delta + delta_bias.to(work)[:, None]
+        if delta_softplus:
+            dt = F.softplus(dt)
+        y = _ScanFn.apply(u, dt, A, B, C)
+        if D is not None:
+            y = y + D.to(work)[:, None] * u
+        if z is not None:
+            y = y * F.silu(z.to(work))
+    return y.to(dtype)
+
+
+def _work_dtype(u):
+    """Scans run in float32 (as mamba-ssm's kernel does), or float64 for float64 inputs (gradcheck)."""
+    return torch.float64 if u.dtype == torch.float64 else torch.float32
+
+
+def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+    """The recurrence exactly as written, one time step at a time."""
+    dtype, work = u.dtype, _work_dtype(u)
+    u, delta, A, B, C = (t.to(work) for t in (u, delta, A, B, C))
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(work)[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])  # (b, d, n)
+    ys = []
+    for t in range(u.shape[2]):
+        dt = delta[:, :, t, None]
+        h = torch.exp(dt * A) * h + dt * B[:, None, :, t] * u[:, :, t, None]
+        ys.append((h * C[:, None, :, t]).sum(-1))
+    y = torch.stack(ys, dim=-1)
+    if D is not None:
+        y = y + D.to(work)[:, None] * u
+    if z is not None:
+        y = y * F.silu(z.to(work))
+    return y.to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch backend: y_t = <C_t, h_t>, h_t = exp(dt_t A) h_{t-1} + dt_t u_t B_t, with a hand-written
+# backward. Work tensors are laid out (b, time, d, n) so that one time step is a contiguous slab.
+
+def _block_len(b, l, d, n, block_len=None):
+    if block_len is None:
+        block_len = BLOCK_ELEMENTS // max(1, b * d * n)
+    return max(1, min(l, block_len))
+
+
+def _decay_and_input(dt, u, A, B):
+    """dt, u: (b, c, d); A: (d, n); B: (b, c, n) -> a = exp(dt A), x = dt u B, both (b, c, d, n)."""
+    a = torch.exp(dt[..., None] * A)
+    x = (dt * u)[..., None] * B[:, :, None, :]
+    return a, x
+
+
+def _scan_block(a, x, h0):
+    """In place: x becomes the states h of this block, starting from state h0 (b, d, n) or None."""
+    if h0 is not None:
+        x[:, 0].addcmul_(a[:, 0], h0)
+    for j in range(1, x.shape[1]):
+        x[:, j].addcmul_(a[:, j], x[:, j - 1])
+    return x
+
+
+class _ScanFn(torch.autograd.Function):
+    """Core scan without D, z, bias and softplus (those stay in autograd). u, dt: (b, d, l); A: (d, n);
+    B, C: (b, n, l); all float32. Returns y (b, d, l)."""
+
+    @staticmethod
+    def forward(ctx, u, dt, A, B, C, block_len=None):
+        b, d, l = u.shape
+        c = _block_len(b, l, d, A.shape[1], block_len)
+        uT, dtT, BT, CT = u.transpose(1, 2), dt.transpose(1, 2), B.transpose(1, 2), C.transpose(1, 2)
+        y = u.new_empty(b, l, d)
+        h = None
+        starts = []  # state entering each block, kept for the backward pass (b, d, n) each
+        for t0 in range(0, l, c):
+            t1 = min(t0 + c, l)
+            starts.append(h)
+            a, x = _decay_and_input(dtT[:, t0:t1], uT[:, t0:t1], A, BT[:, t0:t1])
+            hs = _scan_block(a, x, h)
+            y[:, t0:t1] = (hs @ CT[:, t0:t1, :, None]).squeeze(-1)
+            h = hs[:, -1].clone()
+        ctx.save_for_backward(u, dt, A, B, C)
+        ctx.starts, ctx.block = starts, c
+        return y.transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx, gy):
+        u, dt, A, B, C = ctx.saved_tensors
+        b, d, l = u.shape
+        c = ctx.block
+        uT, dtT, BT, CT = u.transpose(1, 2), dt.transpose(1, 2), B.transpose(1, 2), C.transpose(1, 2)
+        gyT = gy.transpose(1, 2)
+        g_u, g_dt = torch.empty_like(uT), torch.empty_like(dtT)
+        g_B, g_C = torch.empty_like(BT), torch.empty_like(CT)
+        g_A = torch.zeros_like(A)
+        carry = None  # a_{t1} * G_{t1}: gradient reaching the last state of a block from the next one
+        for k, t0 in reversed(list(enumerate(range(0, l, c)))):
+            t1 = min(t0 + c, l)
+            h0 = ctx.starts[k]
+            dt_c, u_c, B_c, C_c, gy_c = dtT[:, t0:t1], uT[:, t0:t1], BT[:, t0:t1], CT[:, t0:t1], gyT[:, t0:t1]
+            a, x = _decay_and_input(dt_c, u_c, A, B_c)
+            hs = _scan_block(a, x, h0)
+            g_C[:, t0:t1] = (gy_c[:, :, None, :] @ hs).squeeze(2)
+            # G_t = dL/dh_t = gy_t C_t + a_{t+1} G_{t+1}: the same recurrence run backwards in time.
+            G = gy_c[..., None] * C_c[:, :, None, :]
+            if carry is not None:
+                G[:, -1] += carry
+            for j in range(G.shape[1] - 2, -1, -1):
+                G[:, j].addcmul_(a[:, j + 1], G[:, j + 1])
+            carry = a[:, 0] * G[:, 0]
+            # x_t = dt_t u_t B_t receives G_t.
+            g_dtu = (G @ B_c[..., None]).squeeze(-1)  # (b, c, d)
+            g_B[:, t0:t1] = ((dt_c * u_c)[:, :, None, :] @ G).squeeze(2)
+            # a_t = exp(dt_t A) receives G_t h_{t-1}; w = dt A receives G_t h_{t-1} a_t.
+            first = torch.zeros_like(hs[:, :1]) if h0 is None else h0[:, None]
+            h_prev = torch.cat([first, hs[:, :-1]], dim=1)
+            g_w = h_prev.mul_(a).mul_(G)
+            g_A += torch.einsum("bcdn,bcd->dn", g_w, dt_c)
+            g_dt[:, t0:t1] = (g_w * A).sum(-1) + g_dtu * u_c
+            g_u[:, t0:t1] = g_dtu * dt_c  # the D * u and z terms are differentiated by autograd outside
+        ctx.starts = None
+        return (g_u.transpose(1, 2), g_dt.transpose(1, 2), g_A, g_B.transpose(1, 2),
+                g_C.transpose(1, 2), None)

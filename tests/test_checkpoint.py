@@ -1,0 +1,121 @@
+import os
+
+import pytest
+import torch
+
+from utils.checkpoint import (CheckpointMismatchError, atomic_write, load_training_state, load_weights,
+                              save_training_state, save_weights)
+
+
+def small_model(width=4):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(3, width), torch.nn.BatchNorm1d(width), torch.nn.Linear(width, 2))
+
+
+def assert_same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def test_round_trip_published_format(tmp_path):
+    src, dst = small_model(), small_model()
+    with torch.no_grad():
+        for p in src.parameters():
+            p.add_(1.0)
+    src[1].running_mean.fill_(0.5)  # buffers travel too
+    path = tmp_path / "m.bin"
+    save_weights(src, path)
+    payload = torch.load(path, weights_only=True)
+    assert list(payload) == ["model_state"]
+    assert all(k.startswith("module.") for k in payload["model_state"])
+    assert set(payload["model_state"]) == {"module." + k for k in src.state_dict()}
+    load_weights(dst, path)
+    assert_same_weights(src, dst)
+
+
+def test_save_weights_does_not_double_prefix(tmp_path):
+    src = small_model()
+    wrapped = {"module." + k: v for k, v in src.state_dict().items()}
+    save_weights(wrapped, tmp_path / "m.bin")
+    keys = torch.load(tmp_path / "m.bin", weights_only=True)["model_state"].keys()
+    assert all(k.startswith("module.") and not k.startswith("module.module.") for k in keys)
+
+
+def test_plain_state_dict_and_module_prefix_accepted(tmp_path):
+    src = small_model()
+    torch.save(src.state_dict(), tmp_path / "plain.pt")
+    torch.save({"module." + k: v for k, v in src.state_dict().items()}, tmp_path / "prefixed.pt")
+    for name in ("plain.pt", "prefixed.pt"):
+        dst = small_model(4)
+        with torch.no_grad():
+            dst[0].weight.zero_()
+        load_weights(dst, tmp_path / name)
+        assert_same_weights(src, dst)
+
+
+def test_mismatch_error_lists_keys_and_file(tmp_path):
+    sd = small_model().state_dict()
+    sd["extra.weight"] = torch.zeros(1)
+    del sd["2.bias"]
+    sd["0.weight"] = torch.zeros(5, 3)
+    path = tmp_path / "bad.bin"
+    save_weights(sd, path)
+    with pytest.raises(CheckpointMismatchError) as e:
+        load_weights(small_model(), path)
+    msg = str(e.value)
+    assert str(path) in msg
+    assert "missing" in msg and "2.bias" in msg
+    assert "unexpected" in msg and "extra.weight" in msg
+    assert "mis-shaped" in msg and "0.weight" in msg and "(5, 3)" in msg
+    assert isinstance(e.value, RuntimeError)
+
+
+def test_non_strict_loads_what_matches(tmp_path):
+    sd = small_model().state_dict()
+    del sd["2.bias"]
+    save_weights(sd, tmp_path / "part.bin")
+    dst = small_model()
+    report = load_weights(dst, tmp_path / "part.bin", strict=False)
+    assert report["missing"] == ["2.bias"]
+
+
+def test_missing_file_names_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.bin"):
+        load_weights(small_model(), tmp_path / "nope.bin")
+
+
+def test_atomic_write_leaves_no_file_on_failure(tmp_path):
+    path = tmp_path / "out.bin"
+    with pytest.raises(RuntimeError):
+        with atomic_write(path) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("killed")
+    assert os.listdir(tmp_path) == []
+    # an existing file survives a failed rewrite unchanged
+    path.write_bytes(b"good")
+    with pytest.raises(RuntimeError):
+        with atomic_write(path) as tmp:
+            tmp.write_bytes(b"bad")
+            raise RuntimeError("killed")
+    assert path.read_bytes() == b"good" and os.listdir(tmp_path) == ["out.bin"]
+    with atomic_write(path) as tmp:
+        tmp.write_bytes(b"new")
+    assert path.read_bytes() == b"new" and os.listdir(tmp_path) == ["out.bin"]
+
+
+def test_training_state_round_trip(tmp_path):
+    model = small_model()
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(8, 3)).sum().backward()
+    opt.step()
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": 3, "step": 120,
+             "rng": torch.get_rng_state()}
+    save_training_state(tmp_path / "state.pt", state)
+    back = load_training_state(tmp_path / "state.pt")
+    assert back["epoch"] == 3 and back["step"] == 120
+    assert torch.equal(back["rng"], state["rng"])
+    opt2 = torch.optim.Adam(small_model().parameters())
+    opt2.load_state_dict(back["optimizer"])
+    assert opt2.state_dict()["state"][0]["step"] == 1

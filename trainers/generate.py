@@ -1,0 +1,229 @@
+"""Windowed generation (spec §7), shared by validation, test.py and infer.py.
+
+A sequence is generated in 64-frame windows that overlap by `pre_frames` (4): each window is seeded with the last
+4 decoded frames of the previous one, so windows of one sequence run one after another while windows of different
+sequences are batched together.
+
+Two protocols:
+  * default: every frame is generated (the last window is padded and the output trimmed), audio windows start at the
+    exact sample of their first frame, and the first window is seeded with a given seed (ground truth in test.py when
+    asked, a neutral standing pose otherwise), never silently with ground truth.
+  * paper_protocol: the published test (§7.1, §10.3 #6, #7): the sequence is cut to a multiple of 8 frames and then
+    to 60*k + 4 frames, audio is sliced with 533 samples per frame, window 0 is seeded with ground truth and the seed
+    translation of later windows integrates the lower VQ's unsupervised translation channels from the first frame.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+
+from utils.rotation import (axis_angle_to_rot6d, matrix_to_rotation_6d, rot6d_to_axis_angle, rotation_6d_to_matrix)
+from utils.skeleton import PART_JOINTS, REST_TRANS, rest_pose
+
+SAMPLES_PER_SECOND = 16000
+FPS = 30
+PARTS = ("face", "upper", "hands", "lower")
+
+
+@dataclass
+class Sequence:
+    """One generation request. `audio` (L, 3) holds the three 16 kHz channels of §3.4; `word` (T,) vocab indices."""
+    audio: torch.Tensor
+    word: torch.Tensor
+    speaker: int
+    n_frames: int
+    seed: torch.Tensor = None         # (pre_frames, 337): 6D pose, translation, contacts; None -> neutral pose
+    start_trans: torch.Tensor = None  # (3,) root translation of frame 0 (x/z integration start); None -> seed's
+
+
+def orthonormalise_6d(x):
+    """Re-project flat 6D vectors (..., 6J) onto valid rotations."""
+    shape = x.shape
+    return matrix_to_rotation_6d(rotation_6d_to_matrix(x.reshape(*shape[:-1], -1, 6))).reshape(shape)
+
+
+def scatter_parts(part_aa):
+    """{table: (..., 3J) axis-angle} -> (..., 165) with every other joint (eyes included) at zero rotation."""
+    first = next(iter(part_aa.values()))
+    full = first.new_zeros(*first.shape[:-1], 55, 3)
+    for table, aa in part_aa.items():
+        joints = PART_JOINTS[table]
+        full[..., joints, :] = aa.reshape(*aa.shape[:-1], len(joints), 3)
+    return full.reshape(*first.shape[:-1], 165)
+
+
+def assemble_pose(upper6d, hands6d, legs6d, jaw6d=None):
+    """Part 6D outputs -> (..., 165) axis-angle (§7.1 step 6); the jaw is identity when not given."""
+    parts = {"beat_smplx_upper": rot6d_to_axis_angle(upper6d), "beat_smplx_hands": rot6d_to_axis_angle(hands6d),
+             "beat_smplx_lower": rot6d_to_axis_angle(legs6d)}
+    if jaw6d is not None:
+        parts["beat_smplx_face"] = rot6d_to_axis_angle(jaw6d)
+    return scatter_parts(parts)
+
+
+def integrate(v, x0):
+    """pos[0] = x0, pos[t] = pos[t-1] + v[t-1] / fps, along dim 1."""
+    return torch.cat([x0[:, None], x0[:, None] + torch.cumsum(v[:, :-1] / FPS, dim=1)], dim=1)
+
+
+def choose_codes(vq, out, cls_weights):
+    """Per part: argmax of the classifier when its loss weight is non-zero, else the nearest code of the regressed
+    latent (published: body parts argmax, face nearest). Returns {part: ('index', (B,T)) or ('latent', (B,T,C))}."""
+    codes = {}
+    for part in PARTS:
+        if cls_weights[part] != 0:
+            codes[part] = ("index", out[f"cls_{part}"].argmax(dim=-1))
+        else:
+            codes[part] = ("latent", vq[part].quantizer.nearest(out[f"rec_{part}"]))
+    return codes
+
+
+def decode_codes(vq, codes):
+    """Codes -> decoded part motion {part: (B, T, C)}."""
+    decoded = {}
+    for part, (kind, value) in codes.items():
+        decoded[part] = vq[part].decode(value) if kind == "index" else vq[part].decoder(value)
+    return decoded
+
+
+def decoded_to_motion(vq, decoded, start_xz):
+    """Decoded parts -> pose (B,T,165), expressions (B,T,100), translation (B,T,3), contacts (B,T,4) (§7.1 step 6)."""
+    lower = decoded["lower"]
+    legs6d = orthonormalise_6d(lower[..., :54])
+    pose = assemble_pose(decoded["upper"], decoded["hands"], legs6d, decoded["face"][..., :6])
+    contacts = lower[..., 57:61]
+    to_global = torch.cat([legs6d, torch.zeros_like(lower[..., 54:57]), contacts], dim=-1)
+    rec_global = vq["global_motion"](to_global)["rec_pose"]
+    x = integrate(rec_global[..., 54], start_xz[:, 0])
+    z = integrate(rec_global[..., 56], start_xz[:, 1])
+    trans = torch.stack([x, rec_global[..., 55], z], dim=-1)
+    return pose, decoded["face"][..., 6:], trans, contacts
+
+
+def neutral_seed(pre_frames, device):
+    """A standing rest pose (identity rotations except arms lowered) with feet in contact, as (pre_frames, 337)."""
+    pose6d = axis_angle_to_rot6d(torch.as_tensor(rest_pose(), dtype=torch.float32, device=device))
+    row = torch.cat([pose6d, torch.tensor(REST_TRANS, device=device), torch.ones(4, device=device)])
+    return row.expand(pre_frames, -1).clone()
+
+
+class WindowPlan:
+    """Where each window of a sequence reads its audio and frames, under either protocol."""
+
+    def __init__(self, n_frames, audio_len, window, pre, paper_protocol):
+        hop = window - pre
+        if paper_protocol:
+            n8 = n_frames - n_frames % 8
+            self.n_windows = (n8 - pre) // hop
+            self.n_out = hop * self.n_windows + pre
+            per_frame = SAMPLES_PER_SECOND // FPS
+            self.audio_starts = [i * hop * per_frame for i in range(self.n_windows)]
+            self.audio_len = per_frame * window
+        else:
+            self.n_windows = max(1, math.ceil((n_frames - pre) / hop))
+            self.n_out = n_frames
+            self.audio_starts = [round(i * hop * SAMPLES_PER_SECOND / FPS) for i in range(self.n_windows)]
+            self.audio_len = math.floor(window / FPS * SAMPLES_PER_SECOND)
+        self.frame_starts = [i * hop for i in range(self.n_windows)]
+        if self.n_windows < 1:
+            raise ValueError(f"sequence of {n_frames} frames is too short for the paper protocol "
+                             f"(needs at least {window} frames)")
+
+
+def _slice_pad(x, start, length, dim=0):
+    """x[start:start+length] along dim 0, zero-padded past the end."""
+    piece = x[start:start + length]
+    if piece.shape[0] < length:
+        pad = x.new_zeros(length - piece.shape[0], *x.shape[1:])
+        piece = torch.cat([piece, pad], dim=0)
+    return piece
+
+
+@torch.no_grad()
+def generate(model, vq, sequences, args, paper_protocol=False, batch_size=64, progress=None):
+    """Generate motion for a list of `Sequence`s. Returns one dict per sequence with torch tensors on CPU:
+    poses (n,165), expressions (n,100), trans (n,3), contacts (n,4)."""
+    device = next(model.parameters()).device
+    window, pre = args.pose_length, args.pre_frames
+    cls_weights = {"face": args.cf, "upper": args.cu, "hands": args.ch, "lower": args.cl}
+    model.eval()
+    plans = [WindowPlan(s.n_frames, s.audio.shape[0], window, pre, paper_protocol) for s in sequences]
+    seeds, starts = [], []
+    for s in sequences:
+        seed = s.seed.to(device).float() if s.seed is not None else neutral_seed(pre, device)
+        if s.seed is None and s.start_trans is not None:
+            seed[:, 330:333] = s.start_trans.to(device).float()  # a neutral pose, standing where the speaker starts
+        seeds.append(seed)
+        starts.append(seed[0, 330:333].clone() if s.start_trans is None else s.start_trans.to(device).float())
+    codes = [[] for _ in sequences]  # per sequence: list of per-window code dicts (kept frames only)
+    max_windows = max(p.n_windows for p in plans)
+    for w in range(max_windows):
+        active = [i for i, p in enumerate(plans) if p.n_windows > w]
+        for chunk_start in range(0, len(active), batch_size):
+            ids = active[chunk_start:chunk_start + batch_size]
+            audio, word, spk, motion = [], [], [], []
+            for i in ids:
+                s, p = sequences[i], plans[i]
+                f0 = p.frame_starts[w]
+                audio.append(_slice_pad(s.audio, p.audio_starts[w], p.audio_len))
+                word.append(_slice_pad(s.word, f0, window))
+                spk.append(torch.full((window, 1), s.speaker, dtype=torch.long))
+                canvas = torch.zeros(window, seeds[i].shape[1], device=device)
+                canvas[:pre] = seeds[i]
+                motion.append(canvas)
+            in_audio = torch.stack(audio).to(device).float()
+            in_word = torch.stack(word).to(device).long()
+            in_id = torch.stack(spk).to(device)
+            in_motion = torch.stack(motion)
+            mask = torch.ones_like(in_motion)
+            mask[:, :pre] = 0
+            out = model(in_audio=in_audio, in_word=in_word, mask=mask, in_motion=in_motion, in_id=in_id)
+            window_codes = choose_codes(vq, out, cls_weights)
+            decoded = decode_codes(vq, {k: window_codes[k] for k in ("upper", "hands", "lower")})
+            for j, i in enumerate(ids):
+                keep = slice(0, window) if w == 0 else slice(pre, window)
+                codes[i].append({k: (kind, v[j:j + 1, keep]) for k, (kind, v) in window_codes.items()})
+            seed_next = _next_seed(decoded, pre, torch.stack([starts[i] for i in ids]), paper_protocol,
+                                   vq, torch.stack([seeds[i] for i in ids]))
+            for j, i in enumerate(ids):
+                seeds[i] = seed_next[j]
+        if progress is not None:
+            progress(w + 1, max_windows)
+    results = []
+    for i, s in enumerate(sequences):
+        merged = {part: (codes[i][0][part][0], torch.cat([c[part][1] for c in codes[i]], dim=1))
+                  for part in PARTS}
+        decoded = decode_codes(vq, merged)
+        start_xz = starts[i][[0, 2]][None]
+        pose, exps, trans, contacts = decoded_to_motion(vq, decoded, start_xz)
+        n = plans[i].n_out
+        results.append({"poses": pose[0, :n].cpu(), "expressions": exps[0, :n].cpu(), "trans": trans[0, :n].cpu(),
+                        "contacts": contacts[0, :n].cpu()})
+    return results
+
+
+def _next_seed(decoded, pre, start_trans, paper_protocol, vq, prev_seed):
+    """The last `pre` decoded frames of a window as the next window's seed (6D pose, translation, contacts)."""
+    lower = decoded["lower"]
+    legs6d = orthonormalise_6d(lower[..., :54])
+    pose = assemble_pose(decoded["upper"], decoded["hands"], legs6d)  # jaw identity: the face is not in the seed
+    pose6d = axis_angle_to_rot6d(pose)
+    contacts = lower[..., 57:61]
+    if paper_protocol:
+        # §10.3 #7: the lower VQ's translation channels, integrated from the sequence's first frame every window
+        x = integrate(lower[..., 54], start_trans[:, 0])
+        z = integrate(lower[..., 56], start_trans[:, 2])
+        trans = torch.stack([x, lower[..., 55], z], dim=-1)
+    else:
+        # the global-motion model's root velocity, integrated on from where the previous seed stood
+        to_global = torch.cat([legs6d, torch.zeros_like(lower[..., 54:57]), contacts], dim=-1)
+        rec_global = vq["global_motion"](to_global)["rec_pose"]
+        x0, z0 = prev_seed[:, pre - 1, 330], prev_seed[:, pre - 1, 332]
+        x = integrate(rec_global[..., 54], x0)
+        z = integrate(rec_global[..., 56], z0)
+        # frame `pre-1` of this window is where the previous seed ended; shift so positions continue from there
+        x = x - x[:, pre - 1:pre] + x0[:, None]
+        z = z - z[:, pre - 1:pre] + z0[:, None]
+        trans = torch.stack([x, rec_global[..., 55], z], dim=-1)
+    seed = torch.cat([pose6d, trans, contacts], dim=-1)
+    return seed[:, -pre:]

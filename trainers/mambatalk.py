@@ -1,0 +1,155 @@
+"""Stage-2 trainer (spec §5): MambaTalk predicts the VQ codes of each body part from audio, words and speaker.
+
+Per step: one seeded pass (4 visible frames) and two passes with an element-wise random mask whose ratio grows
+from 0.05 to 1 over training; each pass is scored by latent regression (MSE to the code vectors) and code
+classification (cross-entropy). Validation runs on the real val split (the published code scored the train loader,
+§10.3 #1) and reports FGD with the evaluation autoencoder when its weights exist.
+"""
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models.mambatalk import MambaTalk
+from models.motion_representation import STAGE1_FILES, VAESKConv, build_stage1_models
+from trainers.base import Trainer
+from trainers.generate import PARTS, choose_codes, decode_codes, decoded_to_motion, orthonormalise_6d
+from utils.checkpoint import load_weights
+from utils.log import get_logger
+from utils.metric import frechet_distance
+from utils.rotation import axis_angle_to_rot6d
+from utils.skeleton import PART_JOINTS
+
+STAGE1_CONFIGS = {"face": "configs/cnn_vqvae_face_30.yaml", "upper": "configs/cnn_vqvae_upper_30.yaml",
+                  "hands": "configs/cnn_vqvae_hands_30.yaml", "lower": "configs/cnn_vqvae_lower_foot_30.yaml",
+                  "global_motion": "configs/cnn_vqvae_lower_30.yaml"}
+
+
+def stage1_dir(args):
+    return args.pretrained_vq_dir or os.path.join(args.data_path_1, "pretrained_vq")
+
+
+def load_frozen_models(args, device):
+    """The five stage-1 models from `pretrained_vq_dir` (default data_path_1/pretrained_vq/), frozen, in eval mode."""
+    models = build_stage1_models(args)
+    folder = stage1_dir(args)
+    for name, model in models.items():
+        path = os.path.join(folder, STAGE1_FILES[name])
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"stage-1 checkpoint {path} is missing. Train it with `python train.py --config {STAGE1_CONFIGS[name]}` "
+                f"and copy the run's best checkpoint (rec.bin, or trans.bin for the global-motion model) to {path}, "
+                "or download the official pretrained_vq files (see pretrained/README.md).")
+        load_weights(model, path)
+        model.to(device).eval().requires_grad_(False)
+    return models
+
+
+def load_eval_model(args, device):
+    """The FGD feature extractor (VAESKConv) from data_path + e_path, or None with a warning when it is absent."""
+    path = os.path.join(args.data_path, args.e_path) if args.e_path else ""
+    if not path or not os.path.isfile(path):
+        get_logger().warning(f"FGD evaluation autoencoder {path or '(e_path unset)'} not found: FGD is not computed")
+        return None
+    model = VAESKConv(args)
+    load_weights(model, path)
+    return model.to(device).eval().requires_grad_(False)
+
+
+def joints_6d(pose6d, table):
+    """Slice the 6D columns of a joint table out of a full (..., 330) 6D pose."""
+    cols = [6 * j + c for j in PART_JOINTS[table] for c in range(6)]
+    return pose6d[..., cols]
+
+
+def prepare_targets(batch, vq):
+    """Model inputs and per-part targets of a batch (§5.1)."""
+    pose = batch["pose"].float()
+    aa, contact = pose[..., :165], pose[..., 165:169]
+    trans = batch["trans"].float()
+    pose6d = axis_angle_to_rot6d(aa)
+    parts = {
+        "face": torch.cat([joints_6d(pose6d, "beat_smplx_face"), batch["facial"].float()], dim=-1),
+        "upper": joints_6d(pose6d, "beat_smplx_upper"),
+        "hands": joints_6d(pose6d, "beat_smplx_hands"),
+        "lower": torch.cat([joints_6d(pose6d, "beat_smplx_lower"), trans, contact], dim=-1),
+    }
+    with torch.no_grad():
+        index = {k: vq[k].map2index(v) for k, v in parts.items()}
+        latent = {k: vq[k].quantizer.embedding(index[k]) for k in parts}  # = map2latent, without a second encode
+    return {
+        "motion": torch.cat([pose6d, trans, contact], dim=-1), "pose6d": pose6d, "index": index, "latent": latent,
+        "audio": batch["audio"].float(), "word": batch["word"].long(), "id": batch["id"].long(), "trans": trans,
+    }
+
+
+class MambaTalkTrainer(Trainer):
+
+    def build_model(self):
+        self.vq = load_frozen_models(self.args, self.device)
+        self.eval_model = load_eval_model(self.args, self.device)
+        self.best_metric = "fid" if self.eval_model is not None else "latent"
+        return MambaTalk(self.args, vocab=self.train_data.vocab)
+
+    def latent_loss(self, out, t, weights):
+        return sum(weights[k] * F.mse_loss(out[f"rec_{k}"].float(), t["latent"][k]) for k in PARTS)
+
+    def cls_loss(self, out, t, weights):
+        return sum(weights[k] * F.cross_entropy(out[f"cls_{k}"].flatten(0, 1).float(), t["index"][k].flatten())
+                   for k in PARTS if weights[k] != 0)
+
+    def forward(self, t, mask):
+        return self.model(in_audio=t["audio"], in_word=t["word"], mask=mask, in_motion=t["motion"], in_id=t["id"])
+
+    def seeded_mask(self, motion):
+        mask = torch.ones_like(motion)
+        mask[:, :self.args.pre_frames] = 0
+        return mask
+
+    def compute_losses(self, batch, epoch):
+        a = self.args
+        t = prepare_targets(batch, self.vq)
+        lat_w = {"face": a.lf, "upper": a.lu, "hands": a.lh, "lower": a.ll}
+        cls_w = {"face": a.cf, "upper": a.cu, "hands": a.ch, "lower": a.cl}
+        ones = dict.fromkeys(PARTS, 1.0)  # the masked passes weight every part's classification by 1 (§5.3)
+        out_seeded = self.forward(t, self.seeded_mask(t["motion"]))
+        mask_ratio = epoch / a.epochs * 0.95 + 0.05
+        mask = (torch.rand_like(t["motion"]) < mask_ratio).float()
+        out_self = self.forward(t, mask)
+        out_word = self.forward(t, mask)  # the published `use_word` pass: same inputs, fresh dropout
+        return {
+            "latent": self.latent_loss(out_seeded, t, lat_w), "cls_full": self.cls_loss(out_seeded, t, cls_w),
+            "latent_self": self.latent_loss(out_self, t, lat_w), "cls_self": self.cls_loss(out_self, t, ones),
+            "latent_word": self.latent_loss(out_word, t, lat_w), "cls_word": self.cls_loss(out_word, t, ones),
+        }
+
+    def evaluate(self, loader):
+        a = self.args
+        lat_w = {"face": a.lf, "upper": a.lu, "hands": a.lh, "lower": a.ll}
+        cls_w = {"face": a.cf, "upper": a.cu, "hands": a.ch, "lower": a.cl}
+        latent_sum, correct, total, n_batches = 0.0, dict.fromkeys(PARTS, 0), 0, 0
+        feats_gen, feats_gt = [], []
+        for batch in loader:
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            t = prepare_targets(batch, self.vq)
+            out = self.raw_model(in_audio=t["audio"], in_word=t["word"], mask=self.seeded_mask(t["motion"]),
+                                 in_motion=t["motion"], in_id=t["id"])
+            latent_sum += float(self.latent_loss(out, t, lat_w))
+            n_batches += 1
+            for k in PARTS:
+                correct[k] += int((out[f"cls_{k}"].argmax(-1) == t["index"][k]).sum())
+            total += t["index"]["upper"].numel()
+            if self.eval_model is not None:
+                decoded = decode_codes(self.vq, choose_codes(self.vq, out, cls_w))
+                start_xz = t["trans"][:, 0, [0, 2]]
+                pose, _, _, _ = decoded_to_motion(self.vq, decoded, start_xz)
+                gen6d = orthonormalise_6d(axis_angle_to_rot6d(pose))
+                feats_gen.append(self.eval_model.map2latent(gen6d.float()).reshape(-1, a.vae_length).cpu())
+                feats_gt.append(self.eval_model.map2latent(t["pose6d"]).reshape(-1, a.vae_length).cpu())
+        metrics = {"latent": latent_sum / max(n_batches, 1)}
+        metrics |= {f"acc_{k}": correct[k] / max(total, 1) for k in PARTS}
+        if feats_gen:
+            metrics["fid"] = float(frechet_distance(torch.cat(feats_gen).numpy().astype(np.float64),
+                                                    torch.cat(feats_gt).numpy().astype(np.float64)))
+        return metrics
