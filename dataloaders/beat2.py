@@ -168,6 +168,7 @@ def select_ids(rows, loader_type, speakers, additional_data=False, csv_path=""):
 
 class Vocab:
     """Word <-> index table. Same attribute names as the published pickled class, so its pickle loads into it."""
+    PAD_token, SOS_token, EOS_token, UNK_token = PAD, SOS, EOS, UNK
 
     def __init__(self, words=(), word_embedding_weights=None):
         self.index2word = {PAD: "<PAD>", SOS: "<SOS>", EOS: "<EOS>", UNK: "<UNK>"}
@@ -296,17 +297,23 @@ def load_ctc_model(name):
         return None
     if name not in _CTC_MODELS:
         try:
-            import torch
             from transformers import Wav2Vec2ForCTC
-            with torch.device("cpu"):
-                _CTC_MODELS[name] = Wav2Vec2ForCTC.from_pretrained(name, local_files_only=True).eval()
         except ImportError:
             log.warning(f"transformers is not installed: the CTC audio channel is set to zeros (ctc_model={name})")
             _CTC_MODELS[name] = None
-        except (OSError, ValueError) as e:
-            log.warning(f"CTC model '{name}' is not available offline: the CTC audio channel is set to zeros "
-                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
-            _CTC_MODELS[name] = None
+            return None
+        if Path(name).exists():  # a local model the user pointed at: failing to load it is an error
+            try:
+                _CTC_MODELS[name] = Wav2Vec2ForCTC.from_pretrained(name, local_files_only=True).eval()
+            except Exception as e:
+                raise ValueError(f"{name}: cannot be loaded as a Wav2Vec2ForCTC model ({e})") from None
+        else:
+            try:
+                _CTC_MODELS[name] = Wav2Vec2ForCTC.from_pretrained(name, local_files_only=True).eval()
+            except OSError as e:
+                log.warning(f"CTC model '{name}' is not available offline: the CTC audio channel is set to zeros "
+                            f"({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+                _CTC_MODELS[name] = None
     return _CTC_MODELS[name]
 
 
@@ -337,7 +344,8 @@ def ctc_ids(model, wave, sr=16000, chunk_seconds=30.0, context_seconds=1.0):
         for f0 in range(0, n_frames, chunk):
             f1 = min(f0 + chunk, n_frames)
             g0, g1 = max(0, f0 - context), min(n_frames, f1 + context)
-            segment = torch.from_numpy(np.ascontiguousarray(wave[g0 * stride:(g1 - 1) * stride + field]))
+            end = len(wave) if g1 == n_frames else (g1 - 1) * stride + field  # the last chunk keeps the tail
+            segment = torch.from_numpy(np.ascontiguousarray(wave[g0 * stride:end]))
             logits = model(segment[None].to(device)).logits[0]
             ids[f0:f1] = logits[f0 - g0:f1 - g0].argmax(-1).cpu().numpy()
     return ids

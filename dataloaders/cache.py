@@ -50,7 +50,9 @@ def _body_identity(args):
     """Which body the foot contacts come from, without loading it (same rule as utils.body_model)."""
     model_dir = getattr(args, "smplx_model_dir", "") or str(args.data_path_1) + "smplx_models/"
     npz = smplx_npz_path(model_dir)
-    return _file_signature(npz) if npz.is_file() else f"standin v{standin_body.VERSION}"
+    if npz.is_file():
+        return _file_signature(npz)
+    return "standin " + hashlib.sha256(Path(standin_body.__file__).read_bytes()).hexdigest()  # its generator
 
 
 def _ctc_identity(name, model):
@@ -209,7 +211,12 @@ def _build(args, loader_type, files, with_contacts, speaker_id, vocab, ctc, fing
             old = target.with_name(f"{target.name}.old-{os.getpid()}")
             os.replace(target, old)
             shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if _open(target, fingerprint)[0] is None:
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another process has just put the same cache in place
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -10,9 +10,7 @@ shift weight slowly. Speakers differ in voice, gesture size, handedness and rest
 the same bytes; a finished dataset is marked by `.complete` and is not generated again.
 """
 import argparse
-import contextlib
 import json
-import os
 import time
 from pathlib import Path
 
@@ -21,6 +19,8 @@ import soundfile as sf
 from scipy.ndimage import gaussian_filter1d
 from scipy.signal import butter, sosfilt, sosfiltfilt
 from scipy.spatial.transform import Rotation
+
+from utils.checkpoint import atomic_write
 
 SR = 16000
 FPS = 30
@@ -44,9 +44,9 @@ VOCAB = [
 # resting elbow flexion and arm hang (rad), root height (m).
 SPEAKERS = {
     2: dict(name="scott", f0=118.0, rate=1.0, gesture=1.0, p_right=0.5, p_both=0.25, p_nod=0.5, lag=0.07,
-            elbow_rest=0.35, arm_hang=1.15, height=1.29),
+            elbow_rest=0.35, arm_hang=1.25, height=1.29),
     4: dict(name="lawrence", f0=100.0, rate=0.9, gesture=0.7, p_right=0.3, p_both=0.45, p_nod=0.7, lag=0.1,
-            elbow_rest=0.5, arm_hang=1.22, height=1.33),
+            elbow_rest=0.5, arm_hang=1.3, height=1.33),
 }
 
 # Sequences per speaker as (train, val, test) and their length range in seconds.
@@ -182,7 +182,7 @@ def smooth_noise(rng, n, sigma_s, dims=()):
 
 def speaker_shape(speaker, seed):
     """Per-speaker constants: SMPL-X betas and expression loadings (neutral offset, mouth, brows, drift scale)."""
-    rng = np.random.default_rng([seed, speaker, 7])
+    rng = np.random.default_rng([seed, 1, speaker])
     k = np.arange(100)
     betas = np.zeros(300, dtype=np.float32)
     betas[:16] = rng.normal(0.0, 0.8, 16) * np.exp(-np.arange(16) / 8)
@@ -219,8 +219,8 @@ def synth_motion(rng, words, syllables, env, style, shape):
     uses = {"right": (hand < style["p_right"]) | (hand > 1 - style["p_both"]),
             "left": hand >= style["p_right"]}
     # Stroke direction per stroke: shoulder forward, shoulder abduction, shoulder twist, elbow flexion, wrist x/z.
-    direction = np.stack([rng.uniform(-0.3, -0.1, k), rng.uniform(0.0, 0.25, k), rng.uniform(-0.2, 0.2, k),
-                          rng.uniform(0.3, 0.7, k), rng.uniform(-0.3, 0.3, k), rng.uniform(-0.35, 0.35, k)], 1)
+    direction = np.stack([rng.uniform(-0.45, -0.15, k), rng.uniform(0.0, 0.3, k), rng.uniform(-0.25, 0.25, k),
+                          rng.uniform(0.4, 0.9, k), rng.uniform(-0.35, 0.35, k), rng.uniform(-0.4, 0.4, k)], 1)
     strokes = {side: bump[uses[side]].T @ direction[uses[side]] for side in ARMS}  # (n, 6)
     openness = {side: bump[uses[side]].sum(0) for side in ARMS}
 
@@ -229,9 +229,9 @@ def synth_motion(rng, words, syllables, env, style, shape):
         arm = np.zeros((n, 4, 3))
         arm[:, 0, 2] = 0.05 + 0.03 * drift[:, 0]
         arm[:, 1, 0] = -0.2 * active + st[:, 0] + 0.05 * drift[:, 1]
-        arm[:, 1, 1] = st[:, 2]
+        arm[:, 1, 1] = -0.25 + st[:, 2]  # inward rotation: forearms in front of the body
         arm[:, 1, 2] = -style["arm_hang"] + 0.1 * active + st[:, 1]
-        arm[:, 2, 1] = -(style["elbow_rest"] + 0.45 * active + st[:, 3] + 0.08 * drift[:, 2])
+        arm[:, 2, 1] = -(style["elbow_rest"] + 0.55 * active + st[:, 3] + 0.08 * drift[:, 2])
         arm[:, 3, 0] = -0.2 + st[:, 4] + 0.08 * drift[:, 3]
         arm[:, 3, 2] = st[:, 5]
         ang[:, [collar, shoulder, elbow, wrist]] = arm * MIRROR[side]
@@ -291,18 +291,6 @@ def synth_motion(rng, words, syllables, env, style, shape):
 
 # ----------------------------------------------------------------------------------------------------------- files
 
-@contextlib.contextmanager
-def _atomic(path):
-    """Yield a temporary path next to `path`; rename it onto `path` on success, delete it on failure."""
-    tmp = Path(f"{path}.tmp-{os.getpid()}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _fmt(x):
     return f"{x:.6f}".rstrip("0").rstrip(".")
 
@@ -334,7 +322,7 @@ def word_intervals(words, n_cs):
 
 def sequence_plan(seed, preset):
     """[(id, split, speaker, seconds)] for a preset. Val and test hold out whole sequences (the last ones)."""
-    rng = np.random.default_rng([seed, 99])
+    rng = np.random.default_rng([seed, 0])
     lo, hi = PRESETS[preset]["seconds"]
     plan = []
     for speaker, counts in PRESETS[preset]["splits"].items():
@@ -347,7 +335,7 @@ def sequence_plan(seed, preset):
 
 def write_sequence(out_dir, seq_id, speaker, seconds, seed, index):
     """Generate one sequence and write its npz, wav and TextGrid."""
-    rng = np.random.default_rng([seed, speaker, index])
+    rng = np.random.default_rng([seed, 2, speaker, index])
     style = SPEAKERS[speaker]
     n_cs = int(round(seconds * 100))
     n_frames, n_samples = n_cs * FPS // 100, n_cs * SR // 100
@@ -357,13 +345,13 @@ def write_sequence(out_dir, seq_id, speaker, seconds, seed, index):
     shape = speaker_shape(speaker, seed)
     poses, trans, expressions = synth_motion(rng, words, syllables, loudness_envelope(y, n_frames), style, shape)
 
-    with _atomic(out_dir / "smplxflame_30" / f"{seq_id}.npz") as tmp, open(tmp, "wb") as f:
+    with atomic_write(out_dir / "smplxflame_30" / f"{seq_id}.npz") as tmp, open(tmp, "wb") as f:
         # Same keys, order and dtypes as the BEAT2 files.
         np.savez(f, betas=shape["betas"], poses=poses, expressions=expressions, trans=trans,
                  model=np.array("smplx2020"), gender=np.array("neutral"), mocap_frame_rate=np.array(FPS, np.int32))
-    with _atomic(out_dir / "wave16k" / f"{seq_id}.wav") as tmp:
+    with atomic_write(out_dir / "wave16k" / f"{seq_id}.wav") as tmp:
         sf.write(tmp, y, SR, format="WAV", subtype="PCM_16")
-    with _atomic(out_dir / "textgrid" / f"{seq_id}.TextGrid") as tmp:
+    with atomic_write(out_dir / "textgrid" / f"{seq_id}.TextGrid") as tmp:
         tmp.write_text(textgrid_text(word_intervals(words, n_cs), n_cs / 100))
 
 
@@ -373,7 +361,7 @@ def write_demo_dataset(out_dir, seed=0, preset="demo", force=False):
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r} for {out_dir}; choose one of {sorted(PRESETS)}")
     out_dir = Path(out_dir)
-    marker = out_dir / ".complete"
+    marker, partial = out_dir / ".complete", out_dir / ".partial"
     stamp = dict(generator="dataloaders.synthetic", version=VERSION, seed=int(seed), preset=preset)
     if not force and marker.exists():
         try:
@@ -381,6 +369,12 @@ def write_demo_dataset(out_dir, seed=0, preset="demo", force=False):
                 return out_dir
         except ValueError:
             pass
+    # Stale files are deleted below: never do that in a directory this generator did not write (e.g. real BEAT2).
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (marker.exists() or partial.exists()):
+        raise ValueError(f"{out_dir} is not empty and was not written by dataloaders.synthetic; "
+                         "give an empty or new directory")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    partial.touch()
     marker.unlink(missing_ok=True)
 
     plan = sequence_plan(seed, preset)
@@ -395,10 +389,11 @@ def write_demo_dataset(out_dir, seed=0, preset="demo", force=False):
 
     for index, (seq_id, _, speaker, seconds) in enumerate(plan):
         write_sequence(out_dir, seq_id, speaker, seconds, seed, index)
-    with _atomic(out_dir / "train_test_split.csv") as tmp:
+    with atomic_write(out_dir / "train_test_split.csv") as tmp:
         tmp.write_text("id,type\n" + "".join(f"{seq_id},{split}\n" for seq_id, split, *_ in plan))
-    with _atomic(marker) as tmp:
+    with atomic_write(marker) as tmp:
         tmp.write_text(json.dumps(stamp) + "\n")
+    partial.unlink()
     return out_dir
 
 

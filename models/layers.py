@@ -36,7 +36,8 @@ class MLP(nn.Module):
 
     def __init__(self, in_dim, hidden_dim, out_dim):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.LeakyReLU(0.2, inplace=True), nn.Linear(hidden_dim, out_dim))
+        self.mlp = nn.Sequential(
+            nn.Linear(in_dim, hidden_dim), nn.LeakyReLU(0.2, inplace=True), nn.Linear(hidden_dim, out_dim))
 
     def forward(self, x):
         return self.mlp(x)
@@ -91,7 +92,8 @@ class WavEncoder(nn.Module):
             BasicBlock(c2, c3, k, stride=3, downsample=True),
         )
         self.multi_scale = nn.ModuleList([
-            nn.Sequential(BasicBlock(c1, c2, k, stride=6, downsample=True), BasicBlock(c2, c3, k, stride=3, downsample=True)),
+            nn.Sequential(BasicBlock(c1, c2, k, stride=6, downsample=True),
+                          BasicBlock(c2, c3, k, stride=3, downsample=True)),
             nn.Sequential(BasicBlock(c2, c3, k, stride=3, downsample=True)),
         ])
         self.out = nn.Linear(3 * c3, out_dim)
@@ -125,5 +127,6 @@ class PeriodicPositionalEncoding(nn.Module):
 
     def forward(self, x):
         if x.shape[1] > self.pe.shape[1]:
-            raise ValueError(f"sequence of {x.shape[1]} frames is longer than the positional table ({self.pe.shape[1]})")
+            raise ValueError(f"sequence of {x.shape[1]} frames is longer than the positional table "
+                             f"({self.pe.shape[1]})")
         return self.dropout(x + self.pe[:, : x.shape[1]])

@@ -29,7 +29,8 @@ def motion_dim(args):
 
 
 class GlobalScan(nn.Module):
-    """Masked motion canvas -> global motion tokens (B,T,H); face audio/text fusion + motion -> global features (B,T,H)."""
+    """Masked motion canvas -> global motion tokens (B,T,H);
+    face audio/text fusion + motion features -> global features (B,T,H)."""
 
     def __init__(self, args):
         super().__init__()
@@ -127,6 +128,11 @@ def word_embedding_weights(args, vocab=None):
 
 
 class MambaTalk(nn.Module):
+    """Generator: words and audio fused per channel, speaker embeddings, GlobalScan then LocalScan (spec §4.4.1).
+
+    `vocab` (optional, a dataloaders.beat2.Vocab) provides the word vectors; see word_embedding_weights.
+    """
+
     def __init__(self, args, vocab=None):
         super().__init__()
         if getattr(args, "ssm_backend", None):

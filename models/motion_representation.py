@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from models.layers import ResBlock, init_weight
 
 # Where build_stage1_models' models are stored under `pretrained_vq/`.
-STAGE1_FILES = dict(face="face.bin", upper="upper.bin", hands="hands.bin", lower="lower_foot.bin", global_motion="foot.bin")
+STAGE1_FILES = dict(face="face.bin", upper="upper.bin", hands="hands.bin", lower="lower_foot.bin",
+                    global_motion="foot.bin")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -25,7 +26,8 @@ class VQEncoderV5(nn.Module):
         super().__init__()
         layers = []
         for i in range(n_layers):
-            layers += [nn.Conv1d(in_dim if i == 0 else width, width, 3, 1, 1), nn.LeakyReLU(0.2, inplace=True), ResBlock(width)]
+            layers += [nn.Conv1d(in_dim if i == 0 else width, width, 3, 1, 1), nn.LeakyReLU(0.2, inplace=True),
+                       ResBlock(width)]
         self.main = nn.Sequential(*layers)
         self.main.apply(init_weight)
 
@@ -305,7 +307,8 @@ class LocalEncoder(nn.Module):
             neighbours = find_neighbor(edges, skeleton_dist)
             groups, new_edges = skeleton_pooling_groups(edges, last_pool=(i == len(channel_growth) - 1))
             n = len(edges)
-            self.layers.append(nn.Sequential(SkeletonResidual(neighbours, channels[i] * n, channels[i + 1] * n, groups)))
+            block = SkeletonResidual(neighbours, channels[i] * n, channels[i + 1] * n, groups)
+            self.layers.append(nn.Sequential(block))  # a Sequential, as published: keys layers.<i>.0.*
             edges = new_edges
         self.out_channels = channels[-1] * len(edges)
 

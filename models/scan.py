@@ -22,9 +22,12 @@ import torch.nn.functional as F
 
 BACKENDS = ("reference", "torch", "cuda")
 
-# Elements of one (b, block, d, n) float32 work tensor in the torch backend; the time block is
-# chosen so that a work tensor stays under this size (64 MB).
-BLOCK_ELEMENTS = 1 << 24
+# Elements of one (b, block, d, n) work tensor in the torch backend, by device type; the time block is
+# chosen so that a work tensor stays under this size: cache-sized on CPU, large on GPUs (fewer launches).
+BLOCK_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 24}
+# Keep the forward states (b, l, d, n) for the backward pass instead of recomputing them block by block:
+# one scan less per backward, at the cost of that memory for as long as the graph lives.
+KEEP_STATES = False
 
 
 @functools.lru_cache(maxsize=None)
@@ -110,15 +113,16 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
 # torch backend: y_t = <C_t, h_t>, h_t = exp(dt_t A) h_{t-1} + dt_t u_t B_t, with a hand-written
 # backward. Work tensors are laid out (b, time, d, n) so that one time step is a contiguous slab.
 
-def _block_len(b, l, d, n, block_len=None):
+def _block_len(u, n, block_len=None):
+    b, d, l = u.shape
     if block_len is None:
-        block_len = BLOCK_ELEMENTS // max(1, b * d * n)
+        block_len = BLOCK_ELEMENTS.get(u.device.type, BLOCK_ELEMENTS["cuda"]) // (b * d * n)
     return max(1, min(l, block_len))
 
 
 def _decay_and_input(dt, u, A, B):
     """dt, u: (b, c, d); A: (d, n); B: (b, c, n) -> a = exp(dt A), x = dt u B, both (b, c, d, n)."""
-    a = torch.exp(dt[..., None] * A)
+    a = (dt[..., None] * A).exp_()
     x = (dt * u)[..., None] * B[:, :, None, :]
     return a, x
 
@@ -139,11 +143,11 @@ class _ScanFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, dt, A, B, C, block_len=None):
         b, d, l = u.shape
-        c = _block_len(b, l, d, A.shape[1], block_len)
+        c = _block_len(u, A.shape[1], block_len)
         uT, dtT, BT, CT = u.transpose(1, 2), dt.transpose(1, 2), B.transpose(1, 2), C.transpose(1, 2)
         y = u.new_empty(b, l, d)
         h = None
-        starts = []  # state entering each block, kept for the backward pass (b, d, n) each
+        starts, kept = [], []  # per block: the entering state (b, d, n), and all states if KEEP_STATES
         for t0 in range(0, l, c):
             t1 = min(t0 + c, l)
             starts.append(h)
@@ -151,8 +155,10 @@ class _ScanFn(torch.autograd.Function):
             hs = _scan_block(a, x, h)
             y[:, t0:t1] = (hs @ CT[:, t0:t1, :, None]).squeeze(-1)
             h = hs[:, -1].clone()
+            if KEEP_STATES:
+                kept.append(hs)
         ctx.save_for_backward(u, dt, A, B, C)
-        ctx.starts, ctx.block = starts, c
+        ctx.starts, ctx.kept, ctx.block = starts, kept, c
         return y.transpose(1, 2)
 
     @staticmethod
@@ -170,8 +176,11 @@ class _ScanFn(torch.autograd.Function):
             t1 = min(t0 + c, l)
             h0 = ctx.starts[k]
             dt_c, u_c, B_c, C_c, gy_c = dtT[:, t0:t1], uT[:, t0:t1], BT[:, t0:t1], CT[:, t0:t1], gyT[:, t0:t1]
-            a, x = _decay_and_input(dt_c, u_c, A, B_c)
-            hs = _scan_block(a, x, h0)
+            if ctx.kept:
+                a, hs = (dt_c[..., None] * A).exp_(), ctx.kept[k]
+            else:
+                a, x = _decay_and_input(dt_c, u_c, A, B_c)
+                hs = _scan_block(a, x, h0)
             g_C[:, t0:t1] = (gy_c[:, :, None, :] @ hs).squeeze(2)
             # G_t = dL/dh_t = gy_t C_t + a_{t+1} G_{t+1}: the same recurrence run backwards in time.
             G = gy_c[..., None] * C_c[:, :, None, :]
@@ -190,6 +199,5 @@ class _ScanFn(torch.autograd.Function):
             g_A += torch.einsum("bcdn,bcd->dn", g_w, dt_c)
             g_dt[:, t0:t1] = (g_w * A).sum(-1) + g_dtu * u_c
             g_u[:, t0:t1] = g_dtu * dt_c  # the D * u and z terms are differentiated by autograd outside
-        ctx.starts = None
         return (g_u.transpose(1, 2), g_dt.transpose(1, 2), g_A, g_B.transpose(1, 2),
                 g_C.transpose(1, 2), None)

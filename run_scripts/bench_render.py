@@ -6,7 +6,9 @@ Defaults to the BEAT2 sample (../shared/beat2_sample) when present, else a synth
 >= 20 frames/s for render + encode at 1280x720 on 2 CPU cores.
 """
 import argparse
+import importlib.util
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -17,8 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils.body_model import BodyModel  # noqa: E402
-from utils.video import (MotionMeshes, PanelRenderer, load_motion, panel_layout,  # noqa: E402
-                         render_npz)
+from utils.video import (MotionMeshes, PanelRenderer, create_gl_context, fixed_panels, load_motion,  # noqa: E402
+                         panel_layout, render_frame, render_npz)
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "beat2_sample"
 
@@ -28,6 +30,42 @@ def synthetic_motion(path, frames):
     poses = (0.3 * np.sin(2 * np.pi * 0.5 * t + np.arange(165)[None])).astype(np.float32)
     np.savez(path, poses=poses, trans=np.zeros((frames, 3), np.float32), betas=np.zeros(300, np.float32),
              expressions=np.zeros((frames, 100), np.float32))
+
+
+def pyrender_ms_per_frame(vertices, faces, width, height, frames=20):
+    """The published path (spec §9 step 5): per frame and view a trimesh -> pyrender scene, rendered offscreen."""
+    os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
+    import pyrender
+    import trimesh
+    renderer = pyrender.OffscreenRenderer(width // 2, height)
+    tilt, light = np.deg2rad(-2), np.deg2rad(-30)
+    camera_pose = np.array([[1, 0, 0, 0], [0, np.cos(tilt), -np.sin(tilt), 1.0],
+                            [0, np.sin(tilt), np.cos(tilt), 5.0], [0, 0, 0, 1]])
+    light_pose = np.array([[1, 0, 0, 0], [0, np.cos(light), -np.sin(light), 0],
+                           [0, np.sin(light), np.cos(light), 3], [0, 0, 0, 1]])
+
+    def frame(i):
+        views = []
+        for _ in range(2):  # face close-up and body
+            mesh = trimesh.Trimesh(vertices[i % len(vertices)], faces, vertex_colors=[220, 220, 220, 255],
+                                   process=False)
+            scene = pyrender.Scene()
+            scene.add(pyrender.Mesh.from_trimesh(mesh, smooth=True))
+            scene.add(pyrender.OrthographicCamera(xmag=1, ymag=1), pose=camera_pose)
+            scene.add(pyrender.DirectionalLight(color=np.ones(3), intensity=4), pose=light_pose)
+            views.append(renderer.render(scene)[0])
+        return np.hstack(views)
+
+    frame(0)
+    per_frame = timed(lambda: frame(np.random.randint(len(vertices))), frames)
+    renderer.delete()
+    return per_frame * 1000
+
+
+def cpu_seconds():
+    """CPU time of this process and its finished children (ffmpeg), user + system."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def timed(fn, repeats):
@@ -60,29 +98,39 @@ def main():
     meshes = MotionMeshes(load_motion(npz), body, translation=False, chunk=32)
     idx = np.arange(32)
     per_frame = timed(lambda: meshes.chunk_arrays(idx), 3) / len(idx)
-    print(f"body model + normals (close-up and body): {per_frame * 1000:.1f} ms/frame")
+    print(f"body model + normals: {per_frame * 1000:.1f} ms/frame")
 
     layout = panel_layout(args.width, 1)
-    cameras = list(reversed(meshes.cameras(layout[1][1] / args.height, layout[0][1] / args.height)))
-    arrays = meshes.chunk_arrays(idx)
-    renderer = PanelRenderer(args.width, args.height, body.faces, body.num_vertices, 2)
+    panels = fixed_panels([meshes], layout, args.height)
+    arrays = [meshes.chunk_arrays(idx)]
+    renderer = PanelRenderer(create_gl_context(), args.width, args.height, body.faces, body.num_vertices, 1)
     print(f"GL: {renderer.ctx.info['GL_RENDERER']} / {renderer.ctx.info['GL_VERSION']}")
     frame = iter(range(10**9))
-    draw = lambda: renderer.render([(v[next(frame) % 32], n[0]) for v, n in arrays], cameras, layout)
+    draw = lambda: render_frame(renderer, panels, arrays, next(frame) % len(idx))
     draw()
     per_frame = timed(draw, 60)
-    renderer.release()
+    renderer.ctx.release()
     print(f"render only (upload, 2 views, read back) {args.width}x{args.height}: {per_frame * 1000:.1f} ms/frame "
           f"= {1 / per_frame:.1f} frames/s")
 
-    start = time.perf_counter()
+    if importlib.util.find_spec("pyrender") is None:
+        print("pyrender: not installed, the published renderer's figure is skipped")
+    else:
+        ms = pyrender_ms_per_frame(arrays[0][0], body.faces, args.width, args.height)
+        print(f"pyrender (published path, render only, 2 views) {args.width}x{args.height}: {ms:.1f} ms/frame "
+              f"= {1000 / ms:.1f} frames/s")
+
+    start, cpu_start = time.perf_counter(), cpu_seconds()
     render_npz(npz, wav if wav and wav.is_file() else None, tmp.name, width=args.width, height=args.height,
                max_seconds=args.seconds, smplx_model_dir=args.smplx_model_dir, progress=False, body_model=body,
                preset=args.preset)
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, cpu_seconds() - cpu_start
     frames = round(args.seconds * 30)
     print(f"render + encode ({args.preset}, with audio) {args.width}x{args.height}, {frames} frames: "
-          f"{elapsed:.1f} s = {frames / elapsed:.1f} frames/s (target >= 20)")
+          f"{elapsed:.1f} s = {frames / elapsed:.1f} frames/s (target >= 20); CPU time (python + ffmpeg) "
+          f"{cpu / frames * 1000:.0f} ms/frame, i.e. at most {os.cpu_count() * frames / cpu:.0f} frames/s on "
+          f"{os.cpu_count()} idle cores")
+    print(f"load average during the run: {os.getloadavg()[0]:.1f} (figures drop when other work shares the cores)")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ def body(cache_dir):
 
 @pytest.fixture(scope="module")
 def npz(body, cache_dir):
-    path = cache_dir / "standin_body" / f"v{standin_body.VERSION}" / "smplx" / standin_body.NPZ_NAME
+    path = standin_body.standin_dir() / "smplx" / standin_body.NPZ_NAME
     return dict(np.load(path))
 
 
@@ -44,7 +44,7 @@ def random_poses(n, scale=0.3, seed=0):
 
 
 def test_standin_loads_through_published_smplx_call(body, cache_dir):
-    model = smplx.create(str(cache_dir / "standin_body" / f"v{standin_body.VERSION}"), model_type="smplx",
+    model = smplx.create(str(standin_body.standin_dir()), model_type="smplx",
                          gender="NEUTRAL_2020", num_betas=300, num_expression_coeffs=100, ext="npz",
                          use_pca=False, use_face_contour=False)
     out = model()
@@ -126,6 +126,49 @@ def test_repeated_calls_and_chunking_agree(body):
     torch.testing.assert_close(a["vertices"], c["vertices"], rtol=0, atol=1e-6)
 
 
+@pytest.fixture(scope="module")
+def dense_body(tmp_path_factory, npz):
+    """A 'real' model folder with every SMPL-X ingredient non-zero: shape, expression and pose blend shapes,
+    dense skinning weights, a hand mean pose."""
+    rng = np.random.default_rng(0)
+    arrays = dict(npz)
+    V = arrays["v_template"].shape[0]
+    arrays["shapedirs"] = (rng.standard_normal((V, 3, 400)) * 1e-3).astype(np.float32)
+    arrays["posedirs"] = (rng.standard_normal((V, 3, 486)) * 1e-3).astype(np.float32)
+    logits = rng.standard_normal((V, 55)) + 4.0 * arrays["weights"]
+    arrays["weights"] = (np.exp(logits) / np.exp(logits).sum(1, keepdims=True)).astype(np.float32)
+    arrays["hands_meanl"] = (rng.standard_normal(45) * 0.1).astype(np.float32)
+    arrays["hands_meanr"] = (rng.standard_normal(45) * 0.1).astype(np.float32)
+    model_dir = tmp_path_factory.mktemp("dense_smplx")
+    (model_dir / "smplx").mkdir()
+    standin_body.write_npz(arrays, model_dir / "smplx" / standin_body.NPZ_NAME)
+    model = BodyModel(str(model_dir))
+    assert not model.is_standin and model.has_pose_correctives and model.has_expression_shapes
+    return model
+
+
+def smplx_reference(body, poses, betas, expressions, trans):
+    out = body.smplx(betas=betas, expression=expressions, transl=trans, global_orient=poses[:, :3],
+                     body_pose=poses[:, 3:66], jaw_pose=poses[:, 66:69], leye_pose=poses[:, 69:72],
+                     reye_pose=poses[:, 72:75], left_hand_pose=poses[:, 75:120], right_hand_pose=poses[:, 120:],
+                     return_verts=True)
+    return out.joints, out.vertices
+
+
+@pytest.mark.parametrize("which", ["standin", "dense"])
+@pytest.mark.parametrize("shared_betas", [True, False])
+def test_forward_matches_smplx(request, which, shared_betas):
+    model = request.getfixturevalue("body" if which == "standin" else "dense_body")
+    n = 6
+    poses, trans, expressions = random_poses(n, seed=4), torch.randn(n, 3), torch.randn(n, 100)
+    betas = torch.randn(1, 300).expand(n, -1) if shared_betas else torch.randn(n, 300)
+    with torch.no_grad():
+        ours = model(poses, betas=betas, expressions=expressions, trans=trans, chunk=4)
+        joints, vertices = smplx_reference(model, poses, betas, expressions, trans)
+    torch.testing.assert_close(ours["joints"], joints, rtol=0, atol=2e-5)
+    torch.testing.assert_close(ours["vertices"], vertices, rtol=0, atol=2e-5)
+
+
 def test_joint_only_path_equals_full_forward(body):
     poses = random_poses(9, seed=1)
     kwargs = dict(betas=torch.randn(9, 300) * 0.5, expressions=torch.randn(9, 100), trans=torch.randn(9, 3))
@@ -179,7 +222,7 @@ def test_damaged_cache_is_rebuilt(tmp_path, body):
 def test_real_model_dir_is_preferred(tmp_path, npz, cache_dir):
     model_dir = tmp_path / "smplx_models"
     (model_dir / "smplx").mkdir(parents=True)
-    shutil.copy(cache_dir / "standin_body" / f"v{standin_body.VERSION}" / "smplx" / standin_body.NPZ_NAME,
+    shutil.copy(standin_body.standin_dir() / "smplx" / standin_body.NPZ_NAME,
                 model_dir / "smplx" / "SMPLX_NEUTRAL_2020.npz")
     real = BodyModel(str(model_dir))
     assert not real.is_standin and "SMPL-X" in real.description

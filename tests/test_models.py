@@ -34,7 +34,8 @@ FINGERPRINTS = {
     "global_motion": (42, "e2e75847f40619be"),
     "eval VAESKConv": (56, "742e108b0132a56d"),
 }
-STAGE1_SECTION = dict(face="vq_face", upper="vq_upper", hands="vq_hands", lower="vq_lower", global_motion="global_motion")
+STAGE1_SECTION = dict(face="vq_face", upper="vq_upper", hands="vq_hands", lower="vq_lower",
+                      global_motion="global_motion")
 SMALL = dict(hidden_size=64, audio_f=64, motion_f=32, vae_codebook_size=32, word_index_num=40, word_dims=16)
 
 
@@ -268,6 +269,29 @@ def test_small_forward_shapes(small_model):
     assert list(out) == ["rec_face", "rec_upper", "rec_lower", "rec_hands",
                          "cls_face", "cls_upper", "cls_lower", "cls_hands"]
     assert all(v.shape == (2, 64, 32) and torch.isfinite(v).all() for v in out.values())
+
+
+def test_published_size_forward(published_model):
+    """One B=1 window through the published-size model (about 0.1-1 s on CPU)."""
+    published_model.eval()
+    with torch.no_grad():
+        out = published_model(**inputs(1, 64, 11195))
+    assert all(v.shape == (1, 64, 256) and torch.isfinite(v).all() for v in out.values())
+
+
+def test_ssm_backends_agree_inside_the_model(small_model):
+    from models import ssm
+    x = inputs(1, 64, 40)
+    try:
+        outs = []
+        for backend in ("reference", "torch"):
+            ssm.set_ssm_backend(backend)
+            with torch.no_grad():
+                outs.append(small_model(**x))
+    finally:
+        ssm.set_ssm_backend("auto")
+    for k in outs[0]:
+        assert torch.allclose(outs[0][k], outs[1][k], atol=1e-4, rtol=1e-4), k
 
 
 @pytest.mark.parametrize("samples", [34112, 32000, 36500])

@@ -7,6 +7,7 @@ TRAINERS = {
     "aelowerfoot": "trainers.vq:LowerVQTrainer",
     "aelower": "trainers.vq:GlobalMotionTrainer",
     "mambatalk": "trainers.mambatalk:MambaTalkTrainer",
+    "aeskconv": "trainers.vq:EvalAETrainer",  # the FGD autoencoder (not trained by the published code)
 }
 
 

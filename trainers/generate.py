@@ -74,7 +74,8 @@ def choose_codes(vq, out, cls_weights):
         if cls_weights[part] != 0:
             codes[part] = ("index", out[f"cls_{part}"].argmax(dim=-1))
         else:
-            codes[part] = ("latent", vq[part].quantizer.nearest(out[f"rec_{part}"]))
+            q = vq[part].quantizer
+            codes[part] = ("latent", q.get_codebook_entry(q.map2index(out[f"rec_{part}"])))
     return codes
 
 

@@ -77,7 +77,7 @@ def prepare_targets(batch, vq):
     }
     with torch.no_grad():
         index = {k: vq[k].map2index(v) for k, v in parts.items()}
-        latent = {k: vq[k].quantizer.embedding(index[k]) for k in parts}  # = map2latent, without a second encode
+        latent = {k: vq[k].quantizer.get_codebook_entry(index[k]) for k in parts}  # = map2latent, one encode
     return {
         "motion": torch.cat([pose6d, trans, contact], dim=-1), "pose6d": pose6d, "index": index, "latent": latent,
         "audio": batch["audio"].float(), "word": batch["word"].long(), "id": batch["id"].long(), "trans": trans,

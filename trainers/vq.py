@@ -244,3 +244,20 @@ class GlobalMotionTrainer(Stage1Trainer):
         foot_slide = foot_velocity(joints_hat) * in_contact
         losses["foot"] = 20 * F.l1_loss(foot_slide, torch.zeros_like(foot_slide))
         return losses
+
+
+class EvalAETrainer(Stage1Trainer):
+    """`trainer: aeskconv`: the FGD feature extractor VAESKConv as a plain autoencoder of full-body 6D poses.
+
+    The published code ships this model (BEAT2's AESKConv_240_100.bin) but not its trainer; this one exists so that
+    data without that file (the embedded demo) still gets an FGD. Loss: 6D reconstruction and its velocity."""
+
+    def build_model(self):
+        return getattr(motion_representation, self.args.g_name)(self.args)
+
+    def compute_losses(self, batch, epoch):
+        pose = batch["pose"].float()[..., :165]
+        B, T = pose.shape[:2]
+        x = matrix_to_rotation_6d(axis_angle_to_matrix(pose.reshape(B, T, 55, 3))).reshape(B, T, 330)
+        rec = self.model(x)["rec_pose"]
+        return {"rec": F.mse_loss(rec, x), "vel": F.mse_loss(diff(rec), diff(x))}

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import smplx
 import torch
-from smplx.lbs import batch_rigid_transform, batch_rodrigues
+from smplx.lbs import batch_rigid_transform, batch_rodrigues, vertices2landmarks
 
 from utils import standin_body
 from utils.skeleton import NUM_JOINTS, POSE_DIM
@@ -36,8 +36,14 @@ class BodyModel(torch.nn.Module):
     """`forward(poses (N,165), betas, expressions, trans)` -> dict(joints, vertices).
 
     With `return_vertices=True` joints are smplx's (N,127,3) (55 skeleton joints, 21 vertex keypoints, 51 face
-    landmarks) and vertices (N,V,3). With `return_vertices=False` only the 55 skeleton joints are computed (N,55,3),
-    by the same kinematics without skinning the mesh: identical values, far cheaper (foot contact, metrics).
+    landmarks) and vertices (N,V,3). With `return_vertices=False` only the 55 skeleton joints are computed (N,55,3):
+    the same values without skinning the mesh, far cheaper (foot contact, metrics).
+
+    The model is loaded by smplx and its buffers are used as they are; forward evaluates smplx's equations (shape and
+    expression blend shapes, pose correctives, joint regression, kinematic chain, linear blend skinning, extra
+    joints, landmarks) in a cheaper order: blend directions are concatenated and joint-regressed once, a shape shared
+    by all frames is blended once, all-zero blend shapes (the stand-in's) are skipped, and skinning is one matrix
+    product plus an element-wise transform instead of a 4x4 product per vertex. Tests check it against smplx.
     """
 
     def __init__(self, model_dir=None, device="cpu"):
@@ -55,12 +61,13 @@ class BodyModel(torch.nn.Module):
                                   num_expression_coeffs=NUM_EXPRESSIONS, ext="npz", use_pca=False,
                                   use_face_contour=False)
         self.smplx.requires_grad_(False)  # its default pose/shape parameters are never used
-        self.faces = np.asarray(self.smplx.faces, dtype=np.int64)
-        self.num_vertices = int(self.smplx.v_template.shape[0])
-        # Joint-only path: rest joints and their shape/expression directions, regressed once.
         sm = self.smplx
-        self.register_buffer("rest_joints", sm.J_regressor @ sm.v_template)
+        self.faces = np.asarray(sm.faces, dtype=np.int64)
+        self.num_vertices = int(sm.v_template.shape[0])
+        self.has_expression_shapes = bool(sm.expr_dirs.any())
+        self.has_pose_correctives = bool(sm.posedirs.any())
         shape_dirs = torch.cat([sm.shapedirs, sm.expr_dirs], dim=-1)  # (V, 3, 400)
+        self.register_buffer("rest_joints", sm.J_regressor @ sm.v_template)
         self.register_buffer("joint_dirs", torch.einsum("jv,vcl->jcl", sm.J_regressor, shape_dirs))
         self.to(device)
 
@@ -79,7 +86,6 @@ class BodyModel(torch.nn.Module):
             if betas.dim() != 2 or betas.shape[1] != NUM_BETAS or betas.shape[0] not in (1, n):
                 raise ValueError(f"BodyModel: betas must have shape ({NUM_BETAS},) or ({n}, {NUM_BETAS}), "
                                  f"got {tuple(betas.shape)}")
-        betas = betas.expand(n, NUM_BETAS)
         if expressions is None:
             expressions = torch.zeros(n, NUM_EXPRESSIONS, device=device)
         else:
@@ -99,29 +105,48 @@ class BodyModel(torch.nn.Module):
         poses, betas, expressions, trans = self.check_inputs(poses, betas, expressions, trans)
         if chunk < 1:
             raise ValueError(f"BodyModel: chunk must be >= 1, got {chunk}")
-        run = self.full_chunk if return_vertices else self.joints_chunk
-        parts = [run(poses[s:s + chunk], betas[s:s + chunk], expressions[s:s + chunk], trans[s:s + chunk])
-                 for s in range(0, poses.shape[0], chunk)]
+        parts = []
+        for s in range(0, poses.shape[0], chunk):
+            b = betas if betas.shape[0] == 1 else betas[s:s + chunk]
+            parts.append(self.forward_chunk(poses[s:s + chunk], b, expressions[s:s + chunk], trans[s:s + chunk],
+                                            return_vertices))
         joints = torch.cat([p[0] for p in parts])
         vertices = torch.cat([p[1] for p in parts]) if return_vertices else None
         return {"joints": joints, "vertices": vertices}
 
-    def full_chunk(self, poses, betas, expressions, trans):
-        out = self.smplx(betas=betas, expression=expressions, transl=trans, global_orient=poses[:, 0:3],
-                         body_pose=poses[:, 3:66], jaw_pose=poses[:, 66:69], leye_pose=poses[:, 69:72],
-                         reye_pose=poses[:, 72:75], left_hand_pose=poses[:, 75:120],
-                         right_hand_pose=poses[:, 120:165], return_verts=True)
-        return out.joints, out.vertices
+    def forward_chunk(self, poses, betas, expressions, trans, with_vertices):
+        sm, n = self.smplx, poses.shape[0]
+        rot = batch_rodrigues((poses + sm.pose_mean).reshape(-1, 3)).view(n, NUM_JOINTS, 3, 3)
+        shape = torch.cat([betas.expand(n, -1), expressions], dim=-1)
+        rest_joints = self.rest_joints + torch.einsum("bl,jcl->bjc", shape, self.joint_dirs)
+        joints, transforms = batch_rigid_transform(rot, rest_joints, sm.parents)
+        if not with_vertices:
+            return joints + trans[:, None], None
+        verts = self.shaped_vertices(betas, expressions)  # (n or 1, V, 3)
+        if self.has_pose_correctives:
+            eye = torch.eye(3, dtype=rot.dtype, device=rot.device)
+            verts = verts + ((rot[:, 1:] - eye).reshape(n, -1) @ sm.posedirs).view(n, -1, 3)
+        # Skinning: the top 3x4 of every vertex's blended transform from one matrix product, laid out (n, 3, 4, V)
+        # so that applying it is element-wise along V.
+        per_joint = transforms[:, :, :3].reshape(n, NUM_JOINTS, 12).transpose(1, 2).reshape(n * 12, NUM_JOINTS)
+        blended = (per_joint @ sm.lbs_weights.T).view(n, 3, 4, -1)
+        xyz = verts.transpose(1, 2)[:, None]  # (n or 1, 1, 3, V)
+        verts = (blended[:, :, 3] + blended[:, :, 0] * xyz[:, :, 0] + blended[:, :, 1] * xyz[:, :, 1]
+                 + blended[:, :, 2] * xyz[:, :, 2]).transpose(1, 2).contiguous()
+        landmarks = vertices2landmarks(verts, sm.faces_tensor, sm.lmk_faces_idx.expand(n, -1).contiguous(),
+                                       sm.lmk_bary_coords.expand(n, -1, -1))
+        joints = torch.cat([sm.vertex_joint_selector(verts, joints), landmarks], dim=1)
+        return joints + trans[:, None], verts + trans[:, None]
 
-    def joints_chunk(self, poses, betas, expressions, trans):
-        """The 55 skeleton joints exactly as smplx's lbs computes them (joints do not depend on skinning)."""
-        n = poses.shape[0]
-        full_pose = poses + self.smplx.pose_mean  # smplx adds the hand mean pose (zero for flat hands)
-        rot = batch_rodrigues(full_pose.reshape(-1, 3)).view(n, NUM_JOINTS, 3, 3)
-        shape = torch.cat([betas, expressions], dim=-1)
-        rest = self.rest_joints + torch.einsum("bl,jcl->bjc", shape, self.joint_dirs)
-        posed, _ = batch_rigid_transform(rot, rest, self.smplx.parents)
-        return posed + trans[:, None], None
+    def shaped_vertices(self, betas, expressions):
+        """Template plus shape and expression blend shapes; (1,V,3) when one shape serves every frame."""
+        sm = self.smplx
+        if betas.shape[0] > 1 and not betas.requires_grad and bool((betas == betas[:1]).all()):
+            betas = betas[:1]
+        verts = sm.v_template + torch.einsum("bl,vcl->bvc", betas, sm.shapedirs)
+        if self.has_expression_shapes and (expressions.requires_grad or bool(expressions.any())):
+            verts = verts + torch.einsum("bl,vcl->bvc", expressions, sm.expr_dirs)
+        return verts
 
 
 _CACHE = {}

@@ -147,7 +147,8 @@ DEFAULTS = {
     "smplx_model_dir": "",        # "" -> data_path_1 + "smplx_models/"
     "eval_split": "val",
     "paper_protocol": False,
-    "num_workers": 0,
+    "metric_compat": True,        # test.py: the published metric quirks (spec §10.3 #2-#5); false = corrected metrics
+    "eval_period": 1,             # evaluate on eval_split every N epochs
     "pretrained_vq_dir": "",      # "" -> data_path_1 + "pretrained_vq/"
     "vq_fixes": True,             # stage-1 bug fixes (spec §10.3 #9, #10)
 }

@@ -22,7 +22,6 @@ from smplx.vertex_ids import vertex_ids as SMPLX_VERTEX_IDS
 
 from utils.skeleton import NUM_JOINTS, PARENTS
 
-VERSION = 1
 NUM_SHAPE, NUM_EXPRESSION = 300, 100
 NPZ_NAME = "SMPLX_NEUTRAL_2020.npz"
 HEIGHT_SCALE_PER_BETA = 0.02
@@ -32,7 +31,7 @@ BODY_JOINTS = {
     0: (0.0, -0.35, 0.01), 1: (0.065, -0.445, -0.005), 3: (0.0, -0.235, -0.015), 4: (0.11, -0.82, 0.0),
     6: (0.0, -0.105, 0.0), 7: (0.075, -1.225, -0.045), 9: (0.0, -0.05, 0.02), 10: (0.12, -1.28, 0.075),
     12: (0.0, 0.115, -0.02), 13: (0.045, 0.03, -0.005), 15: (0.0, 0.27, 0.0), 16: (0.18, 0.085, -0.02),
-    18: (0.435, 0.06, -0.04), 20: (0.69, 0.065, -0.045), 22: (0.0, 0.26, 0.035), 23: (0.032, 0.355, 0.092),
+    18: (0.435, 0.06, -0.04), 20: (0.69, 0.065, -0.045), 22: (0.0, 0.26, 0.035), 23: (0.032, 0.355, 0.105),
 }
 MIRROR = {2: 1, 5: 4, 8: 7, 11: 10, 14: 13, 17: 16, 19: 18, 21: 20, 24: 23}
 # Left hand, relative to the wrist (palm down, thumb forward): first knuckle, three segment lengths along x, radius.
@@ -110,12 +109,12 @@ def part_specs(J):
 
     specs = [
         (0, (-0.17, -0.40, 0.0), (0.17, -0.40, 0.0), 0.11, 0.11, Y, 0.0, RES_LARGE),
-        (3, (0.0, -0.31, 0.0), (0.0, -0.08, 0.01), 0.145, 0.105, X, 0.05, RES_LARGE),
-        (6, (0.0, -0.16, 0.0), (0.0, 0.02, 0.01), 0.15, 0.10, X, 0.05, RES_LARGE),
-        (9, (0.0, -0.09, 0.01), (0.0, 0.15, -0.01), 0.175, 0.11, X, 0.05, RES_LARGE),
+        (3, (0.0, -0.33, 0.0), (0.0, -0.04, 0.01), 0.145, 0.105, X, 0.05, RES_LARGE),
+        (6, (0.0, -0.2, 0.0), (0.0, 0.07, 0.01), 0.15, 0.10, X, 0.05, RES_LARGE),
+        (9, (0.0, -0.13, 0.01), (0.0, 0.17, -0.01), 0.175, 0.11, X, 0.05, RES_LARGE),
         (12, (0.0, 0.08, -0.02), (0.0, 0.30, 0.0), 0.055, 0.055, X, 0.04, RES_MEDIUM),
-        (15, (0.0, 0.235, 0.02), (0.0, 0.445, 0.02), 0.08, 0.10, X, 0.04, RES_LARGE),
-        (22, (0.0, 0.27, 0.0), (0.0, 0.215, 0.115), 0.06, 0.035, X, 0.0, RES_MEDIUM),
+        (15, (0.0, 0.225, 0.02), (0.0, 0.445, 0.02), 0.08, 0.10, X, 0.04, RES_LARGE),
+        (22, (0.0, 0.29, 0.0), (0.0, 0.235, 0.1), 0.055, 0.03, X, 0.0, RES_MEDIUM),
     ]
     for eye in (23, 24):
         c = J[eye]
@@ -131,8 +130,8 @@ def part_specs(J):
              0.022, 0.048, Y, 0.02, RES_MEDIUM),
             (hip, *along(J[hip] + (0, 0.05, 0), J[knee], 0.0, 0.03), 0.085, 0.08, X, 0.06, RES_LIMB),
             (knee, *along(J[knee], J[ankle], 0.03, 0.035), 0.055, 0.06, X, 0.04, RES_LIMB),
-            (ankle, (a[0], -1.265, a[2] - 0.065), (f[0], -1.27, f[2] + 0.01), 0.04, 0.045, Y, 0.04, RES_MEDIUM),
-            (foot, (f[0], -1.283, f[2] - 0.015), (f[0] + 0.005 * side, -1.285, f[2] + 0.06), 0.022, 0.042, Y,
+            (ankle, (a[0], -1.265, a[2] - 0.065), (f[0], -1.27, f[2] + 0.01), 0.04, 0.045, Y, 0.0, RES_MEDIUM),
+            (foot, (f[0], -1.283, f[2] - 0.04), (f[0] + 0.005 * side, -1.285, f[2] + 0.06), 0.022, 0.042, Y,
              0.02, RES_MEDIUM),
         ]
     tips = finger_tips(J)
@@ -180,7 +179,7 @@ def build_mesh(J):
 def keypoint_targets(J):
     """Body points for the vertex ids smplx reads as extra joints (nose, eyes, ears, finger tips, toes, heels)."""
     tips = finger_tips(J)
-    t = {"nose": (0.0, 0.33, 0.125), "leye": (0.032, 0.355, 0.105), "reye": (-0.032, 0.355, 0.105),
+    t = {"nose": (0.0, 0.33, 0.125), "leye": (0.032, 0.355, 0.12), "reye": (-0.032, 0.355, 0.12),
          "lear": (0.08, 0.34, 0.02), "rear": (-0.08, 0.34, 0.02)}
     for hand, prefix in enumerate("lr"):
         for f, name in enumerate(("index", "middle", "pinky", "ring", "thumb")):
@@ -244,7 +243,6 @@ def build_standin():
         "hands_meanr": np.zeros(45, np.float32),
         "lmk_faces_idx": landmark_faces(verts, faces),
         "lmk_bary_coords": np.full((51, 3), 1.0 / 3.0, np.float32),
-        "standin_version": np.array(VERSION),
     }
 
 
@@ -274,18 +272,20 @@ def file_sha256(path):
     return h.hexdigest()
 
 
-def default_cache_dir():
-    root = os.environ.get("MAMBATALK_CACHE") or Path.home() / ".cache" / "mambatalk"
-    return Path(root) / "standin_body"
+def standin_dir(cache_dir=None):
+    """`<cache>/standin_body/<hash of this generator's source>`: editing the generator gives a fresh folder."""
+    if cache_dir is None:
+        cache_dir = Path(os.environ.get("MAMBATALK_CACHE") or Path.home() / ".cache" / "mambatalk") / "standin_body"
+    return Path(cache_dir) / hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
 
 
 def ensure_standin(cache_dir=None):
-    """Model folder for `smplx.create` holding the stand-in; (re)generated when missing, stale or damaged.
+    """Model folder for `smplx.create` holding the stand-in; generated when missing or damaged.
 
-    `<cache_dir>/v<VERSION>/smplx/SMPLX_NEUTRAL_2020.npz` plus a `.sha256` file written after it: a file whose
-    hash does not match (partly written, edited, older generator) is rebuilt.
+    `<folder>/smplx/SMPLX_NEUTRAL_2020.npz` plus a `.sha256` file written after it: a file whose hash does not
+    match (partly written, edited) is rebuilt.
     """
-    root = Path(cache_dir or default_cache_dir()) / f"v{VERSION}"
+    root = standin_dir(cache_dir)
     npz = root / "smplx" / NPZ_NAME
     digest_file = npz.with_name(NPZ_NAME + ".sha256")
     if npz.is_file() and digest_file.is_file() and digest_file.read_text().strip() == file_sha256(npz):

@@ -1,17 +1,18 @@
 """Headless rendering of a BEAT2-format motion file (with its wav) to an mp4 (spec §9, re-designed for speed).
 
 Layout as published: a face close-up beside the full body (face left, body right); with a ground-truth file the
-two pairs stand side by side (ground truth left, result right). Unlike the published close-up, which zeroes every
-rotation, ours keeps the jaw and eye rotations so the mouth is seen opening.
+two pairs stand side by side (ground truth left, result right). The published close-up is a second mesh with every
+rotation zeroed, the jaw included, so the mouth never opens. Ours is the same posed mesh seen from the head's own
+frame: the head keeps still and faces the camera as in the published one, while jaw, eyes and expressions move,
+and the body model runs once per frame instead of twice.
 
 Pipeline, all on CPU and without a display: body model in chunks (a background thread prepares the next chunk)
 -> smooth vertex normals (a sparse vertex-face matrix) -> moderngl with a standalone EGL context (Mesa llvmpipe),
 every panel drawn into one framebuffer with its own viewport -> RGB frames piped to the ffmpeg binary that
 imageio-ffmpeg bundles (a writer thread), which also muxes the wav in the same process. No images touch the disk.
-Why moderngl/EGL: measured ~9 ms per 1280x720 frame with two 10k-vertex views here, vs 60-95 ms/frame reported for
-pyrender (the published renderer), and it needs no X server (see run_scripts/bench_render.py).
+Why moderngl/EGL: it needs no X server, and drawing two 11k-vertex views at 1280x720 and reading them back takes
+~10-30 ms here against ~240-340 ms for the published pyrender path on the same machine (run_scripts/bench_render.py).
 """
-import os
 import queue
 import subprocess
 import tempfile
@@ -22,21 +23,23 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse
 import torch
+from tqdm import tqdm
 
 from utils.checkpoint import atomic_write
 from utils.log import get_logger
+from utils.rotation import axis_angle_to_matrix
+from utils.skeleton import PARENTS
 
 MOTION_FPS = 30
 POSE_DIM = 165  # 55 SMPL-X joints x axis-angle
 NUM_BETAS, NUM_EXPRESSIONS = 300, 100
 HEAD_JOINT = 15
-FACE_POSE_COLS = slice(66, 75)  # jaw (22) and both eyes (23, 24): the only rotations kept in the close-up
 
 BACKGROUND = (0.17, 0.18, 0.21)
 MESH_COLOR = (0.85, 0.84, 0.82)
-LIGHT_DIR = (0.0, 0.5, 0.866)  # towards the light: in front of the body, 30 degrees above
+LIGHT_DIR = (-0.3, 0.5, 0.8)  # towards the light: in front, above, a little to the body's right
 AMBIENT = 0.3
-APT_PACKAGES = "libegl1 libegl-mesa0 libgl1-mesa-dri"
+APT_PACKAGES = "libegl1 libegl-mesa0 libgl1 libgl1-mesa-dri"  # Debian/Ubuntu: EGL, libGL.so.1, llvmpipe
 
 
 class RendererUnavailableError(RuntimeError):
@@ -52,19 +55,18 @@ def load_motion(path):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"motion file not found: {path}")
+    with open(path, "rb") as f:
+        if f.read(4) not in (b"PK\x03\x04", b"PK\x05\x06"):
+            raise ValueError(f"{path}: not a .npz file (no zip header)")
     try:
         with np.load(path, allow_pickle=False) as npz:
-            if "poses" not in npz.files:
-                raise ValueError(f"{path}: no 'poses' array (keys: {', '.join(npz.files) or 'none'})")
+            keys = npz.files
             data = {k: np.asarray(npz[k], dtype=np.float32) for k in ("poses", "trans", "betas", "expressions")
-                    if k in npz.files}
-    except ValueError as e:
-        if str(e).startswith(str(path)):
-            raise
-        raise ValueError(f"{path}: not a readable .npz file ({e})") from e
-    except Exception as e:  # zipfile.BadZipFile, EOFError, OSError, ... from a truncated or foreign file
+                    if k in keys}
+    except Exception as e:  # zipfile.BadZipFile, EOFError, a member that is not an array, ...
         raise ValueError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from e
-
+    if "poses" not in data:
+        raise ValueError(f"{path}: no 'poses' array (keys: {', '.join(keys) or 'none'})")
     poses = data["poses"]
     if poses.ndim != 2 or poses.shape[1] != POSE_DIM or poses.shape[0] == 0:
         raise ValueError(f"{path}: 'poses' has shape {poses.shape}, expected (frames, {POSE_DIM}) "
@@ -206,47 +208,64 @@ def head_box(vertices, head):
 
 # ---------------------------------------------------------------- one motion file -> meshes
 
+def head_rotation(poses):
+    """Global rotation (N, 3, 3) of the head joint: product of the local rotations from the pelvis down to it."""
+    chain, joint = [], HEAD_JOINT
+    while joint >= 0:
+        chain.append(joint)
+        joint = PARENTS[joint]
+    local = axis_angle_to_matrix(torch.from_numpy(poses).reshape(len(poses), -1, 3)[:, chain[::-1]])
+    rotation = local[:, 0]
+    for k in range(1, len(chain)):
+        rotation = rotation @ local[:, k]
+    return rotation.numpy()
+
+
+def head_frame(rotation, head):
+    """World -> head frame (4x4 per frame): origin at the head joint, axes of the head at rest (upright, facing +z).
+    Seen from this frame the head keeps still and faces the camera, as in the published close-up (whose every
+    rotation is zero), while jaw, eyes and expressions still move."""
+    m = np.zeros((len(head), 4, 4), np.float32)
+    m[:, :3, :3] = rotation.transpose(0, 2, 1)
+    m[:, :3, 3] = -np.einsum("nij,nj->ni", m[:, :3, :3], head)
+    m[:, 3, 3] = 1
+    return m
+
+
 class MotionMeshes:
-    """Per-frame body and face close-up meshes of one motion, with the fixed camera of each."""
+    """Per-frame meshes of one motion (one body-model pass serves both panels) and the fixed cameras."""
 
     def __init__(self, motion, body_model, translation, chunk):
         self.motion, self.body, self.translation, self.chunk = motion, body_model, translation, chunk
         self.faces = np.asarray(body_model.faces, np.int64)
         self.incidence = vertex_face_matrix(self.faces, body_model.num_vertices)
 
-    def _forward(self, idx, close_up):
+    def _forward(self, idx):
+        """Vertices (N, V, 3) and world -> head frame matrices (N, 4, 4) of motion frames `idx`."""
         m = self.motion
-        poses = m["poses"][idx]
-        if close_up:  # every rotation zero except jaw and eyes, no translation
-            face_only = np.zeros_like(poses)
-            face_only[:, FACE_POSE_COLS] = poses[:, FACE_POSE_COLS]
-            poses, trans = face_only, np.zeros((len(idx), 3), np.float32)
-        else:
-            trans = m["trans"][idx] if self.translation else np.repeat(m["trans"][:1], len(idx), axis=0)
+        trans = m["trans"][idx] if self.translation else np.repeat(m["trans"][:1], len(idx), axis=0)
         with torch.inference_mode():
-            out = self.body(torch.from_numpy(poses), torch.from_numpy(m["betas"]),
+            out = self.body(torch.from_numpy(m["poses"][idx]), torch.from_numpy(m["betas"]),
                             torch.from_numpy(m["expressions"][idx]), torch.from_numpy(trans), chunk=self.chunk)
-        return out["vertices"].float().numpy(), out["joints"][:, HEAD_JOINT].float().numpy()
+        head = out["joints"][:, HEAD_JOINT].float().numpy()
+        return out["vertices"].float().numpy(), head_frame(head_rotation(m["poses"][idx]), head)
 
-    def cameras(self, body_aspect, face_aspect):
-        """Fixed cameras from the first frame: the whole body (widened by the root's travel when translation is
-        shown) and the head of the close-up mesh."""
-        body_vertices, _ = self._forward([0], close_up=False)
-        lo, hi = body_vertices[0].min(0), body_vertices[0].max(0)
+    def cameras(self, face_aspect, body_aspect):
+        """Fixed orthographic cameras from the first frame: the head (in the head frame) and the whole body
+        (widened by the root's travel when translation is shown)."""
+        vertices, to_head = self._forward([0])
+        lo, hi = vertices[0].min(0), vertices[0].max(0)
         if self.translation:
             travel = self.motion["trans"] - self.motion["trans"][:1]
             lo, hi = lo + travel.min(0), hi + travel.max(0)
-        face_vertices, head = self._forward([0], close_up=True)
-        face_lo, face_hi = head_box(face_vertices[0], head[0])
-        return frame_box(lo, hi, body_aspect, margin=0.08), frame_box(face_lo, face_hi, face_aspect, margin=0.15)
+        in_head_frame = vertices[0] @ to_head[0, :3, :3].T + to_head[0, :3, 3]
+        face_lo, face_hi = head_box(in_head_frame, np.zeros(3, np.float32))
+        return frame_box(face_lo, face_hi, face_aspect, margin=0.15), frame_box(lo, hi, body_aspect, margin=0.08)
 
     def chunk_arrays(self, idx):
-        """Source frame indices -> [(vertices, normals) of the close-up, (vertices, normals) of the body]."""
-        meshes = []
-        for close_up in (True, False):
-            vertices, _ = self._forward(idx, close_up)
-            meshes.append((np.ascontiguousarray(vertices), vertex_normals(vertices, self.faces, self.incidence)))
-        return meshes
+        """Motion frame indices -> vertices (N, V, 3), normals (N, V, 3), world -> head frame (N, 4, 4)."""
+        vertices, to_head = self._forward(idx)
+        return np.ascontiguousarray(vertices), vertex_normals(vertices, self.faces, self.incidence), to_head
 
 
 # ---------------------------------------------------------------- OpenGL
@@ -254,12 +273,13 @@ class MotionMeshes:
 VERTEX_SHADER = """
 #version 330
 uniform mat4 mvp;
+uniform mat3 normal_rotation;
 in vec3 in_position;
 in vec3 in_normal;
 out vec3 normal;
 void main() {
     gl_Position = mvp * vec4(in_position, 1.0);
-    normal = in_normal;
+    normal = normal_rotation * in_normal;
 }
 """
 FRAGMENT_SHADER = """
@@ -289,18 +309,17 @@ def create_gl_context():
             errors.append(f"{backend or 'default'}: {e}")
     raise RendererUnavailableError(
         "no offscreen OpenGL 3.3 context could be created (" + "; ".join(errors) + "). On Debian/Ubuntu install "
-        f"Mesa's EGL and software rasteriser: apt-get install -y {APT_PACKAGES}")
+        f"Mesa's EGL and software rasteriser: apt-get install -y {APT_PACKAGES} (or run under xvfb-run -a)")
 
 
 class PanelRenderer:
-    """One framebuffer of the whole video frame; each mesh is drawn into its panel's viewport."""
+    """One framebuffer for the whole video frame; every panel is a draw of a mesh into its own viewport."""
 
-    def __init__(self, width, height, faces, num_vertices, num_meshes):
+    def __init__(self, ctx, width, height, faces, num_vertices, num_meshes):
         import moderngl
-        self.width, self.height = width, height
-        self.ctx = create_gl_context()
+        self.ctx, self.width, self.height = ctx, width, height
         self.program = self.ctx.program(vertex_shader=VERTEX_SHADER, fragment_shader=FRAGMENT_SHADER)
-        self.program["light_dir"].value = LIGHT_DIR
+        self.program["light_dir"].value = tuple(np.divide(LIGHT_DIR, np.linalg.norm(LIGHT_DIR)))
         self.program["color"].value = MESH_COLOR
         self.program["ambient"].value = AMBIENT
         index_buffer = self.ctx.buffer(np.asarray(faces, np.int32).tobytes())
@@ -316,22 +335,21 @@ class PanelRenderer:
         self.fbo.use()
         self.ctx.enable(moderngl.DEPTH_TEST)
 
-    def render(self, meshes, cameras, viewports):
-        """meshes: [(vertices (V,3), normals (V,3))], cameras: [4x4], viewports: [(x, width)] -> (H, W, 3) uint8."""
+    def render(self, meshes, panels):
+        """meshes: [(vertices (V,3), normals (V,3))]; panels: [(mesh index, mvp 4x4, model 4x4, (x, width))]
+        -> (H, W, 3) uint8, rows top-down. The model matrix's rotation also turns the normals."""
         self.fbo.clear(*BACKGROUND)
-        for (vertices, normals), (positions_buf, normals_buf), vao, mvp, (x, w) in zip(
-                meshes, self.buffers, self.vaos, cameras, viewports):
+        for (vertices, normals), (positions_buf, normals_buf) in zip(meshes, self.buffers):
             positions_buf.write(vertices)
             normals_buf.write(normals)
-            self.program["mvp"].write(mvp.T.copy())  # GL wants column-major
+        for mesh, mvp, model, (x, w) in panels:
+            self.program["mvp"].write((mvp @ model).T.copy())  # GL wants column-major
+            self.program["normal_rotation"].write(model[:3, :3].T.copy())
             self.ctx.viewport = (x, 0, w, self.height)
-            vao.render()
+            self.vaos[mesh].render()
         image = bytearray(self.width * self.height * 3)
         self.fbo.read_into(image, components=3, alignment=1)
         return np.frombuffer(image, np.uint8).reshape(self.height, self.width, 3)
-
-    def release(self):
-        self.ctx.release()
 
 
 # ---------------------------------------------------------------- encoding
@@ -384,6 +402,8 @@ class Encoder:
     def abort(self):
         self.process.kill()
         self.process.wait()
+        self.frames.put(None)  # the writer fails fast on the dead pipe, drains the queue and stops
+        self.thread.join()
 
 
 # ---------------------------------------------------------------- the whole thing
@@ -395,15 +415,34 @@ def panel_layout(width, num_motions):
     return [(edges[i], edges[i + 1] - edges[i]) for i in range(n)]
 
 
-def frame_overlay(width, height, layout, labels, caption):
-    """Static overlay drawn on every frame: labels over each motion's face panel, the body caption, separators."""
+def overlay_patches(width, height, layout, labels, caption):
+    """[(RGB patch, x, y)] drawn on every frame: a label over each motion, the body caption, panel separators."""
     scale = max(1, round(height / 360))
     pad = 4 * scale
     patches = [(text_patch(label, scale), layout[2 * i][0] + pad, pad) for i, label in enumerate(labels)]
     caption_patch = text_patch(caption, scale, fg=(230, 230, 160))
     patches.append((caption_patch, pad, height - caption_patch.shape[0] - pad))
-    separators = [x for x, _ in layout[1:]]
-    return patches, separators, max(1, scale)
+    separator = np.full((height, scale, 3), 90, np.uint8)
+    patches += [(separator, x - scale // 2, 0) for x, _ in layout[1:]]
+    return patches
+
+
+def fixed_panels(meshes, layout, height):
+    """[(mesh index, camera, (x, width))]: face close-up then body of each motion, left to right."""
+    panels = []
+    for i, mesh in enumerate(meshes):
+        face_camera, body_camera = mesh.cameras(layout[2 * i][1] / height, layout[2 * i + 1][1] / height)
+        panels += [(i, face_camera, layout[2 * i]), (i, body_camera, layout[2 * i + 1])]
+    return panels
+
+
+def render_frame(renderer, panels, arrays, j):
+    """Frame j of a chunk: arrays[i] = MotionMeshes.chunk_arrays(...) of motion i. Close-ups (even panels) are seen
+    from the head frame, bodies from the world."""
+    identity = np.eye(4, dtype=np.float32)
+    views = [(i, camera, arrays[i][2][j] if k % 2 == 0 else identity, viewport)
+             for k, (i, camera, viewport) in enumerate(panels)]
+    return renderer.render([(vertices[j], normals[j]) for vertices, normals, _ in arrays], views)
 
 
 def render_npz(npz_path, wav_path, save_dir, width=1280, height=720, fps=MOTION_FPS, translation=False,
@@ -419,9 +458,12 @@ def render_npz(npz_path, wav_path, save_dir, width=1280, height=720, fps=MOTION_
         raise ValueError(f"width and height must be even and >= 16 (H.264 4:2:0), got {width}x{height}")
     if fps <= 0:
         raise ValueError(f"fps must be positive, got {fps}")
-    motions = [load_motion(npz_path)] + ([load_motion(gt_npz)] if gt_npz else [])
+    if max_seconds is not None and max_seconds <= 0:
+        raise ValueError(f"max_seconds must be positive, got {max_seconds}")
+    # Left to right: ground truth (when given), then the result.
+    motions = ([load_motion(gt_npz)] if gt_npz else []) + [load_motion(npz_path)]
     num_frames = min(len(m["poses"]) for m in motions)
-    if gt_npz and len({len(m["poses"]) for m in motions}) > 1:
+    if len({len(m["poses"]) for m in motions}) > 1:
         logger.warning(f"{npz_path} and {gt_npz} differ in length: rendering the first {num_frames} frames")
     if max_seconds is not None:
         num_frames = min(num_frames, max(1, round(max_seconds * MOTION_FPS)))
@@ -434,51 +476,50 @@ def render_npz(npz_path, wav_path, save_dir, width=1280, height=720, fps=MOTION_
     save_dir = check_output_dir(save_dir)
     out_path = save_dir / f"{Path(npz_path).stem}.mp4"
 
-    if body_model is None:
-        from utils.body_model import BodyModel
-        body_model = BodyModel(smplx_model_dir)
-    logger.info(f"rendering {npz_path} with {body_model.description}")
-    # Output frame k shows the motion frame nearest to its time (motion is 30 fps).
-    num_out = max(1, round(duration * fps))
-    sources = np.minimum(np.round(np.arange(num_out) * MOTION_FPS / fps).astype(np.int64), num_frames - 1)
-
-    layout = panel_layout(width, len(motions))
-    meshes = [MotionMeshes(m, body_model, translation, chunk) for m in motions]
-    cameras = []
-    for i, mesh in enumerate(reversed(meshes)):  # ground truth (when given) is drawn on the left
-        face_camera_aspect = layout[2 * i][1] / height
-        body_camera_aspect = layout[2 * i + 1][1] / height
-        body_camera, face_camera = mesh.cameras(body_camera_aspect, face_camera_aspect)
-        cameras += [face_camera, body_camera]
-    labels = ["ground truth", "result"] if gt_npz else [Path(npz_path).stem]
-    body_name = "SMPL-X" if not body_model.is_standin else "stand-in body (no SMPL-X model file)"
-    patches, separators, line = frame_overlay(width, height, layout, labels, f"body: {body_name}")
-
-    renderer = PanelRenderer(width, height, body_model.faces, body_model.num_vertices, len(cameras))
-    from tqdm import tqdm
-    with atomic_write(out_path) as tmp_path, ThreadPoolExecutor(1) as prefetch:
-        encoder = Encoder(tmp_path, width, height, fps, num_out / fps, wav_path, preset=preset)
-        try:
-            starts = range(0, num_out, chunk)
-            compute = lambda s: [a for m in reversed(meshes) for a in m.chunk_arrays(sources[s:s + chunk])]
-            pending = prefetch.submit(compute, starts[0])
-            with tqdm(total=num_out, desc=f"render {Path(npz_path).name}", unit="frame", disable=not progress) as bar:
-                for start in starts:
-                    arrays = pending.result()
-                    if start + chunk < num_out:
-                        pending = prefetch.submit(compute, start + chunk)
-                    for j in range(len(arrays[0][0])):
-                        image = renderer.render([(v[j], n[j]) for v, n in arrays], cameras, layout)
-                        for patch, x, y in patches:
-                            paste(image, patch, x, y)
-                        for x in separators:
-                            image[:, x - line:x + line] = 90
-                        encoder.write(image.data)
-                        bar.update(1)
+    gl_context = create_gl_context()  # before the slow parts: a machine without OpenGL fails at once
+    try:
+        if body_model is None:
+            from utils.body_model import BodyModel
+            body_model = BodyModel(smplx_model_dir)
+        logger.info(f"rendering {npz_path} with {body_model.description}")
+        layout = panel_layout(width, len(motions))
+        meshes = [MotionMeshes(m, body_model, translation, chunk) for m in motions]
+        panels = fixed_panels(meshes, layout, height)
+        labels = ["ground truth", "result"] if gt_npz else [Path(npz_path).stem]
+        body_name = "SMPL-X" if not body_model.is_standin else "stand-in body (no SMPL-X model file)"
+        patches = overlay_patches(width, height, layout, labels, f"body: {body_name}")
+        renderer = PanelRenderer(gl_context, width, height, body_model.faces, body_model.num_vertices, len(meshes))
+        # Output frame k shows the motion frame nearest to its time (the motion is 30 fps).
+        num_out = max(1, round(duration * fps))
+        sources = np.minimum(np.round(np.arange(num_out) * MOTION_FPS / fps).astype(np.int64), num_frames - 1)
+        with atomic_write(out_path) as tmp_path:
+            encoder = Encoder(tmp_path, width, height, fps, num_out / fps, wav_path, preset=preset)
+            try:
+                draw_frames(renderer, meshes, panels, patches, sources, chunk, encoder.write,
+                            tqdm(total=num_out, desc=f"render {Path(npz_path).name}", unit="frame",
+                                 disable=not progress))
+            except BaseException:
+                encoder.abort()
+                raise
             encoder.close()
-        except BaseException:
-            encoder.abort()
-            raise
-        finally:
-            renderer.release()
+    finally:
+        gl_context.release()
     return out_path
+
+
+def draw_frames(renderer, meshes, panels, patches, sources, chunk, write, bar):
+    """Draw the frames showing motion frames `sources` and pass each to `write`. The body model of the next chunk
+    runs in a background thread while this chunk is drawn."""
+    compute = lambda start: [m.chunk_arrays(sources[start:start + chunk]) for m in meshes]
+    with ThreadPoolExecutor(1) as prefetch, bar:
+        pending = prefetch.submit(compute, 0)
+        for start in range(0, len(sources), chunk):
+            arrays = pending.result()
+            if start + chunk < len(sources):
+                pending = prefetch.submit(compute, start + chunk)
+            for j in range(len(arrays[0][0])):
+                image = render_frame(renderer, panels, arrays, j)
+                for patch, x, y in patches:
+                    paste(image, patch, x, y)
+                write(image.data)
+                bar.update(1)

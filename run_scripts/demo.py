@@ -1,0 +1,161 @@
+"""The whole pipeline on the embedded demo data: data, five stage-1 models, the FGD autoencoder, MambaTalk, test
+with metrics against two baselines, and a rendered video. Run through `bash run_scripts/demo.sh` (the README's first
+command). Re-running reuses finished stages; `--force` redoes everything, `--quick` shrinks every stage (CI test).
+
+All outputs live under outputs/demo/: beat2/ (the dataset, BEAT2 layout), pretrained/ (the trained weights in the
+published layout), runs/ (training runs), test/ (results, metrics, the table), render/ (the video).
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.chdir(ROOT)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+DEMO = Path("outputs/demo")
+# (config, best checkpoint the trainer writes, where MambaTalk expects it)
+STAGE1 = [
+    ("configs/demo/cnn_vqvae_face_30.yaml", "rec.bin", "pretrained/pretrained_vq/face.bin"),
+    ("configs/demo/cnn_vqvae_upper_30.yaml", "rec.bin", "pretrained/pretrained_vq/upper.bin"),
+    ("configs/demo/cnn_vqvae_hands_30.yaml", "rec.bin", "pretrained/pretrained_vq/hands.bin"),
+    ("configs/demo/cnn_vqvae_lower_foot_30.yaml", "rec.bin", "pretrained/pretrained_vq/lower_foot.bin"),
+    ("configs/demo/cnn_vqvae_lower_30.yaml", "trans.bin", "pretrained/pretrained_vq/foot.bin"),
+    ("configs/demo/aeskconv.yaml", "rec.bin", "beat2/weights/aeskconv_demo.bin"),
+]
+GENERATOR = ("configs/demo/mambatalk.yaml", "fid.bin", "pretrained/mambatalk_demo.bin")
+
+
+def stage(title):
+    """Print what a stage does and, when it ends, how long it took."""
+    class Timer:
+        def __enter__(self):
+            print(f"\n=== {title}", flush=True)
+            self.t0 = time.time()
+
+        def __exit__(self, *exc):
+            if exc[0] is None:
+                print(f"=== done in {time.time() - self.t0:.1f} s: {title}", flush=True)
+    return Timer()
+
+
+def demo_overrides(quick):
+    return ["--max_steps", "30", "--eval_period", "1"] if quick else []
+
+
+def train(config, best_name, target, force, quick):
+    from trainers import build_trainer
+    from utils.config import parse_args
+    target = DEMO / target
+    if target.is_file() and not force:
+        print(f"reusing {target}")
+        return target
+    args = parse_args(["--config", config] + demo_overrides(quick))
+    run_dir = Path(build_trainer(args).fit())
+    best = run_dir / best_name
+    if not best.is_file():  # no evaluation ran (e.g. a step cap inside the first epoch): take the last weights
+        best = max(run_dir.glob("last_*.bin"), key=lambda p: p.stat().st_mtime)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(best, str(target) + ".tmp")
+    os.replace(str(target) + ".tmp", target)
+    print(f"{best} -> {target}")
+    return target
+
+
+def baselines(test_dir, args):
+    """Two baselines scored by the same evaluator as the model: a static mean pose (the mean training pose held
+    still) and mismatched ground truth (another held-out sequence's real motion played against this audio)."""
+    from dataloaders.beat2 import read_audio, read_motion, read_split, select_ids
+    from trainers.base import build_dataset
+    from trainers.evaluate import score_sequences
+    from trainers.mambatalk import load_eval_model
+    from utils.body_model import load_body_model
+
+    data = Path(args.data_path)
+    rows = read_split(data / "train_test_split.csv")
+    train_ids = select_ids(rows, "train", args.training_speakers)
+    train_motion = [read_motion(data / "smplxflame_30" / f"{i}.npz") for i in train_ids]
+    mean_pose = np.concatenate([m["poses"] for m in train_motion]).mean(0)
+    mean_exps = np.concatenate([m["expressions"] for m in train_motion]).mean(0)
+    results = json.loads((test_dir / "metrics.json").read_text())
+    ids = results["ids"]
+    refs, audios, static, swapped = [], [], [], []
+    for k, fid in enumerate(ids):
+        gt = dict(np.load(test_dir / f"gt_{fid}.npz"))
+        n = len(gt["poses"])
+        refs.append(gt)
+        audios.append(read_audio(data / "wave16k" / f"{fid}.wav"))
+        static.append({"poses": np.tile(mean_pose, (n, 1)), "expressions": np.tile(mean_exps, (n, 1))})
+        other_ids = [i for i in ids if i != fid] or train_ids
+        other = read_motion(data / "smplxflame_30" / f"{other_ids[k % len(other_ids)]}.npz")
+        reps = int(np.ceil(n / len(other["poses"])))
+        swapped.append({"poses": np.tile(other["poses"], (reps, 1))[:n],
+                        "expressions": np.tile(other["expressions"], (reps, 1))[:n]})
+    device = torch.device("cpu")
+    body = load_body_model(args, device)
+    eval_model = load_eval_model(args, device)
+    avg_vel = build_dataset(args, "test").avg_vel  # the test cache already exists: this only reads it
+    return {name: score_sequences(res, refs, audios, body, eval_model, avg_vel, args.vae_test_len,
+                                  compat=args.metric_compat)
+            for name, res in (("static mean pose", static), ("other sequence's motion", swapped))}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--force", action="store_true", help="redo every stage")
+    p.add_argument("--quick", action="store_true", help="tiny data and step counts (for the CI test)")
+    opts = p.parse_args()
+    t_all = time.time()
+    from dataloaders.synthetic import write_demo_dataset
+    with stage("1/5 demo data: speech-driven synthetic BEAT2 dataset"):
+        if opts.force and (DEMO / "beat2").exists():
+            shutil.rmtree(DEMO / "beat2")
+        write_demo_dataset(DEMO / "beat2", seed=0, preset="test" if opts.quick else "demo")
+    for config, best, target in STAGE1:
+        with stage(f"2/5 stage 1: {Path(config).stem}"):
+            train(config, best, target, opts.force, opts.quick)
+    with stage("3/5 stage 2: MambaTalk"):
+        ckpt = train(*GENERATOR, opts.force, opts.quick)
+
+    from test import run_test  # noqa: the repository's test.py (generation + metrics)
+    from trainers.evaluate import format_table
+    from utils.config import parse_args
+    with stage("4/5 test: generate the held-out sequences, score them and two baselines"):
+        args = parse_args(["--config", GENERATOR[0]])
+        report, test_dir = run_test(args, ckpt=str(ckpt), out_dir=str(DEMO / "test"))
+        rows = {"MambaTalk (demo)": report["metrics"]}
+        rows |= baselines(Path(test_dir), args)
+        rows["ground truth"] = {"bc": report["metrics"]["bc_gt"], "l1div": report["metrics"]["l1div_gt"],
+                                "fgd": 0.0, "face_mse": 0.0, "face_lvd": 0.0}
+        table = format_table(rows)
+        print(table)
+        (DEMO / "test" / "table.txt").write_text(table + "\n")
+        with open(DEMO / "test" / "table.json", "w") as f:
+            json.dump(rows, f, indent=2)
+    with stage("5/5 render one held-out result with its audio"):
+        fid = report["ids"][0]
+        cmd = [sys.executable, "render.py", "--npy_path", str(DEMO / "test" / f"res_{fid}.npz"),
+               "--wav_path", str(DEMO / "beat2" / "wave16k" / f"{fid}.wav"), "--save_dir", str(DEMO / "render"),
+               "--gt_npz", str(DEMO / "test" / f"gt_{fid}.npz")]
+        if opts.quick:
+            cmd += ["--max_seconds", "2", "--width", "320", "--height", "180"]
+        subprocess.run(cmd, check=True)
+    print(f"\nDemo finished in {time.time() - t_all:.0f} s. Outputs:")
+    print(f"  dataset            {DEMO / 'beat2'}")
+    print(f"  stage-1 weights    {DEMO / 'pretrained' / 'pretrained_vq'}")
+    print(f"  MambaTalk weights  {ckpt}")
+    print(f"  training runs      {DEMO / 'runs'}")
+    print(f"  results + metrics  {DEMO / 'test'} (res_*.npz, gt_*.npz, metrics.json, table.txt)")
+    print(f"  video              {DEMO / 'render'}")
+
+
+if __name__ == "__main__":
+    main()
