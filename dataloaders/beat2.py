@@ -235,8 +235,7 @@ def load_vocab(path):
     if not hasattr(vocab, "n_words"):
         vocab.n_words = len(getattr(vocab, "index2word", {})) or len(vocab.word2index) + 4
     weights = getattr(vocab, "word_embedding_weights", None)
-    if weights is not None:
-        vocab.word_embedding_weights = np.asarray(weights, dtype=np.float32)
+    vocab.word_embedding_weights = None if weights is None else np.asarray(weights, dtype=np.float32)
     return vocab
 
 
@@ -352,7 +351,8 @@ def ctc_ids(model, wave, sr=16000, chunk_seconds=30.0, context_seconds=1.0):
 
 
 def upsample_ids(ids, n_samples):
-    """Frame ids -> one id per sample: sample s gets ids[i] for s in [idx[i], idx[i+1]), idx = linspace(0, L, len(ids))."""
+    """Frame ids -> one id per sample (§3.4): samples [idx[i], idx[i+1]) get ids[i], the tail gets ids[-1],
+    idx = linspace(0, L, len(ids), endpoint=False) truncated to int."""
     if len(ids) == 0:
         return np.zeros(n_samples, dtype=np.float32)
     starts = np.linspace(0, n_samples, num=len(ids), endpoint=False).astype(int)

@@ -113,14 +113,11 @@ def _plan(args, entry):
             raise ValueError(f"{entry['audio']}: audio is {motion_s - audio_s:.2f} s shorter than the motion in "
                              f"{entry['motion']} ({audio_s:.2f} s vs {motion_s:.2f} s)")
         seconds = min(seconds, n_samples // args.audio_fps)
-        if "words" in entry:
-            words = beat2.read_words(entry["words"])
-            end = max((e for _, e, _ in words), default=0.0)
-            if end - audio_s > TEXTGRID_TOLERANCE_S:
-                log.warning(f"{entry['words']}: TextGrid ends at {end:.2f} s, {end - audio_s:.2f} s after the "
-                            f"end of the audio ({audio_s:.2f} s)")
-    elif "words" in entry:
-        beat2.read_words(entry["words"])
+    if "words" in entry:
+        end = max((e for _, e, _ in beat2.read_words(entry["words"])), default=0.0)
+        if "audio" in entry and end - audio_s > TEXTGRID_TOLERANCE_S:
+            log.warning(f"{entry['words']}: TextGrid ends at {end:.2f} s, {end - audio_s:.2f} s after the "
+                        f"end of the audio ({audio_s:.2f} s)")
     if seconds == 0:
         log.warning(f"{entry['motion']}: shorter than one second, skipped")
     return seconds
@@ -149,8 +146,8 @@ def _features(args, entry, seconds, mask, body, vocab, ctc):
 
 
 def _remove_stale_builds(target):
-    """Temporary build dirs of processes that no longer run (a killed build)."""
-    for tmp in target.parent.glob(f"{target.name}.tmp-*"):
+    """Temporary dirs of builds whose process no longer runs (killed before it finished)."""
+    for tmp in [*target.parent.glob(f"{target.name}.tmp-*"), *target.parent.glob(f"{target.name}.old-*")]:
         try:
             os.kill(int(tmp.name.rsplit("-", 1)[1]), 0)
         except (ValueError, ProcessLookupError):
@@ -171,20 +168,19 @@ def _build(args, loader_type, files, with_contacts, speaker_id, vocab, ctc, fing
         if not kept:
             raise ValueError(f"{args.data_path}: no file of split '{loader_type}' has a whole second of data")
         mask = joint_mask(args.tar_joints)
-        widths = {"pose": int(mask.sum()) + (4 if with_contacts else 0), "trans": 3}
-        if args.facial_rep:
-            widths["facial"] = beat2.MOTION_KEYS["expressions"]
-        if args.word_rep:
-            widths["word"] = None
-        if args.audio_rep:
-            widths["audio"] = 3
         n_frames = [s * args.pose_fps for _, s in kept]
         n_samples = [s * args.audio_fps for _, s in kept]
-        total = {k: sum(n_samples if k == "audio" else n_frames) for k in widths}
-        dtypes = {"word": np.int32}
-        arrays = {k: np.lib.format.open_memmap(tmp / f"{k}.npy", mode="w+", dtype=dtypes.get(k, np.float32),
-                                               shape=(total[k],) if w is None else (total[k], w))
-                  for k, w in widths.items()}
+        frames, samples = sum(n_frames), sum(n_samples)
+        layout = {"pose": ((frames, int(mask.sum()) + (4 if with_contacts else 0)), np.float32),
+                  "trans": ((frames, 3), np.float32)}
+        if args.facial_rep:
+            layout["facial"] = ((frames, beat2.MOTION_KEYS["expressions"]), np.float32)
+        if args.word_rep:
+            layout["word"] = ((frames,), np.int32)
+        if args.audio_rep:
+            layout["audio"] = ((samples, 3), np.float32)
+        arrays = {k: np.lib.format.open_memmap(tmp / f"{k}.npy", mode="w+", dtype=dtype, shape=shape)
+                  for k, (shape, dtype) in layout.items()}
         betas = np.zeros((len(kept), beat2.N_BETAS), dtype=np.float32)
         body = load_body_model(args) if with_contacts else None
         records, frame_at, sample_at = [], 0, 0
@@ -255,8 +251,9 @@ def load_or_build(args, loader_type, with_contacts, speaker_id, vocab):
         "body": _body_identity(args) if with_contacts else None,
     })
     target = cache_root(args) / loader_type
-    reason = "new_cache is set" if args.new_cache else None
-    if reason is None:
+    if args.new_cache:
+        reason = "new_cache is set"
+    else:
         manifest, arrays = _open(target, fingerprint)
         if manifest is not None:
             return manifest, arrays

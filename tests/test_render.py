@@ -112,6 +112,24 @@ def test_ground_truth_side_by_side_and_wav_padding(tmp_path, log_messages):
     assert np.abs(np.diff(left, axis=0)).mean() < np.abs(np.diff(right, axis=0)).mean()  # still gt, moving result
 
 
+def test_close_up_head_frame_holds_the_head_still(beat2_sample):
+    """Seen from the head frame the skull stays put while the real motion turns the head around."""
+    from utils.body_model import BodyModel
+    from utils.video import HEAD_JOINT, MotionMeshes
+
+    body = BodyModel(str(REPO_ROOT / "pretrained" / "smplx_models"))
+    meshes = MotionMeshes(load_motion(beat2_sample / "smplxflame_30" / "2_scott_0_1_1.npz"), body, False, 32)
+    rest = body(np.zeros((1, 165), np.float32))
+    crown = rest["joints"][0, HEAD_JOINT].numpy() + np.array([0, 0.1, 0], np.float32)
+    skull = np.linalg.norm(rest["vertices"][0].numpy() - crown, axis=1) < 0.08
+    assert skull.sum() > 20
+    vertices, _, to_head = meshes.chunk_arrays(np.arange(0, 1800, 60))
+    world = vertices[:, skull]
+    in_head = np.einsum("nij,nvj->nvi", to_head[:, :3, :3], world) + to_head[:, None, :3, 3]
+    assert world.std(axis=0).max() > 0.02  # the head does move in the world ...
+    assert in_head.std(axis=0).max() < 0.005  # ... but not in the close-up
+
+
 def test_text_mask():
     mask = text_mask("Hi!")  # lower case drawn as upper case, unknown '!' as '?'
     assert mask.shape == (7, 17) and mask.any()

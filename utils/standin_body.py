@@ -83,15 +83,14 @@ def ellipsoid(n_lat, n_lon):
     rings = np.stack([np.outer(np.sin(alpha), np.cos(phi)), np.outer(np.sin(alpha), np.sin(phi)),
                       np.outer(-np.cos(alpha), np.ones(n_lon))], axis=-1).reshape(-1, 3)
     verts = np.concatenate([[[0.0, 0.0, -1.0]], rings, [[0.0, 0.0, 1.0]]])
-    ring = lambda k: 1 + k * n_lon + np.arange(n_lon)  # noqa: E731  (index of ring k, k = 0..n_lat-2)
-    nxt = lambda idx: np.roll(idx, -1)  # noqa: E731
+    rings_idx = 1 + np.arange((n_lat - 1) * n_lon).reshape(n_lat - 1, n_lon)  # ring k, segment j
+    next_idx = np.roll(rings_idx, -1, axis=1)  # the neighbour at j + 1 around the ring
     north = len(verts) - 1
-    faces = [np.stack([np.zeros(n_lon, int), nxt(ring(0)), ring(0)], 1)]
+    faces = [np.stack([np.zeros(n_lon, int), next_idx[0], rings_idx[0]], 1)]
     for k in range(n_lat - 2):
-        a, b, c, d = ring(k), nxt(ring(k)), nxt(ring(k + 1)), ring(k + 1)
+        a, b, c, d = rings_idx[k], next_idx[k], next_idx[k + 1], rings_idx[k + 1]
         faces += [np.stack([a, b, c], 1), np.stack([a, c, d], 1)]
-    last = ring(n_lat - 2)
-    faces.append(np.stack([np.full(n_lon, north), last, nxt(last)], 1))
+    faces.append(np.stack([np.full(n_lon, north), rings_idx[-1], next_idx[-1]], 1))
     return verts, np.concatenate(faces)
 
 
