@@ -340,6 +340,11 @@ class BeatDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.windows)
 
+    @property
+    def file_ids(self):
+        """The BEAT2 id of each item's file (test items are whole files, so one id per item)."""
+        return [self.files[f]["id"] for f in self.windows[:, 0].tolist()]
+
     def __getstate__(self):  # DataLoader workers reopen the memmaps instead of pickling their contents
         return {k: v for k, v in self.__dict__.items() if k != "_arrays"}
 

@@ -1,0 +1,153 @@
+"""Windowed generation, test.py and infer.py on the demo data and the real sample (randomly initialised weights:
+these tests check the mechanics, lengths, files and error messages, not motion quality)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from models.mambatalk import MambaTalk
+from models.motion_representation import STAGE1_FILES, VAESKConv, build_stage1_models
+from trainers.base import build_dataset
+from trainers.generate import Sequence, WindowPlan, generate
+from trainers.mambatalk import load_frozen_models
+from utils.checkpoint import save_weights
+from utils.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = {"hidden_size": 32, "audio_f": 32, "motion_f": 32, "vae_codebook_size": 16, "device": "cpu",
+         "ctc_model": "none"}
+
+
+@pytest.fixture(scope="module")
+def setup(demo_data, tmp_path_factory):
+    """A tiny config on the demo data with random stage-1, FGD and MambaTalk weights saved in the published format."""
+    tmp = tmp_path_factory.mktemp("generate")
+    torch.manual_seed(0)
+    args = load_config(ROOT / "configs/demo/mambatalk.yaml", {
+        **SMALL, "data_path": str(demo_data) + "/", "data_path_1": str(tmp / "pretrained") + "/",
+        "out_path": str(tmp / "runs") + "/", "cache_path": str(tmp / "cache") + "/", "root_path": "",
+        "e_path": str(tmp / "aeskconv.bin"), "test_ckpt": str(tmp / "mambatalk.bin")})
+    (tmp / "pretrained" / "pretrained_vq").mkdir(parents=True)
+    for name, model in build_stage1_models(args).items():
+        save_weights(model, tmp / "pretrained" / "pretrained_vq" / STAGE1_FILES[name])
+    save_weights(VAESKConv(args), tmp / "aeskconv.bin")
+    test_data = build_dataset(args, "test")
+    save_weights(MambaTalk(args, vocab=test_data.vocab), tmp / "mambatalk.bin")
+    return args, tmp, test_data
+
+
+def _model(args, vocab):
+    from utils.checkpoint import load_weights
+    model = MambaTalk(args, vocab=vocab)
+    load_weights(model, args.test_ckpt)
+    return model.eval()
+
+
+def test_window_plan_lengths():
+    full = WindowPlan(1890, 1890 * 16000 // 30, 64, 4, paper_protocol=False)
+    assert full.n_out == 1890 and full.n_windows == 32 and full.audio_starts[1] == 32000
+    paper = WindowPlan(1890, 1890 * 16000 // 30, 64, 4, paper_protocol=True)
+    n8 = 1890 - 1890 % 8
+    assert paper.n_out == 60 * ((n8 - 4) // 60) + 4 == 1864  # the published length (spec §7.3)
+    assert paper.audio_len == 533 * 64 and paper.audio_starts[1] == 533 * 60
+
+
+def test_batched_generation_equals_one_by_one(setup):
+    args, _, test_data = setup
+    model = _model(args, test_data.vocab)
+    vq = load_frozen_models(args, torch.device("cpu"))
+    item = test_data[0]
+    seqs = [Sequence(audio=item["audio"][: 16000 * s], word=item["word"][: 30 * s], speaker=1, n_frames=30 * s)
+            for s in (3, 7, 5)]
+    together = generate(model, vq, seqs, args)
+    alone = [generate(model, vq, [s], args)[0] for s in seqs]
+    for a, b, s in zip(together, alone, seqs):
+        assert a["poses"].shape == (s.n_frames, 165) and a["expressions"].shape == (s.n_frames, 100)
+        assert torch.allclose(a["poses"], b["poses"], atol=1e-5)
+        assert torch.allclose(a["trans"], b["trans"], atol=1e-5)
+
+
+def test_full_test_run_writes_results(setup):
+    from test import run_test  # the repository's test.py
+    args, tmp, test_data = setup
+    report, out_dir = run_test(args, out_dir=str(tmp / "test_out"))
+    m = report["metrics"]
+    for key in ("fgd", "l1div", "face_mse", "face_lvd"):
+        assert m[key] is not None and np.isfinite(m[key]), key
+    saved = json.loads((Path(out_dir) / "metrics.json").read_text())
+    assert saved["metrics"]["fgd"] == pytest.approx(m["fgd"]) and "paper_scaled" in saved
+    for fid, k in zip(test_data.file_ids, range(len(test_data))):
+        n = test_data[k]["pose"].shape[0]
+        for prefix in ("res", "gt"):
+            d = np.load(Path(out_dir) / f"{prefix}_{fid}.npz")
+            assert set(d.files) >= {"betas", "poses", "expressions", "trans", "model", "gender", "mocap_frame_rate"}
+            assert d["poses"].shape == (n, 165) and d["trans"].shape == (n, 3)  # every frame, by default
+            assert np.isfinite(d["poses"]).all()
+
+
+def test_paper_protocol_length(setup):
+    from test import run_test
+    args, tmp, test_data = setup
+    args = load_config(ROOT / "configs/demo/mambatalk.yaml", {**vars_subset(args), "paper_protocol": True})
+    _, out_dir = run_test(args, out_dir=str(tmp / "paper_out"))
+    fid, n = test_data.file_ids[0], test_data[0]["pose"].shape[0]
+    n8 = n - n % 8
+    assert np.load(Path(out_dir) / f"res_{fid}.npz")["poses"].shape[0] == 60 * ((n8 - 4) // 60) + 4
+
+
+def vars_subset(args):
+    keys = ["data_path", "data_path_1", "out_path", "cache_path", "root_path", "e_path", "test_ckpt", *SMALL]
+    return {k: getattr(args, k) for k in keys}
+
+
+def run_infer(args, *extra):
+    cmd = [sys.executable, str(ROOT / "infer.py"), "--config", str(ROOT / "configs/demo/mambatalk.yaml")]
+    for k, v in vars_subset(args).items():
+        cmd += [f"--{k}", str(v)]
+    return subprocess.run(cmd + list(extra), cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_infer_on_real_wav(setup, beat2_sample, tmp_path):
+    args, _, _ = setup
+    wav = beat2_sample / "wave16k" / "2_scott_0_1_1.wav"
+    seconds = sf.info(str(wav)).frames / sf.info(str(wav)).samplerate
+    outs = []
+    for extra in ([], ["--textgrid", str(beat2_sample / "textgrid" / "2_scott_0_1_1.TextGrid")], []):
+        out = tmp_path / f"res_{len(outs)}.npz"
+        r = run_infer(args, "--audio", str(wav), "--out", str(out), *extra)
+        assert r.returncode == 0, r.stderr
+        poses = np.load(out)["poses"]
+        assert poses.shape == (int(seconds * 30), 165) and np.isfinite(poses).all()
+        assert poses.std(axis=0).max() > 1e-3  # not a static pose
+        outs.append(poses)
+    assert np.array_equal(outs[0], outs[2])  # deterministic
+
+
+def test_infer_bad_inputs(setup, beat2_sample, tmp_path):
+    args, tmp, _ = setup
+    silent, short, corrupt = tmp_path / "silent.wav", tmp_path / "short.wav", tmp_path / "corrupt.wav"
+    sf.write(silent, np.zeros(16000 * 3, np.float32), 16000)
+    sf.write(short, 0.1 * np.random.default_rng(0).standard_normal(8000).astype(np.float32), 16000)
+    corrupt.write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk")
+    r = run_infer(args, "--audio", str(silent), "--out", str(tmp_path / "a.npz"))
+    assert r.returncode == 0 and "silent" in r.stderr
+    r = run_infer(args, "--audio", str(short), "--out", str(tmp_path / "b.npz"))
+    assert r.returncode == 0 and "shorter than one" in r.stderr
+    assert np.load(tmp_path / "b.npz")["poses"].shape == (15, 165)
+    r = run_infer(args, "--audio", str(corrupt), "--out", str(tmp_path / "c.npz"))
+    assert r.returncode == 2 and "corrupt.wav" in r.stderr and "Traceback" not in r.stderr
+    grid = beat2_sample / "textgrid" / "2_scott_0_1_1.TextGrid"  # 64 s of words against 3 s of audio
+    r = run_infer(args, "--audio", str(silent), "--textgrid", str(grid), "--out", str(tmp_path / "d.npz"))
+    assert r.returncode == 0 and "past the end of the audio" in r.stderr
+    other = tmp / "other.bin"
+    save_weights(MambaTalk(load_config(ROOT / "configs/demo/mambatalk.yaml", {**vars_subset(args), "hidden_size": 48})),
+                 other)
+    r = run_infer(args, "--audio", str(short), "--out", str(tmp_path / "e.npz"), "--ckpt", str(other))
+    assert r.returncode == 2 and "other.bin" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "e.npz").exists()
