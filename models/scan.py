@@ -22,12 +22,12 @@ import torch.nn.functional as F
 
 BACKENDS = ("reference", "torch", "cuda")
 
-# Elements of one (b, block, d, n) work tensor in the torch backend, by device type; the time block is
-# chosen so that a work tensor stays under this size: cache-sized on CPU, large on GPUs (fewer launches).
-BLOCK_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 24}
-# Keep the forward states (b, l, d, n) for the backward pass instead of recomputing them block by block:
-# one scan less per backward, at the cost of that memory for as long as the graph lives.
-KEEP_STATES = False
+# torch backend tuning, by device type. BLOCK_ELEMENTS: size of one (b, block, d, n) work tensor; the
+# time block is chosen to stay under it (cache-sized on CPU; on a GPU large enough to keep launches few,
+# small enough to stay in L2). KEEP_STATES: keep the forward states (b, l, d, n) for the backward pass
+# (one scan less per backward) instead of recomputing them block by block (memory O(b * block * d * n)).
+BLOCK_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 23}
+KEEP_STATES = {"cpu": False, "cuda": True}
 
 
 @functools.lru_cache(maxsize=None)
@@ -116,47 +116,48 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
 def _block_len(u, n, block_len=None):
     b, d, l = u.shape
     if block_len is None:
-        block_len = BLOCK_ELEMENTS.get(u.device.type, BLOCK_ELEMENTS["cuda"]) // (b * d * n)
+        block_len = _setting(BLOCK_ELEMENTS, u) // (b * d * n)
     return max(1, min(l, block_len))
 
 
-def _decay_and_input(dt, u, A, B):
-    """dt, u: (b, c, d); A: (d, n); B: (b, c, n) -> a = exp(dt A), x = dt u B, both (b, c, d, n)."""
+def _setting(table, u):
+    return table.get(u.device.type, table["cuda"])
+
+
+def _block_states(dt, u, A, B, h0):
+    """One block of c steps. dt, u: (b, c, d); A: (d, n); B: (b, c, n); h0: entering state (b, d, n) or
+    None. Returns the decays a = exp(dt A) (b, c, d, n) and hh (b, c + 1, d, n) holding the entering
+    state followed by the c states, so that hh[:, :-1] are the previous states and hh[:, 1:] the states."""
+    b, c, d = u.shape
     a = (dt[..., None] * A).exp_()
-    x = (dt * u)[..., None] * B[:, :, None, :]
-    return a, x
-
-
-def _scan_block(a, x, h0):
-    """In place: x becomes the states h of this block, starting from state h0 (b, d, n) or None."""
-    if h0 is not None:
-        x[:, 0].addcmul_(a[:, 0], h0)
-    for j in range(1, x.shape[1]):
-        x[:, j].addcmul_(a[:, j], x[:, j - 1])
-    return x
+    hh = a.new_empty(b, c + 1, d, A.shape[1])
+    hh[:, 0] = 0 if h0 is None else h0
+    torch.mul((dt * u)[..., None], B[:, :, None, :], out=hh[:, 1:])  # inputs x_t = dt_t u_t B_t
+    for j in range(c):  # the recurrence: one fused multiply-add over a (b, d, n) slab per step
+        hh[:, j + 1].addcmul_(a[:, j], hh[:, j])
+    return a, hh
 
 
 class _ScanFn(torch.autograd.Function):
     """Core scan without D, z, bias and softplus (those stay in autograd). u, dt: (b, d, l); A: (d, n);
-    B, C: (b, n, l); all float32. Returns y (b, d, l)."""
+    B, C: (b, n, l); float32 or float64. Returns y (b, d, l)."""
 
     @staticmethod
     def forward(ctx, u, dt, A, B, C, block_len=None):
         b, d, l = u.shape
         c = _block_len(u, A.shape[1], block_len)
-        uT, dtT, BT, CT = u.transpose(1, 2), dt.transpose(1, 2), B.transpose(1, 2), C.transpose(1, 2)
+        keep = _setting(KEEP_STATES, u)
+        uT, dtT, BT, CT = (t.transpose(1, 2).contiguous() for t in (u, dt, B, C))  # (b, l, .)
         y = u.new_empty(b, l, d)
-        h = None
-        starts, kept = [], []  # per block: the entering state (b, d, n), and all states if KEEP_STATES
+        h, starts, kept = None, [], []  # per block: entering state (b, d, n); all states if keep
         for t0 in range(0, l, c):
             t1 = min(t0 + c, l)
             starts.append(h)
-            a, x = _decay_and_input(dtT[:, t0:t1], uT[:, t0:t1], A, BT[:, t0:t1])
-            hs = _scan_block(a, x, h)
-            y[:, t0:t1] = (hs @ CT[:, t0:t1, :, None]).squeeze(-1)
-            h = hs[:, -1].clone()
-            if KEEP_STATES:
-                kept.append(hs)
+            _, hh = _block_states(dtT[:, t0:t1], uT[:, t0:t1], A, BT[:, t0:t1], h)
+            y[:, t0:t1] = (hh[:, 1:] @ CT[:, t0:t1, :, None]).squeeze(-1)
+            h = hh[:, -1] if keep else hh[:, -1].clone()
+            if keep:
+                kept.append(hh)
         ctx.save_for_backward(u, dt, A, B, C)
         ctx.starts, ctx.kept, ctx.block = starts, kept, c
         return y.transpose(1, 2)
@@ -165,39 +166,35 @@ class _ScanFn(torch.autograd.Function):
     def backward(ctx, gy):
         u, dt, A, B, C = ctx.saved_tensors
         b, d, l = u.shape
-        c = ctx.block
-        uT, dtT, BT, CT = u.transpose(1, 2), dt.transpose(1, 2), B.transpose(1, 2), C.transpose(1, 2)
-        gyT = gy.transpose(1, 2)
+        n, c = A.shape[1], ctx.block
+        uT, dtT, BT, CT, gyT = (t.transpose(1, 2).contiguous() for t in (u, dt, B, C, gy))
         g_u, g_dt = torch.empty_like(uT), torch.empty_like(dtT)
         g_B, g_C = torch.empty_like(BT), torch.empty_like(CT)
         g_A = torch.zeros_like(A)
-        carry = None  # a_{t1} * G_{t1}: gradient reaching the last state of a block from the next one
+        carry = None  # a_{t1} G_{t1}: the gradient reaching a block's last state from the next block
         for k, t0 in reversed(list(enumerate(range(0, l, c)))):
             t1 = min(t0 + c, l)
-            h0 = ctx.starts[k]
             dt_c, u_c, B_c, C_c, gy_c = dtT[:, t0:t1], uT[:, t0:t1], BT[:, t0:t1], CT[:, t0:t1], gyT[:, t0:t1]
             if ctx.kept:
-                a, hs = (dt_c[..., None] * A).exp_(), ctx.kept[k]
+                a, hh = (dt_c[..., None] * A).exp_(), ctx.kept[k]
             else:
-                a, x = _decay_and_input(dt_c, u_c, A, B_c)
-                hs = _scan_block(a, x, h0)
-            g_C[:, t0:t1] = (gy_c[:, :, None, :] @ hs).squeeze(2)
-            # G_t = dL/dh_t = gy_t C_t + a_{t+1} G_{t+1}: the same recurrence run backwards in time.
+                a, hh = _block_states(dt_c, u_c, A, B_c, ctx.starts[k])
+            g_C[:, t0:t1] = (gy_c[:, :, None, :] @ hh[:, 1:]).squeeze(2)
+            # G_t = dL/dh_t = gy_t C_t + a_{t+1} G_{t+1}: the same recurrence, backwards in time.
             G = gy_c[..., None] * C_c[:, :, None, :]
             if carry is not None:
                 G[:, -1] += carry
-            for j in range(G.shape[1] - 2, -1, -1):
+            for j in range(t1 - t0 - 2, -1, -1):
                 G[:, j].addcmul_(a[:, j + 1], G[:, j + 1])
             carry = a[:, 0] * G[:, 0]
             # x_t = dt_t u_t B_t receives G_t.
             g_dtu = (G @ B_c[..., None]).squeeze(-1)  # (b, c, d)
             g_B[:, t0:t1] = ((dt_c * u_c)[:, :, None, :] @ G).squeeze(2)
-            # a_t = exp(dt_t A) receives G_t h_{t-1}; w = dt A receives G_t h_{t-1} a_t.
-            first = torch.zeros_like(hs[:, :1]) if h0 is None else h0[:, None]
-            h_prev = torch.cat([first, hs[:, :-1]], dim=1)
-            g_w = h_prev.mul_(a).mul_(G)
-            g_A += torch.einsum("bcdn,bcd->dn", g_w, dt_c)
-            g_dt[:, t0:t1] = (g_w * A).sum(-1) + g_dtu * u_c
+            # a_t = exp(w_t), w_t = dt_t A, receives G_t h_{t-1}, so w_t receives g_w = G_t h_{t-1} a_t.
+            g_w = a.mul_(hh[:, :-1]).mul_(G).view(-1, d, n).transpose(0, 1)  # (d, b*c, n), no copy
+            dt_k = dt_c.reshape(-1, d).T  # (d, b*c)
+            g_A += (g_w.transpose(1, 2) @ dt_k[..., None]).squeeze(-1)  # sum over b, c of g_w dt
+            g_dt[:, t0:t1] = (g_w @ A[..., None]).squeeze(-1).T.view(b, -1, d) + g_dtu * u_c
             g_u[:, t0:t1] = g_dtu * dt_c  # the D * u and z terms are differentiated by autograd outside
         return (g_u.transpose(1, 2), g_dt.transpose(1, 2), g_A, g_B.transpose(1, 2),
                 g_C.transpose(1, 2), None)

@@ -79,22 +79,24 @@ def time_scan_alone(args, device, backends, reps, warmup):
                B=g(b, n, l), C=g(b, n, l), D=g(d), z=g(b, d, l), delta_bias=g(d) * 0.1)
     ins = {k: v.requires_grad_() for k, v in ins.items()}
     print(f"\nselective_scan alone: b {b}, d {d}, l {l}, n {n}, fp32")
-    print(f"{'backend':<24} {'fwd ms':>9} {'fwd+bwd ms':>11}")
-    variants = [(be, None, False) for be in backends] + [("torch", None, True)]
-    variants += [("torch", k, False) for k in args.scan_blocks]
-    default = dict(scan.BLOCK_ELEMENTS)
+    print(f"{'backend':<28} {'fwd ms':>9} {'fwd+bwd ms':>11}")
+    keep_default = scan.KEEP_STATES[device.type]
+    variants = [(be, None, keep_default) for be in backends] + [("torch", None, not keep_default)]
+    variants += [("torch", k, keep) for k in args.scan_blocks for keep in (True, False)]
+    default, keep_table = dict(scan.BLOCK_ELEMENTS), dict(scan.KEEP_STATES)
     for backend, log2, keep in variants:
-        scan.KEEP_STATES = keep
+        scan.KEEP_STATES[device.type] = keep
         if log2 is not None:
             scan.BLOCK_ELEMENTS[device.type] = 1 << log2
         with torch.no_grad():
             t_fwd = median_ms(lambda: selective_scan(**ins, delta_softplus=True, backend=backend), device, reps, warmup)
         t_bwd = median_ms(lambda: selective_scan(**ins, delta_softplus=True, backend=backend).sum().backward(),
                           device, reps, warmup)
-        label = f"torch block 2^{log2}" if log2 is not None else "torch keep states" if keep else backend
-        print(f"{label:<24} {t_fwd:>9.2f} {t_bwd:>11.2f}", flush=True)
+        label = backend if backend != "torch" else \
+            f"torch block 2^{log2 or default[device.type].bit_length() - 1} keep={keep}"
+        print(f"{label:<28} {t_fwd:>9.2f} {t_bwd:>11.2f}", flush=True)
         scan.BLOCK_ELEMENTS.update(default)
-        scan.KEEP_STATES = False
+        scan.KEEP_STATES.update(keep_table)
 
 
 def main(argv=None):

@@ -55,10 +55,10 @@ def test_torch_matches_reference(shape, block, monkeypatch):
 def test_keep_states_gives_same_gradients(monkeypatch):
     monkeypatch.setitem(scan.BLOCK_ELEMENTS, "cpu", 5 * 2 * 6 * 4)
     t = make_inputs(2, 6, 23, 4, seed=13)
-    monkeypatch.setattr(scan, "KEEP_STATES", True)
+    monkeypatch.setitem(scan.KEEP_STATES, "cpu", True)
     y = run("torch", t)
     g_kept = grads(y, t)
-    monkeypatch.setattr(scan, "KEEP_STATES", False)
+    monkeypatch.setitem(scan.KEEP_STATES, "cpu", False)
     g_recomputed = grads(run("torch", t), t)
     for k in t:
         assert rel_err(g_kept[k], g_recomputed[k]) < 1e-6, k
@@ -87,7 +87,9 @@ def test_matches_float64_recurrence():
         assert rel_err(run(backend, t32), truth) < 1e-5
 
 
-def test_gradcheck_float64():
+@pytest.mark.parametrize("keep", [True, False])
+def test_gradcheck_float64(keep, monkeypatch):
+    monkeypatch.setitem(scan.KEEP_STATES, "cpu", keep)
     t = make_inputs(2, 3, 9, 2, dtype=torch.float64, seed=11)
     f = lambda *xs: scan._ScanFn.apply(*xs, 4)  # blocks of 4 steps over 9: three blocks
     assert torch.autograd.gradcheck(f, tuple(t[k] for k in ("u", "delta", "A", "B", "C")))
@@ -127,7 +129,9 @@ def test_cuda_matches_reference_and_torch(shape):
 
 
 @needs_cuda
-def test_cuda_torch_backend_long_sequence(monkeypatch):
+@pytest.mark.parametrize("keep", [True, False])
+def test_cuda_torch_backend_long_sequence(keep, monkeypatch):
     monkeypatch.setitem(scan.BLOCK_ELEMENTS, "cuda", 64 * 2 * 32 * 16)  # 64-step blocks
+    monkeypatch.setitem(scan.KEEP_STATES, "cuda", keep)
     t = make_inputs(2, 32, 1500, 16, device="cuda", dt_shift=4.0, seed=9)
     assert_close(t, "torch", "cuda", tol=1e-4, gtol=1e-3)

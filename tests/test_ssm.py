@@ -163,7 +163,7 @@ def test_cuda_backend_gives_same_module_output():
     torch.manual_seed(0)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    model = MambaModel(256, 2, 256).cuda()
+    model = MambaModel(256, 2, 256).cuda().eval()  # eval: no dropout in the attention layer
     # "cuda" uses mamba-ssm's fused mamba_inner_fn when causal-conv1d is installed, else its scan alone
     print("fused mamba_inner_fn:", ssm._fused_inner() is not None)
     compare_backends(model, torch.randn(4, 64, 256, device="cuda"), ["reference", "torch", "cuda"],
