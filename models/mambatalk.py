@@ -48,13 +48,15 @@ class GlobalScan(nn.Module):
         self.body_scan = ssm.MambaScan(M, M, n_layer=1, d_intermediate=H)
         self.out = nn.Linear(A + M, H)
 
-    def forward(self, in_motion, mask, spk_body, fusion_face):
+    def forward(self, in_motion, mask, spk_body, face_feat):
+        """face_feat = self.face_scan(fusion_face): it does not depend on the motion, so MambaTalk computes it once
+        with the rest of the conditioning."""
         query = torch.where(mask == 1, self.learnable_query.expand_as(in_motion), in_motion)
         body_feat = self.motion_encoder(query)
         motion_feat = self.motion_proj2(self.motion_proj1(body_feat))
         motion_feat = self.position_embeddings(self.body_q_self_attn(spk_body) + motion_feat)
         global_motion = self.motion_self_encoder(motion_feat)
-        global_features = self.out(torch.cat([self.face_scan(fusion_face), self.body_scan(body_feat)], dim=-1))
+        global_features = self.out(torch.cat([face_feat, self.body_scan(body_feat)], dim=-1))
         return global_motion, global_features
 
 
@@ -88,9 +90,10 @@ class LocalScan(nn.Module):
         self.hands_classifier = MLP(K, H, K)
         self.lower_classifier = MLP(K, H, K)
 
-    def forward(self, global_motion, global_features, spk_face, spk_body, fusion_body):
+    def forward(self, global_motion, global_features, spk_face, spk_body, memory):
+        """memory = self.body_proj(fusion_body), computed once with MambaTalk's conditioning."""
         pe = self.position_embeddings
-        g = global_motion + self.motion_cross_attn(tgt=pe(global_motion), memory=self.body_proj(fusion_body))
+        g = global_motion + self.motion_cross_attn(tgt=pe(global_motion), memory=memory)
         upper, hands, lower = self.motion2latent_upper(g), self.motion2latent_hands(g), self.motion2latent_lower(g)
         dec_face = self.face_scan(self.face_proj(torch.cat([pe(spk_face), global_features], dim=-1)))
         # each body part sees its own tokens (with speaker and position) and the sum of the other two parts
@@ -173,21 +176,68 @@ class MambaTalk(nn.Module):
             return torch.cat([feat, feat[:, -d:]], dim=1)
         return feat
 
-    def forward(self, in_audio, in_word, mask, in_motion, in_id, **kwargs):
-        """in_audio (B,L,3), in_word (B,T) long, mask and in_motion (B,T,pose_dims+7), in_id (B,T,1) long.
-        Returns rec_{face,upper,lower,hands} (B,T,K) latents and cls_* (B,T,K) code logits.
-        Extra keyword arguments of the published call (use_word, is_test, ...) have no effect there and are ignored."""
-        if in_motion.shape[-1] != self.motion_dim or mask.shape != in_motion.shape:
-            raise ValueError(f"MambaTalk expects in_motion and mask of shape (B, T, {self.motion_dim}), "
-                             f"got {tuple(in_motion.shape)} and {tuple(mask.shape)}")
-        n_frames = in_motion.shape[1]
+    def encode_condition(self, in_audio, in_word, in_id, n_frames, passes=1):
+        """Everything that does not depend on the motion canvas or its mask: audio and text encoders, their fusion,
+        speaker embeddings, the face branch's first Mamba scan and the cross-attention memory. No dropout acts here,
+        so several passes over the same batch can share one conditioning exactly.
+
+        In training mode the audio encoders' BatchNorm layers update their running statistics once; `passes` > 1
+        makes that update equal to `passes` identical updates (what separate forward passes would do).
+        """
+        saved = self._bn_stats() if self.training and passes > 1 else None
         text_face = self.text_encoder_face(self.text_pre_encoder_face(in_word))
         text_body = self.text_encoder_body(self.text_pre_encoder_body(in_word))
         audio_face = self.match_length(self.audio_pre_encoder_face(in_audio), n_frames)
         audio_body = self.match_length(self.audio_pre_encoder_body(in_audio[..., :2]), n_frames)
+        if saved is not None:
+            self._repeat_bn_update(saved, passes)
         fusion_face = self.fuse(text_face, audio_face, self.at_attn_face)
         fusion_body = self.fuse(text_body, audio_body, self.at_attn_body)
-        spk_face = self.speaker_encoder_face(in_id).squeeze(2)
-        spk_body = self.speaker_encoder_body(in_id).squeeze(2)
-        global_motion, global_features = self.global_scan(in_motion, mask, spk_body, fusion_face)
-        return self.local_scan(global_motion, global_features, spk_face, spk_body, fusion_body)
+        return dict(spk_face=self.speaker_encoder_face(in_id).squeeze(2),
+                    spk_body=self.speaker_encoder_body(in_id).squeeze(2),
+                    face_feat=self.global_scan.face_scan(fusion_face),
+                    memory=self.local_scan.body_proj(fusion_body))
+
+    def predict(self, condition, mask, in_motion):
+        """The motion-dependent part of the forward pass, from encode_condition's output."""
+        if in_motion.shape[-1] != self.motion_dim or mask.shape != in_motion.shape:
+            raise ValueError(f"MambaTalk expects in_motion and mask of shape (B, T, {self.motion_dim}), "
+                             f"got {tuple(in_motion.shape)} and {tuple(mask.shape)}")
+        c = condition
+        global_motion, global_features = self.global_scan(in_motion, mask, c["spk_body"], c["face_feat"])
+        return self.local_scan(global_motion, global_features, c["spk_face"], c["spk_body"], c["memory"])
+
+    def _audio_batchnorms(self):
+        encoders = (self.audio_pre_encoder_face, self.audio_pre_encoder_body)
+        return [m for e in encoders for m in e.modules()
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.momentum]
+
+    @torch.no_grad()
+    def _bn_stats(self):
+        return [(m.running_mean.clone(), m.running_var.clone()) for m in self._audio_batchnorms()]
+
+    @torch.no_grad()
+    def _repeat_bn_update(self, saved, passes):
+        """After one update r1 = (1-m) r0 + m x, set r = (1-m)^k r0 + (1-(1-m)^k) x: k updates with the same x."""
+        for m, (mean0, var0) in zip(self._audio_batchnorms(), saved):
+            keep = 1.0 - m.momentum
+            c1 = (1.0 - keep ** passes) / m.momentum  # weight of r1; r0 gets keep^k - c1 * keep
+            c0 = keep ** passes - c1 * keep
+            for r, r0 in ((m.running_mean, mean0), (m.running_var, var0)):
+                r.data.mul_(c1).add_(r0, alpha=c0)  # .data: batch_norm saved these for backward (unused in training)
+            m.num_batches_tracked.add_(passes - 1)
+
+    def forward(self, in_audio, in_word, mask, in_motion, in_id, condition=None, **kwargs):
+        """in_audio (B,L,3), in_word (B,T) long, mask and in_motion (B,T,pose_dims+7), in_id (B,T,1) long.
+        Returns rec_{face,upper,lower,hands} (B,T,K) latents and cls_* (B,T,K) code logits.
+
+        `mask` may be a list of masks: then the passes share one conditioning (encode_condition, with the BatchNorm
+        statistics updated as by that many separate passes) and a list of output dicts comes back, one per mask.
+        This is the training step's three passes in one call. `condition` (from encode_condition) skips the
+        encoders. Extra keyword arguments of the published call (use_word, is_test, ...) have no effect there and
+        are ignored."""
+        masks = list(mask) if isinstance(mask, (list, tuple)) else [mask]
+        if condition is None:
+            condition = self.encode_condition(in_audio, in_word, in_id, in_motion.shape[1], passes=len(masks))
+        outputs = [self.predict(condition, m, in_motion) for m in masks]
+        return outputs if isinstance(mask, (list, tuple)) else outputs[0]

@@ -13,6 +13,8 @@ Backends:
              multiply-add per step, and the backward pass is written by hand (a reverse scan of the same
              form) and recomputes states block by block, so memory stays O(b * block * d * n).
              It only ever multiplies decays in (0, 1], so it is stable for any length and decay.
+             On CUDA the core recurrence runs as Triton kernels instead (models/scan_triton.py: states
+             stay in registers; ~1 launch instead of one per time step) when Triton imports.
   cuda       mamba-ssm's fused kernel (needs `mamba_ssm` built for this GPU and CUDA tensors).
 """
 import functools
@@ -20,13 +22,17 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from models import scan_triton
+
 BACKENDS = ("reference", "torch", "cuda")
+# torch backend on CUDA: the Triton kernels of models/scan_triton.py (False: the PyTorch loop below everywhere).
+USE_TRITON = True
 
 # torch backend tuning, by device type. BLOCK_ELEMENTS: size of one (b, block, d, n) work tensor; the
 # time block is chosen to stay under it (cache-sized on CPU; on a GPU large enough to keep launches few,
 # small enough to stay in L2). KEEP_STATES: keep the forward states (b, l, d, n) for the backward pass
 # (one scan less per backward) instead of recomputing them block by block (memory O(b * block * d * n)).
-BLOCK_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 23}
+BLOCK_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 24}
 KEEP_STATES = {"cpu": False, "cuda": True}
 
 
@@ -74,7 +80,10 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         dt = delta if delta_bias is None else delta + delta_bias.to(work)[:, None]
         if delta_softplus:
             dt = F.softplus(dt)
-        y = _ScanFn.apply(u, dt, A, B, C)
+        if USE_TRITON and u.is_cuda and work == torch.float32 and scan_triton.available():
+            y = scan_triton.selective_scan_core(u, dt, A, B, C)
+        else:
+            y = _ScanFn.apply(u, dt, A, B, C)
         if D is not None:
             y = y + D.to(work)[:, None] * u
         if z is not None:
@@ -111,7 +120,8 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
 
 # ---------------------------------------------------------------------------------------------
 # torch backend: y_t = <C_t, h_t>, h_t = exp(dt_t A) h_{t-1} + dt_t u_t B_t, with a hand-written
-# backward. Work tensors are laid out (b, time, d, n) so that one time step is a contiguous slab.
+# backward. Work tensors are time-major, (c, b, d, n), so that one time step is a contiguous slab and
+# a block of steps folds into one batch dimension for matmuls without copies.
 
 def _block_len(u, n, block_len=None):
     b, d, l = u.shape
@@ -124,17 +134,22 @@ def _setting(table, u):
     return table.get(u.device.type, table["cuda"])
 
 
+def _time_major(t):
+    """(b, k, l) -> contiguous (l, b, k)."""
+    return t.permute(2, 0, 1).contiguous()
+
+
 def _block_states(dt, u, A, B, h0):
-    """One block of c steps. dt, u: (b, c, d); A: (d, n); B: (b, c, n); h0: entering state (b, d, n) or
-    None. Returns the decays a = exp(dt A) (b, c, d, n) and hh (b, c + 1, d, n) holding the entering
-    state followed by the c states, so that hh[:, :-1] are the previous states and hh[:, 1:] the states."""
-    b, c, d = u.shape
+    """One block of c steps. dt, u: (c, b, d); A: (d, n); B: (c, b, n); h0: entering state (b, d, n) or
+    None. Returns the decays a = exp(dt A) (c, b, d, n) and hh (c + 1, b, d, n) holding the entering
+    state followed by the c states: hh[:-1] are the previous states, hh[1:] the states."""
+    c, b, d = u.shape
     a = (dt[..., None] * A).exp_()
-    hh = a.new_empty(b, c + 1, d, A.shape[1])
-    hh[:, 0] = 0 if h0 is None else h0
-    torch.mul((dt * u)[..., None], B[:, :, None, :], out=hh[:, 1:])  # inputs x_t = dt_t u_t B_t
+    hh = a.new_empty(c + 1, b, d, A.shape[1])
+    hh[0] = 0 if h0 is None else h0
+    torch.mul((dt * u)[..., None], B[:, :, None, :], out=hh[1:])  # inputs x_t = dt_t u_t B_t
     for j in range(c):  # the recurrence: one fused multiply-add over a (b, d, n) slab per step
-        hh[:, j + 1].addcmul_(a[:, j], hh[:, j])
+        hh[j + 1].addcmul_(a[j], hh[j])
     return a, hh
 
 
@@ -147,54 +162,53 @@ class _ScanFn(torch.autograd.Function):
         b, d, l = u.shape
         c = _block_len(u, A.shape[1], block_len)
         keep = _setting(KEEP_STATES, u)
-        uT, dtT, BT, CT = (t.transpose(1, 2).contiguous() for t in (u, dt, B, C))  # (b, l, .)
-        y = u.new_empty(b, l, d)
+        uT, dtT, BT, CT = (_time_major(t) for t in (u, dt, B, C))  # (l, b, .)
+        y = u.new_empty(l, b, d)
         h, starts, kept = None, [], []  # per block: entering state (b, d, n); all states if keep
         for t0 in range(0, l, c):
             t1 = min(t0 + c, l)
             starts.append(h)
-            _, hh = _block_states(dtT[:, t0:t1], uT[:, t0:t1], A, BT[:, t0:t1], h)
-            y[:, t0:t1] = (hh[:, 1:] @ CT[:, t0:t1, :, None]).squeeze(-1)
-            h = hh[:, -1] if keep else hh[:, -1].clone()
+            _, hh = _block_states(dtT[t0:t1], uT[t0:t1], A, BT[t0:t1], h)
+            torch.matmul(hh[1:], CT[t0:t1, :, :, None], out=y[t0:t1, :, :, None])
+            h = hh[-1] if keep else hh[-1].clone()
             if keep:
                 kept.append(hh)
         ctx.save_for_backward(u, dt, A, B, C)
         ctx.starts, ctx.kept, ctx.block = starts, kept, c
-        return y.transpose(1, 2)
+        return y.permute(1, 2, 0)
 
     @staticmethod
     def backward(ctx, gy):
         u, dt, A, B, C = ctx.saved_tensors
         b, d, l = u.shape
         n, c = A.shape[1], ctx.block
-        uT, dtT, BT, CT, gyT = (t.transpose(1, 2).contiguous() for t in (u, dt, B, C, gy))
+        uT, dtT, BT, CT, gyT = (_time_major(t) for t in (u, dt, B, C, gy))
         g_u, g_dt = torch.empty_like(uT), torch.empty_like(dtT)
         g_B, g_C = torch.empty_like(BT), torch.empty_like(CT)
         g_A = torch.zeros_like(A)
         carry = None  # a_{t1} G_{t1}: the gradient reaching a block's last state from the next block
         for k, t0 in reversed(list(enumerate(range(0, l, c)))):
             t1 = min(t0 + c, l)
-            dt_c, u_c, B_c, C_c, gy_c = dtT[:, t0:t1], uT[:, t0:t1], BT[:, t0:t1], CT[:, t0:t1], gyT[:, t0:t1]
+            dt_c, u_c, B_c, C_c, gy_c = dtT[t0:t1], uT[t0:t1], BT[t0:t1], CT[t0:t1], gyT[t0:t1]
             if ctx.kept:
                 a, hh = (dt_c[..., None] * A).exp_(), ctx.kept[k]
             else:
                 a, hh = _block_states(dt_c, u_c, A, B_c, ctx.starts[k])
-            g_C[:, t0:t1] = (gy_c[:, :, None, :] @ hh[:, 1:]).squeeze(2)
+            torch.matmul(gy_c[:, :, None, :], hh[1:], out=g_C[t0:t1, :, None, :])
             # G_t = dL/dh_t = gy_t C_t + a_{t+1} G_{t+1}: the same recurrence, backwards in time.
             G = gy_c[..., None] * C_c[:, :, None, :]
             if carry is not None:
-                G[:, -1] += carry
+                G[-1] += carry
             for j in range(t1 - t0 - 2, -1, -1):
-                G[:, j].addcmul_(a[:, j + 1], G[:, j + 1])
-            carry = a[:, 0] * G[:, 0]
+                G[j].addcmul_(a[j + 1], G[j + 1])
+            carry = a[0] * G[0]
             # x_t = dt_t u_t B_t receives G_t.
-            g_dtu = (G @ B_c[..., None]).squeeze(-1)  # (b, c, d)
-            g_B[:, t0:t1] = ((dt_c * u_c)[:, :, None, :] @ G).squeeze(2)
+            g_dtu = (G @ B_c[..., None]).squeeze(-1)  # (c, b, d)
+            torch.matmul((dt_c * u_c)[:, :, None, :], G, out=g_B[t0:t1, :, None, :])
             # a_t = exp(w_t), w_t = dt_t A, receives G_t h_{t-1}, so w_t receives g_w = G_t h_{t-1} a_t.
-            g_w = a.mul_(hh[:, :-1]).mul_(G).view(-1, d, n).transpose(0, 1)  # (d, b*c, n), no copy
-            dt_k = dt_c.reshape(-1, d).T  # (d, b*c)
-            g_A += (g_w.transpose(1, 2) @ dt_k[..., None]).squeeze(-1)  # sum over b, c of g_w dt
-            g_dt[:, t0:t1] = (g_w @ A[..., None]).squeeze(-1).T.view(b, -1, d) + g_dtu * u_c
-            g_u[:, t0:t1] = g_dtu * dt_c  # the D * u and z terms are differentiated by autograd outside
-        return (g_u.transpose(1, 2), g_dt.transpose(1, 2), g_A, g_B.transpose(1, 2),
-                g_C.transpose(1, 2), None)
+            g_w = a.mul_(hh[:-1]).mul_(G).view(-1, d, n).transpose(0, 1)  # (d, c*b, n), no copy
+            g_A += (g_w.transpose(1, 2) @ dt_c.reshape(-1, d).T[..., None]).squeeze(-1)  # sum_{t,b} g_w dt
+            torch.addcmul((g_w @ A[..., None]).squeeze(-1).T.view(-1, b, d), g_dtu, u_c, out=g_dt[t0:t1])
+            torch.mul(g_dtu, dt_c, out=g_u[t0:t1])  # the D * u and z terms are differentiated outside
+        return (g_u.permute(1, 2, 0), g_dt.permute(1, 2, 0), g_A, g_B.permute(1, 2, 0),
+                g_C.permute(1, 2, 0), None)

@@ -79,25 +79,39 @@ def time_scan_alone(args, device, backends, reps, warmup):
                B=g(b, n, l), C=g(b, n, l), D=g(d), z=g(b, d, l), delta_bias=g(d) * 0.1)
     ins = {k: v.requires_grad_() for k, v in ins.items()}
     print(f"\nselective_scan alone: b {b}, d {d}, l {l}, n {n}, fp32")
-    print(f"{'backend':<28} {'fwd ms':>9} {'fwd+bwd ms':>11}")
+    print(f"{'backend':<34} {'fwd ms':>9} {'fwd+bwd ms':>11}")
+    # The torch backend may run its core as Triton kernels on a GPU (scan.USE_TRITON); the block/keep
+    # variants below time its PyTorch loop.
+    triton_default = getattr(scan, "USE_TRITON", False)
     keep_default = scan.KEEP_STATES[device.type]
-    variants = [(be, None, keep_default) for be in backends] + [("torch", None, not keep_default)]
-    variants += [("torch", k, keep) for k in args.scan_blocks for keep in (True, False)]
+    variants = [(be, None, keep_default, triton_default) for be in backends]
+    variants += [("torch", k, keep, False) for k in (args.scan_blocks or [None]) for keep in (True, False)]
     default, keep_table = dict(scan.BLOCK_ELEMENTS), dict(scan.KEEP_STATES)
-    for backend, log2, keep in variants:
+    for backend, log2, keep, use_triton in variants:
         scan.KEEP_STATES[device.type] = keep
+        if hasattr(scan, "USE_TRITON"):
+            scan.USE_TRITON = use_triton
         if log2 is not None:
             scan.BLOCK_ELEMENTS[device.type] = 1 << log2
         with torch.no_grad():
             t_fwd = median_ms(lambda: selective_scan(**ins, delta_softplus=True, backend=backend), device, reps, warmup)
         t_bwd = median_ms(lambda: selective_scan(**ins, delta_softplus=True, backend=backend).sum().backward(),
                           device, reps, warmup)
-        label = backend if backend != "torch" else \
-            f"torch block 2^{log2 or default[device.type].bit_length() - 1} keep={keep}"
-        print(f"{label:<28} {t_fwd:>9.2f} {t_bwd:>11.2f}", flush=True)
+        if backend != "torch":
+            label = backend
+        elif use_triton and on_triton(device):
+            label = "torch (Triton kernels)"
+        else:
+            label = f"torch loop block 2^{log2 or default[device.type].bit_length() - 1} keep={keep}"
+        print(f"{label:<34} {t_fwd:>9.2f} {t_bwd:>11.2f}", flush=True)
         scan.BLOCK_ELEMENTS.update(default)
         scan.KEEP_STATES.update(keep_table)
+        if hasattr(scan, "USE_TRITON"):
+            scan.USE_TRITON = triton_default
 
+
+def on_triton(device):
+    return device.type == "cuda" and hasattr(scan, "scan_triton") and scan.scan_triton.available()
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -110,7 +124,7 @@ def main(argv=None):
     p.add_argument("--bf16", action="store_true", help="also time under bf16 autocast (GPU)")
     p.add_argument("--stacks", action="store_true", help="also time MambaTalk's Mamba stacks (batch 64)")
     p.add_argument("--scan-blocks", type=int, nargs="*", default=None,
-                   help="also time the scan alone (largest batch), torch backend with these log2 block budgets")
+                   help="also time the scan alone (largest batch); the torch loop with these log2 block budgets")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"

@@ -1,14 +1,21 @@
 """The one training loop shared by every trainer.
 
 A trainer subclass supplies only what differs between the stage-1 models and MambaTalk:
-`build_model()`, `compute_losses(batch, epoch)` (a dict of already-weighted loss terms, summed here) and
-`evaluate(loader)` (a dict of metrics; `best_metric` of it picks the best checkpoint, lower is better).
+`build_model()`, `compute_losses(model, batch, epoch)` (a dict of already-weighted loss terms, summed here),
+`evaluate(loader)` (a dict of metrics; `best_metric` of it picks the best checkpoint, lower is better) and optionally
+`test_checkpoint(path, tag)` (run at the published test epochs).
 
 Everything else lives here: device and DDP set-up, data loading with a resumable per-epoch shuffle, the optimiser and
 step schedule of the published code (Adam, lr = lr_base * batch_size / 128, step decay per epoch), bf16/fp16 autocast,
 gradient clipping, logging (console, log file, TensorBoard), periodic / best checkpoints in the published format and a
 full training state for exact resume.
+
+Under DDP (torchrun), `batch_size` stays the global batch of the published single-GPU run: each of the N processes
+takes batch_size / N windows, so the learning rate and the results match one process up to batch composition.
 """
+import contextlib
+import datetime
+import errno
 import importlib
 import math
 import os
@@ -20,10 +27,13 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from utils.checkpoint import load_training_state, load_weights, save_training_state, save_weights
 from utils.config import save_config
-from utils.log import get_logger, setup_logging
+from utils.log import setup_logging
+
+DDP_TIMEOUT = datetime.timedelta(hours=1)  # rank 0 may evaluate / test for a long time while the others wait
 
 
 def resolve_device(name, local_rank=0):
@@ -38,16 +48,38 @@ def resolve_device(name, local_rank=0):
 
 
 def init_distributed(args):
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1): NCCL on GPUs, gloo on CPU."""
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1, or any size with `ddp: true`, e.g. to
+    check the DDP/NCCL path on one GPU): NCCL on GPUs, gloo on CPU."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(args.device, local_rank)
-    if world_size > 1 and not dist.is_initialized():
+    launched = "MASTER_ADDR" in os.environ
+    if (world_size > 1 or (args.ddp and launched)) and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size,
+                                timeout=DDP_TIMEOUT)
     return rank, world_size, device
+
+
+def check_training_config(args, world_size):
+    """Options of the published optimiser/scheduler factories that are not implemented fail loudly."""
+    if args.opt != "adam":
+        raise ValueError(f"config key 'opt': only 'adam' (the published optimiser) is implemented, got '{args.opt}'")
+    if args.lr_policy != "step":
+        raise ValueError(f"config key 'lr_policy': only 'step' (the published schedule) is implemented, "
+                         f"got '{args.lr_policy}'")
+    if args.warmup_epochs:
+        raise ValueError(f"config key 'warmup_epochs': warm-up is not implemented (published configs use 0), "
+                         f"got {args.warmup_epochs}")
+    if args.amp not in ("none", "bf16", "fp16"):
+        raise ValueError(f"config key 'amp': expected none, bf16 or fp16, got '{args.amp}'")
+    if args.stat not in ("ts", "wandb", "none"):
+        raise ValueError(f"config key 'stat': expected ts (TensorBoard), wandb or none, got '{args.stat}'")
+    if args.batch_size % world_size:
+        raise ValueError(f"batch_size {args.batch_size} is the global batch and must divide evenly over "
+                         f"{world_size} processes")
 
 
 def seed_everything(seed):
@@ -71,6 +103,17 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@contextlib.contextmanager
+def preserved_rng():
+    """Evaluation and testing leave the random streams as they found them, so the training trajectory does not
+    depend on when (or whether) they run, e.g. after a resume."""
+    state = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(state)
+
+
 class EpochSampler(torch.utils.data.Sampler):
     """Shuffles with a generator seeded by (seed, epoch), shards by rank and can start mid-epoch.
 
@@ -92,7 +135,8 @@ class EpochSampler(torch.utils.data.Sampler):
         else:
             order = list(range(self.n_items))
         per_rank = self.n_items // self.world_size if self.drop_last else math.ceil(self.n_items / self.world_size)
-        order = (order + order[: per_rank * self.world_size - len(order)]) if len(order) < per_rank * self.world_size else order
+        if len(order) < per_rank * self.world_size:  # pad by wrapping around so every rank gets per_rank items
+            order = order + order[: per_rank * self.world_size - len(order)]
         return order[self.rank: per_rank * self.world_size: self.world_size]
 
     def batches_per_epoch(self):
@@ -101,8 +145,7 @@ class EpochSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         indices = self._rank_indices()
-        n_batches = self.batches_per_epoch()
-        for b in range(self.start_batch, n_batches):
+        for b in range(self.start_batch, self.batches_per_epoch()):
             yield indices[b * self.batch_size: (b + 1) * self.batch_size]
 
     def __len__(self):
@@ -110,6 +153,10 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 def build_dataset(args, split):
+    if not os.path.isdir(args.data_path):
+        raise FileNotFoundError(f"dataset folder {args.data_path} not found (data_path of {args.config_path}); "
+                                "download BEAT2 there, or write the demo data with "
+                                "`python -m dataloaders.synthetic --out outputs/demo/beat2 --preset demo`")
     module = importlib.import_module(f"dataloaders.{args.dataset}")
     return module.CustomDataset(args, split)
 
@@ -118,12 +165,26 @@ def to_device(batch, device):
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+def check_finite(batch, where):
+    for k, v in batch.items():
+        if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all():
+            raise FloatingPointError(f"{where}: batch item '{k}' contains NaN or infinite values "
+                                     "(a corrupted data cache? rebuild it with --new_cache true)")
+
+
+def describe_write_error(err, path, what):
+    reason = "the disk is full" if err.errno == errno.ENOSPC else (err.strerror or str(err))
+    return OSError(err.errno, f"could not write the {what} {path}: {reason}. Nothing was replaced: the previous "
+                              f"{os.path.basename(path)} (if any) is intact and no partial file was left")
+
+
 class Trainer:
     best_metric = None  # name of the evaluate() metric whose minimum selects `<run>/<metric>.bin`
 
     def __init__(self, args):
         self.args = args
         self.rank, self.world_size, self.device = init_distributed(args)
+        check_training_config(args, self.world_size)
         self.is_main = self.rank == 0
         self.run_dir = self._run_dir()
         os.makedirs(self.run_dir, exist_ok=True)
@@ -133,29 +194,42 @@ class Trainer:
         seed_everything(args.random_seed + self.rank)
         self.log.info(f"run folder {self.run_dir} | device {self.device} | processes {self.world_size}")
 
+        if not self.is_main:
+            self._barrier()  # rank 0 builds (or checks) the data caches first; the others then only read them
         self.train_data = build_dataset(args, "train")
-        self.eval_data = build_dataset(args, args.eval_split) if args.eval_split else None
-        self.sampler = EpochSampler(len(self.train_data), args.batch_size, True, args.random_seed,
+        self.eval_data = build_dataset(args, args.eval_split) if args.eval_split and self.is_main else None
+        if self.is_main:
+            self._barrier()
+        self.rank_batch = args.batch_size // self.world_size
+        self.sampler = EpochSampler(len(self.train_data), self.rank_batch, True, args.random_seed,
                                     self.rank, self.world_size, drop_last=True)
         if self.sampler.batches_per_epoch() == 0:
-            raise ValueError(f"training split has {len(self.train_data)} windows, fewer than one batch of "
-                             f"{args.batch_size} per process; lower --batch_size")
-        self.train_loader = torch.utils.data.DataLoader(self.train_data, batch_sampler=self.sampler,
-                                                        num_workers=args.loader_workers, pin_memory=self.device.type == "cuda",
-                                                        persistent_workers=args.loader_workers > 0)
-        self.model = self.build_model().to(self.device)
-        self.raw_model = self.model
-        self.log.info(f"model {type(self.model).__name__}: {sum(p.numel() for p in self.model.parameters()) / 1e6:.2f} M parameters")
+            raise ValueError(f"training split of {args.data_path} has {len(self.train_data)} windows, fewer than one "
+                             f"batch of {self.rank_batch} per process; lower --batch_size")
+        # Loaders get their own generators: creating an iterator must not draw from the global RNG (exact resume).
+        self.train_loader = torch.utils.data.DataLoader(
+            self.train_data, batch_sampler=self.sampler, num_workers=args.loader_workers,
+            pin_memory=self.device.type == "cuda", persistent_workers=args.loader_workers > 0,
+            generator=torch.Generator())
+        self.eval_loader = None if self.eval_data is None else torch.utils.data.DataLoader(
+            self.eval_data, batch_size=self.rank_batch, shuffle=False, drop_last=False,
+            num_workers=args.loader_workers, generator=torch.Generator())
+        self.raw_model = self.build_model().to(self.device)
+        n_train = sum(p.numel() for p in self.raw_model.parameters() if p.requires_grad)
+        self.log.info(f"model {type(self.raw_model).__name__}: {n_train / 1e6:.2f} M trained parameters, "
+                      f"{self.rank_batch} windows per process and step, {self.sampler.batches_per_epoch()} steps per epoch")
         self.optimizer = self.build_optimizer()
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=args.decay_epochs, gamma=args.decay_rate)
         self.autocast_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.amp == "fp16")
-        if self.world_size > 1:
-            self.model = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.model = self.raw_model
+        if dist.is_initialized():
+            self.model = DistributedDataParallel(self.raw_model,
+                                                 device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if args.compile:
             self.model = torch.compile(self.model)
         self.epoch, self.global_step, self.batch_in_epoch = 0, 0, 0
-        self.best_value, self.best_epoch = float("inf"), -1
+        self.best_value, self.best_epoch, self.evaluated_step = float("inf"), -1, -1
         self.writer = self._summary_writer()
         if args.resume:
             self.resume(args.resume)
@@ -164,14 +238,14 @@ class Trainer:
     def build_model(self):
         raise NotImplementedError
 
-    def compute_losses(self, batch, epoch):
+    def compute_losses(self, model, batch, epoch):
         raise NotImplementedError
 
     def evaluate(self, loader):
         return {}
 
-    def parameters_to_optimise(self):
-        return self.raw_model.parameters()
+    def test_checkpoint(self, path, tag):
+        """Called on rank 0 with a saved weights file at the published test epochs and for the best checkpoint."""
 
     # ---- set-up helpers -------------------------------------------------------------------------------------------
     def _run_dir(self):
@@ -181,15 +255,14 @@ class Trainer:
 
     def build_optimizer(self):
         args = self.args
-        lr = args.lr_base * args.batch_size / 128
-        if args.opt != "adam":
-            raise ValueError(f"config key 'opt': only 'adam' (the published optimiser) is implemented, got '{args.opt}'")
+        lr = args.lr_base * args.batch_size / 128  # published scaling (spec §5.5)
         fused = bool(args.fused_adam) and self.device.type == "cuda"
-        return torch.optim.Adam(self.parameters_to_optimise(), lr=lr, betas=tuple(args.opt_betas),
-                                weight_decay=args.weight_decay, fused=fused or None)
+        params = [p for p in self.raw_model.parameters() if p.requires_grad]
+        return torch.optim.Adam(params, lr=lr, betas=tuple(args.opt_betas), weight_decay=args.weight_decay,
+                                fused=fused or None)
 
     def _summary_writer(self):
-        if not self.is_main:
+        if not self.is_main or self.args.stat == "none":
             return None
         if self.args.stat == "wandb":
             import wandb  # only when asked for
@@ -210,10 +283,15 @@ class Trainer:
 
     # ---- checkpoints ----------------------------------------------------------------------------------------------
     def save_weights(self, filename):
+        """Rank 0 writes `<run>/<filename>` in the published format; returns its path."""
+        path = os.path.join(self.run_dir, filename)
         if self.is_main:
-            path = os.path.join(self.run_dir, filename)
-            save_weights(self.raw_model, path)
+            try:
+                save_weights(self.raw_model, path)
+            except OSError as e:
+                raise describe_write_error(e, path, "checkpoint") from e
             self.log.info(f"saved {path}")
+        return path
 
     def save_state(self):
         if not self.is_main:
@@ -225,7 +303,11 @@ class Trainer:
             "best_value": self.best_value, "best_epoch": self.best_epoch, "rng": rng_state(),
             "trainer": self.args.trainer, "world_size": self.world_size,
         }
-        save_training_state(os.path.join(self.run_dir, "train_state.pt"), state)
+        path = os.path.join(self.run_dir, "train_state.pt")
+        try:
+            save_training_state(path, state)
+        except OSError as e:
+            raise describe_write_error(e, path, "training state") from e
 
     def resume(self, path):
         if not os.path.isfile(path):
@@ -244,7 +326,7 @@ class Trainer:
         self.epoch, self.global_step, self.batch_in_epoch = state["epoch"], state["global_step"], state["batch_in_epoch"]
         self.best_value, self.best_epoch = state["best_value"], state["best_epoch"]
         if state.get("world_size", 1) == self.world_size:
-            set_rng_state(state["rng"])
+            set_rng_state(state["rng"])  # rank 0's streams; under DDP the ranks' dropout streams then coincide
         else:
             self.log.warning(f"{path} was written by {state.get('world_size')} processes, resuming on {self.world_size}: "
                              "random streams restart")
@@ -252,93 +334,142 @@ class Trainer:
 
     # ---- the loop -------------------------------------------------------------------------------------------------
     def train_step(self, batch):
+        where = f"epoch {self.epoch}, step {self.global_step + 1}"
         batch = to_device(batch, self.device)
+        check_finite(batch, where)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            losses = self.compute_losses(batch, self.epoch)
+            losses = self.compute_losses(self.model, batch, self.epoch)
         total = sum(losses.values())
         if not torch.isfinite(total):
             bad = [k for k, v in losses.items() if not torch.isfinite(v)]
-            raise FloatingPointError(f"non-finite loss at epoch {self.epoch}, step {self.global_step}: {bad}. "
-                                     "Check the batch for NaN input (the data cache rejects NaN poses) or lower lr_base.")
+            raise FloatingPointError(f"{where}: non-finite loss {bad}; the inputs were finite, so lower lr_base "
+                                     "or check the stage-1 models")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
         if self.args.grad_norm > 0:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.grad_norm)
+            torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.args.grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return {k: v.detach() for k, v in losses.items()} | {"total": total.detach()}
 
-    def fit(self):
+    def _done(self):
+        return self.epoch >= self.args.epochs or (self.args.max_steps and self.global_step >= self.args.max_steps)
+
+    def train_epoch(self):
+        """Steps of the current epoch from `batch_in_epoch` on, until its end or max_steps."""
         args = self.args
-        frames_per_step = args.batch_size * args.pose_length * self.world_size
-        stop = False
-        while self.epoch < args.epochs and not stop:
-            self.model.train()
-            self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
-            bar = tqdm(self.train_loader, desc=f"epoch {self.epoch}", disable=not self.is_main, dynamic_ncols=True,
-                       mininterval=1.0)
-            sums, count, t0 = {}, 0, time.time()
-            for batch in bar:
-                losses = self.train_step(batch)
-                self.global_step += 1
-                self.batch_in_epoch += 1
-                for k, v in losses.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
-                count += 1
-                if self.global_step % args.log_period == 0 or self.batch_in_epoch == 1:
-                    fps = frames_per_step * count / max(time.time() - t0, 1e-9)
-                    bar.set_postfix(loss=f"{float(losses['total']):.4f}", fps=f"{fps:.0f}")
-                    self._log_scalars("train", {k: float(v) for k, v in losses.items()}, self.global_step)
-                    self._log_scalars("lr", {"glr": self.optimizer.param_groups[0]["lr"]}, self.global_step)
-                if args.max_steps and self.global_step >= args.max_steps:
-                    stop = True
-                    break
-            if count:
-                fps = frames_per_step * count / max(time.time() - t0, 1e-9)
-                summary = " ".join(f"{k} {v / count:.4f}" for k, v in sums.items())
-                self.log.info(f"[epoch {self.epoch}] steps {self.global_step} | {summary} | {fps:.0f} frames/s")
-            if stop and self.batch_in_epoch < self.sampler.batches_per_epoch():
-                self.save_state()  # stopped mid-epoch by max_steps: resume continues from this batch
+        n_batches = self.sampler.batches_per_epoch()
+        self.raw_model.train()
+        self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
+        bar = tqdm(self.train_loader, desc=f"epoch {self.epoch}", disable=not self.is_main, dynamic_ncols=True,
+                   mininterval=1.0, leave=False)
+        sums, count, window = {}, 0, {"n": 0, "data": 0.0, "net": 0.0, "sums": {}}
+        t_epoch = t_data = time.perf_counter()
+        for batch in bar:
+            t_net = time.perf_counter()
+            losses = self.train_step(batch)
+            values = {k: float(v) for k, v in losses.items()}
+            now = time.perf_counter()
+            window["data"] += t_net - t_data
+            window["net"] += now - t_net
+            window["n"] += 1
+            for k, v in values.items():
+                sums[k] = sums.get(k, 0.0) + v
+                window["sums"][k] = window["sums"].get(k, 0.0) + v
+            count += 1
+            self.global_step += 1
+            self.batch_in_epoch += 1
+            if self.global_step % args.log_period == 0 or self.batch_in_epoch == n_batches:
+                n = window["n"]
+                fps = args.batch_size * args.pose_length * n / max(window["data"] + window["net"], 1e-9)
+                lr = self.optimizer.param_groups[0]["lr"]
+                mem = f" mem: {torch.cuda.max_memory_allocated(self.device) / 2**30:.2f}GB" if self.device.type == "cuda" else ""
+                self.log.info(f"[{self.epoch}][{self.batch_in_epoch}/{n_batches}] "
+                              + " ".join(f"{k}: {v / n:.4f}" for k, v in window["sums"].items())
+                              + f" glr: {lr:.3e} dtime: {1000 * window['data'] / n:.0f}ms "
+                                f"ntime: {1000 * window['net'] / n:.0f}ms {fps:.0f} frames/s{mem}")
+                bar.set_postfix(loss=f"{values['total']:.4f}", fps=f"{fps:.0f}")
+                self._log_scalars("train", {k: v / n for k, v in window["sums"].items()}, self.global_step)
+                self._log_scalars("lr", {"glr": lr}, self.global_step)
+                window = {"n": 0, "data": 0.0, "net": 0.0, "sums": {}}
+            if args.max_steps and self.global_step >= args.max_steps:
                 break
-            self.batch_in_epoch = 0
-            self.scheduler.step()
-            finished_epoch = self.epoch
-            self.epoch += 1
-            self._end_of_epoch(finished_epoch)
-            self.save_state()
-        self._barrier()
-        self.save_weights(f"last_{max(self.epoch - 1, 0)}.bin")
-        self.log.info(f"training done: {self.global_step} steps; best {self.best_metric} {self.best_value:.6g} "
-                      f"at epoch {self.best_epoch}" if self.best_metric else f"training done: {self.global_step} steps")
+            t_data = time.perf_counter()
+        bar.close()
+        if count:
+            fps = args.batch_size * args.pose_length * count / max(time.perf_counter() - t_epoch, 1e-9)
+            summary = " ".join(f"{k} {v / count:.4f}" for k, v in sums.items())
+            self.log.info(f"[epoch {self.epoch}] steps {self.global_step} | {summary} | {fps:.0f} frames/s")
+        return self.batch_in_epoch == n_batches
+
+    def fit(self):
+        """Train until `epochs` (or `max_steps`), evaluating, checkpointing and saving the resume state as it goes.
+        Returns the run folder."""
+        with logging_redirect_tqdm(loggers=[self.log]):
+            while not self._done():
+                if self.train_epoch():
+                    finished = self.epoch
+                    self.batch_in_epoch = 0
+                    self.scheduler.step()
+                    self.epoch += 1
+                    self._end_of_epoch(finished)
+                self.save_state()  # after every epoch, and where max_steps stopped mid-epoch
+            self._sync_buffers()
+            if self.eval_loader is not None and self.evaluated_step != self.global_step:
+                self.evaluate_and_select(self.epoch if self.batch_in_epoch else self.epoch - 1)  # the final weights
+            self._barrier()
+            last_epoch = self.epoch if self.batch_in_epoch else max(self.epoch - 1, 0)
+            self.save_weights(f"last_{last_epoch}.bin")
+            best = os.path.join(self.run_dir, f"{self.best_metric}.bin")
+            if self.is_main and self.args.epochs >= self.args.test_start_epoch and os.path.isfile(best):
+                with preserved_rng():  # published: the best checkpoint is tested last
+                    self.test_checkpoint(best, f"best_{self.best_metric}")
+            self._barrier()
+        if self.best_metric and self.best_epoch >= 0:
+            self.log.info(f"training done: {self.global_step} steps; best {self.best_metric} {self.best_value:.6g} "
+                          f"after epoch {self.best_epoch}")
+        else:
+            self.log.info(f"training done: {self.global_step} steps")
+        if self.writer is not None:
+            self.writer.close()
         return self.run_dir
 
     def _end_of_epoch(self, epoch):
         args = self.args
-        if self.eval_data is not None and (epoch + 1) % args.eval_period == 0:
-            metrics = self.run_evaluation()
-            if self.is_main and self.best_metric in metrics and metrics[self.best_metric] < self.best_value:
-                self.best_value, self.best_epoch = metrics[self.best_metric], epoch
-                self.save_weights(f"{self.best_metric}.bin")
-        if epoch >= args.test_start_epoch and epoch % args.test_period == 0 and epoch != 0:
-            self.save_weights(f"last_{epoch}.bin")
-
-    def run_evaluation(self):
-        """Evaluation runs on rank 0 with the unwrapped model; the other ranks wait."""
-        metrics = {}
-        if self.is_main:
-            loader = torch.utils.data.DataLoader(self.eval_data, batch_size=self.args.batch_size, shuffle=False,
-                                                 drop_last=False, num_workers=self.args.loader_workers)
-            self.raw_model.eval()
-            with torch.no_grad(), torch.autocast(self.device.type, dtype=self.autocast_dtype,
-                                                 enabled=self.autocast_dtype is not None):
-                metrics = self.evaluate(loader)
-            self.raw_model.train()
-            self._log_scalars("val", metrics, self.global_step)
-            self.log.info(f"[eval {self.args.eval_split} after epoch {self.epoch - 1}] "
-                          + " ".join(f"{k} {v:.6g}" for k, v in metrics.items()))
+        self._sync_buffers()
+        if self.eval_loader is not None and (epoch + 1) % args.eval_period == 0:
+            self.evaluate_and_select(epoch)
         self._barrier()
+        if epoch >= args.test_start_epoch and epoch % args.test_period == 0 and epoch != 0:
+            path = self.save_weights(f"last_{epoch}.bin")
+            if self.is_main:
+                with preserved_rng():
+                    self.test_checkpoint(path, str(epoch))
+            self._barrier()
+
+    def evaluate_and_select(self, epoch):
+        """Rank 0 evaluates the unwrapped model on eval_split and keeps `<best_metric>.bin` (lower is better)."""
+        self.raw_model.eval()
+        with preserved_rng(), torch.no_grad(), torch.autocast(self.device.type, dtype=self.autocast_dtype,
+                                             enabled=self.autocast_dtype is not None):
+            metrics = self.evaluate(self.eval_loader)
+        self.raw_model.train()
+        self.evaluated_step = self.global_step
+        self._log_scalars("val", metrics, self.global_step)
+        self.log.info(f"[eval {self.args.eval_split} after epoch {epoch}, step {self.global_step}] "
+                      + " ".join(f"{k} {v:.6g}" for k, v in metrics.items()))
+        value = metrics.get(self.best_metric)
+        if value is not None and value < self.best_value:
+            self.best_value, self.best_epoch = value, epoch
+            self.save_weights(f"{self.best_metric}.bin")
         return metrics
+
+    def _sync_buffers(self):
+        """DDP broadcasts buffers before each forward; the last forward's BatchNorm statistics still differ per rank."""
+        if self.world_size > 1:
+            for buffer in self.raw_model.buffers():
+                dist.broadcast(buffer, 0)
 
     def _barrier(self):
         if self.world_size > 1:

@@ -12,17 +12,25 @@ Two protocols:
     to 60*k + 4 frames, audio is sliced with 533 samples per frame, window 0 is seeded with ground truth and the seed
     translation of later windows integrates the lower VQ's unsupervised translation channels from the first frame.
 """
+import functools
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
 
+from utils.cuda_graph import GraphedFunction
 from utils.rotation import (axis_angle_to_rot6d, matrix_to_rotation_6d, rot6d_to_axis_angle, rotation_6d_to_matrix)
 from utils.skeleton import PART_JOINTS, REST_TRANS, rest_pose
 
 SAMPLES_PER_SECOND = 16000
 FPS = 30
 PARTS = ("face", "upper", "hands", "lower")
+# On a GPU the per-window step (generator, code choice, VQ decoding, next seed) replays as one CUDA graph per batch
+# size; False runs it eagerly (same results).
+CUDA_GRAPHS = True
+ENCODE_BATCH = 64  # windows per call of the audio/text encoders
+CONDITION = ("spk_face", "spk_body", "face_feat", "memory")  # MambaTalk.encode_condition's outputs, in window_step's order
 
 
 @dataclass
@@ -47,9 +55,15 @@ def scatter_parts(part_aa):
     first = next(iter(part_aa.values()))
     full = first.new_zeros(*first.shape[:-1], 55, 3)
     for table, aa in part_aa.items():
-        joints = PART_JOINTS[table]
+        joints = _joint_index(table, full.device)
         full[..., joints, :] = aa.reshape(*aa.shape[:-1], len(joints), 3)
     return full.reshape(*first.shape[:-1], 165)
+
+
+@functools.lru_cache(maxsize=None)
+def _joint_index(table, device):
+    """PART_JOINTS[table] as a tensor on `device`, made once (indexing with a list copies it over every call)."""
+    return torch.tensor(PART_JOINTS[table], device=device)
 
 
 def assemble_pose(upper6d, hands6d, legs6d, jaw6d=None):
@@ -143,10 +157,19 @@ def _slice_pad(x, start, length, dim=0):
 @torch.no_grad()
 def generate(model, vq, sequences, args, paper_protocol=False, batch_size=64, progress=None):
     """Generate motion for a list of `Sequence`s. Returns one dict per sequence with torch tensors on CPU:
-    poses (n,165), expressions (n,100), trans (n,3), contacts (n,4)."""
+    poses (n,165), expressions (n,100), trans (n,3), contacts (n,4).
+
+    The audio/text conditioning of every window is computed up front, in large batches (it does not depend on the
+    generated motion; the audio encoders are most of the model's work). Then sequences go in groups of
+    `batch_size`, longest first, and each group runs its windows one after another at a fixed batch size
+    (a sequence that has finished repeats its last window, unused), so the per-window step needs no host
+    synchronisation and replays as a CUDA graph on GPUs. `args.amp == 'bf16'` runs the generator under bf16
+    autocast (codes can differ from float32 where two logits are within rounding); the VQ decoders stay float32.
+    """
     device = next(model.parameters()).device
     window, pre = args.pose_length, args.pre_frames
     cls_weights = {"face": args.cf, "upper": args.cu, "hands": args.ch, "lower": args.cl}
+    amp = getattr(args, "amp", "none") == "bf16"
     model.eval()
     plans = [WindowPlan(s.n_frames, s.audio.shape[0], window, pre, paper_protocol) for s in sequences]
     seeds, starts = [], []
@@ -156,44 +179,32 @@ def generate(model, vq, sequences, args, paper_protocol=False, batch_size=64, pr
             seed[:, 330:333] = s.start_trans.to(device).float()  # a neutral pose, standing where the speaker starts
         seeds.append(seed)
         starts.append(seed[0, 330:333].clone() if s.start_trans is None else s.start_trans.to(device).float())
-    codes = [[] for _ in sequences]  # per sequence: list of per-window code dicts (kept frames only)
-    max_windows = max(p.n_windows for p in plans)
-    for w in range(max_windows):
-        active = [i for i, p in enumerate(plans) if p.n_windows > w]
-        for chunk_start in range(0, len(active), batch_size):
-            ids = active[chunk_start:chunk_start + batch_size]
-            audio, word, spk, motion = [], [], [], []
-            for i in ids:
-                s, p = sequences[i], plans[i]
-                f0 = p.frame_starts[w]
-                audio.append(_slice_pad(s.audio, p.audio_starts[w], p.audio_len))
-                word.append(_slice_pad(s.word, f0, window))
-                spk.append(torch.full((window, 1), s.speaker, dtype=torch.long))
-                canvas = torch.zeros(window, seeds[i].shape[1], device=device)
-                canvas[:pre] = seeds[i]
-                motion.append(canvas)
-            in_audio = torch.stack(audio).to(device).float()
-            in_word = torch.stack(word).to(device).long()
-            in_id = torch.stack(spk).to(device)
-            in_motion = torch.stack(motion)
-            mask = torch.ones_like(in_motion)
-            mask[:, :pre] = 0
-            out = model(in_audio=in_audio, in_word=in_word, mask=mask, in_motion=in_motion, in_id=in_id)
-            window_codes = choose_codes(vq, out, cls_weights)
-            decoded = decode_codes(vq, {k: window_codes[k] for k in ("upper", "hands", "lower")})
+    kinds = {p: "index" if cls_weights[p] != 0 else "latent" for p in PARTS}
+    order = sorted(range(len(sequences)), key=lambda i: -plans[i].n_windows)
+    groups = [order[g:g + batch_size] for g in range(0, len(order), batch_size)]
+    total_steps, done_steps = sum(plans[g[0]].n_windows for g in groups), 0
+    codes = [[] for _ in sequences]  # per sequence: list of per-window {part: codes of the kept frames}
+    for ids in groups:
+        cond, first = encode_windows(model, [sequences[i] for i in ids], [plans[i] for i in ids], window, device, amp)
+        n_windows = [plans[i].n_windows for i in ids]
+        table = torch.tensor([[first[j] + min(w, n - 1) for w in range(n_windows[0])] for j, n in enumerate(n_windows)],
+                             device=device)
+        seed, start = torch.stack([seeds[i] for i in ids]), torch.stack([starts[i] for i in ids])
+        cond = [cond[k] for k in CONDITION]
+        step = _window_step(model, vq, kinds, pre, paper_protocol, amp, [v[table[:, 0]] for v in cond] + [seed, start])
+        for w in range(n_windows[0]):
+            outs = step(*[v.index_select(0, table[:, w]) for v in cond], seed, start)
+            seed = outs[-1]
+            keep = slice(0, window) if w == 0 else slice(pre, window)
             for j, i in enumerate(ids):
-                keep = slice(0, window) if w == 0 else slice(pre, window)
-                codes[i].append({k: (kind, v[j:j + 1, keep]) for k, (kind, v) in window_codes.items()})
-            seed_next = _next_seed(decoded, pre, torch.stack([starts[i] for i in ids]), paper_protocol,
-                                   vq, torch.stack([seeds[i] for i in ids]))
-            for j, i in enumerate(ids):
-                seeds[i] = seed_next[j]
-        if progress is not None:
-            progress(w + 1, max_windows)
+                if w < n_windows[j]:
+                    codes[i].append({p: c[j:j + 1, keep] for p, c in zip(PARTS, outs)})
+            done_steps += 1
+            if progress is not None:
+                progress(done_steps, total_steps)
     results = []
     for i, s in enumerate(sequences):
-        merged = {part: (codes[i][0][part][0], torch.cat([c[part][1] for c in codes[i]], dim=1))
-                  for part in PARTS}
+        merged = {p: (kinds[p], torch.cat([c[p] for c in codes[i]], dim=1)) for p in PARTS}
         decoded = decode_codes(vq, merged)
         start_xz = starts[i][[0, 2]][None]
         pose, exps, trans, contacts = decoded_to_motion(vq, decoded, start_xz)
@@ -201,6 +212,62 @@ def generate(model, vq, sequences, args, paper_protocol=False, batch_size=64, pr
         results.append({"poses": pose[0, :n].cpu(), "expressions": exps[0, :n].cpu(), "trans": trans[0, :n].cpu(),
                         "contacts": contacts[0, :n].cpu()})
     return results
+
+
+def encode_windows(model, sequences, plans, window, device, amp=False):
+    """MambaTalk.encode_condition for every window of `sequences`, batched: {name: (W, window, C)} over all
+    windows in sequence order, and the index of each sequence's first window."""
+    audio, word, speaker, first = [], [], [], []
+    for s, p in zip(sequences, plans):
+        first.append(len(audio))
+        # zero-padded once, so every window below is a plain slice
+        a = _slice_pad(s.audio.to(device).float(), 0, p.audio_starts[-1] + p.audio_len)
+        t = _slice_pad(s.word.to(device).long(), 0, p.frame_starts[-1] + window)
+        audio += [a[k:k + p.audio_len] for k in p.audio_starts]
+        word += [t[f:f + window] for f in p.frame_starts]
+        speaker += [s.speaker] * p.n_windows
+    speaker = torch.tensor(speaker, device=device)[:, None, None].expand(-1, window, 1)
+    parts = []
+    for k in range(0, len(audio), ENCODE_BATCH):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            parts.append(model.encode_condition(torch.stack(audio[k:k + ENCODE_BATCH]),
+                                                torch.stack(word[k:k + ENCODE_BATCH]),
+                                                speaker[k:k + ENCODE_BATCH], window))
+    return {name: torch.cat([c[name] for c in parts]) for name in parts[0]}, first
+
+
+def window_step(model, vq, kinds, pre, paper_protocol, amp, spk_face, spk_body, face_feat, memory, seed, start):
+    """One window for a batch of sequences: codes of the four parts (PARTS order) and the next window's seed."""
+    condition = dict(spk_face=spk_face, spk_body=spk_body, face_feat=face_feat, memory=memory)
+    n, window = spk_face.shape[:2]
+    in_motion = seed.new_zeros(n, window, seed.shape[-1])
+    in_motion[:, :pre] = seed
+    mask = torch.ones_like(in_motion)
+    mask[:, :pre] = 0
+    with torch.autocast(seed.device.type, dtype=torch.bfloat16, enabled=amp):
+        out = model.predict(condition, mask, in_motion)
+    out = {k: v.float() for k, v in out.items()}
+    window_codes = choose_codes(vq, out, {p: 1.0 if kinds[p] == "index" else 0.0 for p in PARTS})
+    decoded = decode_codes(vq, {k: window_codes[k] for k in ("upper", "hands", "lower")})
+    next_seed = _next_seed(decoded, pre, start, paper_protocol, vq, seed)
+    return tuple(window_codes[p][1] for p in PARTS) + (next_seed,)
+
+
+_graphs = weakref.WeakKeyDictionary()  # model -> {settings: (vq modules, GraphedFunction)}
+
+
+def _window_step(model, vq, kinds, pre, paper_protocol, amp, example):
+    """window_step with its settings bound: a CUDA graph on GPUs (captured once per model, VQ set, batch size and
+    settings, and kept while the model lives), else the eager function."""
+    fn = functools.partial(window_step, model, vq, kinds, pre, paper_protocol, amp)
+    if not (CUDA_GRAPHS and example[0].is_cuda):
+        return fn
+    vq_modules = tuple(vq[k] for k in sorted(vq))
+    key = (tuple(kinds.items()), pre, paper_protocol, amp, tuple((t.shape, t.dtype) for t in example))
+    cache = _graphs.setdefault(model, {})
+    if key not in cache or any(a is not b for a, b in zip(cache[key][0], vq_modules)):
+        cache[key] = (vq_modules, GraphedFunction(fn, example))
+    return cache[key][1]
 
 
 def _next_seed(decoded, pre, start_trans, paper_protocol, vq, prev_seed):

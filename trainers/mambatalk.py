@@ -5,7 +5,9 @@ from 0.05 to 1 over training; each pass is scored by latent regression (MSE to t
 classification (cross-entropy). Validation runs on the real val split (the published code scored the train loader,
 §10.3 #1) and reports FGD with the evaluation autoencoder when its weights exist.
 """
+import importlib.util
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,13 +23,22 @@ from utils.metric import frechet_distance
 from utils.rotation import axis_angle_to_rot6d
 from utils.skeleton import PART_JOINTS
 
-STAGE1_CONFIGS = {"face": "configs/cnn_vqvae_face_30.yaml", "upper": "configs/cnn_vqvae_upper_30.yaml",
-                  "hands": "configs/cnn_vqvae_hands_30.yaml", "lower": "configs/cnn_vqvae_lower_foot_30.yaml",
-                  "global_motion": "configs/cnn_vqvae_lower_30.yaml"}
+STAGE1_CONFIGS = {"face": "cnn_vqvae_face_30.yaml", "upper": "cnn_vqvae_upper_30.yaml", "hands": "cnn_vqvae_hands_30.yaml",
+                  "lower": "cnn_vqvae_lower_foot_30.yaml", "global_motion": "cnn_vqvae_lower_30.yaml"}
+STAGE1_BEST = {"global_motion": "trans.bin"}  # the checkpoint each stage-1 run selects on val (others: rec.bin)
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def stage1_dir(args):
     return args.pretrained_vq_dir or os.path.join(args.data_path_1, "pretrained_vq")
+
+
+def stage1_train_command(args, name):
+    """The command that trains stage-1 model `name`: the config beside the MambaTalk config (configs/demo/ for the
+    demo), else the published one in configs/."""
+    here = Path(getattr(args, "config_path", "") or "configs/x.yaml").parent / STAGE1_CONFIGS[name]
+    config = here if here.is_file() else Path("configs") / STAGE1_CONFIGS[name]
+    return f"python train.py --config {config}"
 
 
 def load_frozen_models(args, device):
@@ -38,9 +49,9 @@ def load_frozen_models(args, device):
         path = os.path.join(folder, STAGE1_FILES[name])
         if not os.path.isfile(path):
             raise FileNotFoundError(
-                f"stage-1 checkpoint {path} is missing. Train it with `python train.py --config {STAGE1_CONFIGS[name]}` "
-                f"and copy the run's best checkpoint (rec.bin, or trans.bin for the global-motion model) to {path}, "
-                "or download the official pretrained_vq files (see pretrained/README.md).")
+                f"stage-1 checkpoint {path} is missing. Train it with `{stage1_train_command(args, name)}` and copy "
+                f"the run's {STAGE1_BEST.get(name, 'rec.bin')} to {path}, or download the official pretrained_vq files "
+                "(see pretrained/README.md).")
         load_weights(model, path)
         model.to(device).eval().requires_grad_(False)
     return models
@@ -55,6 +66,11 @@ def load_eval_model(args, device):
     model = VAESKConv(args)
     load_weights(model, path)
     return model.to(device).eval().requires_grad_(False)
+
+
+def mask_ratio(epoch, epochs):
+    """Share of masked canvas entries in the two masked passes: 0.05 at epoch 0, rising linearly towards 1 (§5.2)."""
+    return epoch / epochs * 0.95 + 0.05
 
 
 def joints_6d(pose6d, table):
@@ -85,12 +101,26 @@ def prepare_targets(batch, vq):
 
 
 class MambaTalkTrainer(Trainer):
+    # The three passes of a step see identical audio/words/speakers: encode them once (MambaTalk.forward with a list
+    # of masks; identical results, BatchNorm statistics included). False: three full passes, as published.
+    share_condition = True
 
     def build_model(self):
         self.vq = load_frozen_models(self.args, self.device)
-        self.eval_model = load_eval_model(self.args, self.device)
+        self.eval_model = load_eval_model(self.args, self.device) if self.is_main else None
         self.best_metric = "fid" if self.eval_model is not None else "latent"
-        return MambaTalk(self.args, vocab=self.train_data.vocab)
+        model = MambaTalk(self.args, vocab=self.train_data.vocab)
+        # The published forward discards this branch's output, so it never gets a gradient; Adam skips such
+        # parameters anyway. Frozen, DDP does not wait for their gradients. Its weights stay in the checkpoint.
+        model.global_scan.face_q_self_attn.requires_grad_(False)
+        return model
+
+    def test_checkpoint(self, path, tag):
+        """The published periodic test: generate the test split with this checkpoint and score it (test.py)."""
+        spec = importlib.util.spec_from_file_location("mambatalk_test_entry", REPO_ROOT / "test.py")
+        test_entry = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(test_entry)
+        test_entry.run_test(self.args, ckpt=path, out_dir=os.path.join(self.run_dir, "test", tag), log=self.log)
 
     def latent_loss(self, out, t, weights):
         return sum(weights[k] * F.mse_loss(out[f"rec_{k}"].float(), t["latent"][k]) for k in PARTS)
@@ -99,25 +129,28 @@ class MambaTalkTrainer(Trainer):
         return sum(weights[k] * F.cross_entropy(out[f"cls_{k}"].flatten(0, 1).float(), t["index"][k].flatten())
                    for k in PARTS if weights[k] != 0)
 
-    def forward(self, t, mask):
-        return self.model(in_audio=t["audio"], in_word=t["word"], mask=mask, in_motion=t["motion"], in_id=t["id"])
+    @staticmethod
+    def forward(model, t, mask):
+        return model(in_audio=t["audio"], in_word=t["word"], mask=mask, in_motion=t["motion"], in_id=t["id"])
 
     def seeded_mask(self, motion):
         mask = torch.ones_like(motion)
         mask[:, :self.args.pre_frames] = 0
         return mask
 
-    def compute_losses(self, batch, epoch):
+    def compute_losses(self, model, batch, epoch):
         a = self.args
         t = prepare_targets(batch, self.vq)
         lat_w = {"face": a.lf, "upper": a.lu, "hands": a.lh, "lower": a.ll}
         cls_w = {"face": a.cf, "upper": a.cu, "hands": a.ch, "lower": a.cl}
         ones = dict.fromkeys(PARTS, 1.0)  # the masked passes weight every part's classification by 1 (§5.3)
-        out_seeded = self.forward(t, self.seeded_mask(t["motion"]))
-        mask_ratio = epoch / a.epochs * 0.95 + 0.05
-        mask = (torch.rand_like(t["motion"]) < mask_ratio).float()
-        out_self = self.forward(t, mask)
-        out_word = self.forward(t, mask)  # the published `use_word` pass: same inputs, fresh dropout
+        mask = (torch.rand_like(t["motion"]) < mask_ratio(epoch, a.epochs)).float()  # element-wise, as published
+        # seeded pass, masked pass, and the published `use_word` pass (same inputs, fresh dropout)
+        masks = [self.seeded_mask(t["motion"]), mask, mask]
+        if self.share_condition:  # one call; the audio/text encoders run once for the three passes
+            out_seeded, out_self, out_word = self.forward(model, t, masks)
+        else:
+            out_seeded, out_self, out_word = (self.forward(model, t, m) for m in masks)
         return {
             "latent": self.latent_loss(out_seeded, t, lat_w), "cls_full": self.cls_loss(out_seeded, t, cls_w),
             "latent_self": self.latent_loss(out_self, t, lat_w), "cls_self": self.cls_loss(out_self, t, ones),
@@ -133,8 +166,7 @@ class MambaTalkTrainer(Trainer):
         for batch in loader:
             batch = {k: v.to(self.device) for k, v in batch.items()}
             t = prepare_targets(batch, self.vq)
-            out = self.raw_model(in_audio=t["audio"], in_word=t["word"], mask=self.seeded_mask(t["motion"]),
-                                 in_motion=t["motion"], in_id=t["id"])
+            out = self.forward(self.raw_model, t, self.seeded_mask(t["motion"]))
             latent_sum += float(self.latent_loss(out, t, lat_w))
             n_batches += 1
             for k in PARTS:

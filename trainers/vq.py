@@ -5,9 +5,12 @@ They differ only in how a batch becomes loss terms. Two published quirks are fix
             fixed, it compares the fully predicted face with the fully ground-truth face.
   §10.3 #10 vertex velocity/acceleration were taken across the flattened batch*time axis (mixing clips) and weighted
             by rec_weight twice; fixed, they are taken along time inside each clip, weighted once.
-With `vq_fixes: false` the published behaviour is reproduced, e.g. to retrain the released files bit for bit.
-The default is on because the published terms are either symmetric-noise (#9) or dominated by clip-boundary jumps
-(#10) and the weights of all released configs are 1, so the fix changes nothing but the meaning of the term.
+With `vq_fixes: false` the published terms are computed, e.g. to reproduce the released training. The default is on
+because the published face term pulls the jaw towards the predicted expressions' mesh (#9) and the published vertex
+differences are dominated by clip-boundary jumps (#10); with the weights of every released config at 1, the double
+weighting itself changes nothing.
+One deviation: the lower-body "joint" term uses the 55 skeleton joints instead of smplx's 127 output joints (the
+other 72 are surface keypoints that need the whole mesh skinned per frame).
 """
 import torch
 import torch.nn.functional as F
@@ -65,11 +68,13 @@ class Stage1Trainer(Trainer):
     best_metric = "rec"
 
     def build_model(self):
-        self.body = load_body_model(self.args, self.device)
-        for p in self.body.parameters():
-            p.requires_grad_(False)
-        self.joints = PART_JOINTS[self.args.tar_joints]
-        return getattr(motion_representation, self.args.g_name)(self.args)
+        a = self.args
+        self.body = load_body_model(a, self.device)
+        self.joints = PART_JOINTS[a.tar_joints]
+        if a.vae_length != a.vae_codebook_size:
+            self.log.warning(f"vae_length {a.vae_length} != vae_codebook_size {a.vae_codebook_size}: MambaTalk builds its "
+                             "stage-1 models with latent width = vae_codebook_size, so it cannot load this model")
+        return getattr(motion_representation, a.g_name)(a)
 
     def vertex_terms(self, v_hat, v, ver_loss, diff_loss, published_diff_weight=1.0):
         """ver, ver_vel, ver_acc of (B, T, V, 3) vertex (or joint) tensors."""
@@ -89,10 +94,11 @@ class Stage1Trainer(Trainer):
         return x.reshape(B, T, *x.shape[1:])
 
     def evaluate(self, loader):
+        """The training loss terms on the eval split, averaged over batches."""
         sums, n = {}, 0
         for batch in loader:
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            for k, v in self.compute_losses(batch, self.epoch).items():
+            for k, v in self.compute_losses(self.raw_model, batch, self.epoch).items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             n += 1
         return {k: v / max(n, 1) for k, v in sums.items()}
@@ -101,13 +107,13 @@ class Stage1Trainer(Trainer):
 class PartVQTrainer(Stage1Trainer):
     """`trainer: ae`: upper body (78-D) and hands (180-D) VQ-VAEs (spec §6.1)."""
 
-    def compute_losses(self, batch, epoch):
+    def compute_losses(self, model, batch, epoch):
         a = self.args
         pose = batch["pose"].float()  # (B, T, 3J) axis-angle
         B, T = pose.shape[:2]
         J = len(self.joints)
         R = axis_angle_to_matrix(pose.reshape(B, T, J, 3))
-        out = self.model(matrix_to_rotation_6d(R).reshape(B, T, J * 6))
+        out = model(matrix_to_rotation_6d(R).reshape(B, T, J * 6))
         R_hat = rotation_6d_to_matrix(out["rec_pose"].reshape(B, T, J, 6))
         losses = {
             "rec": a.rec_weight * a.rec_pos_weight * geodesic_loss(R_hat, R),
@@ -131,13 +137,13 @@ class PartVQTrainer(Stage1Trainer):
 class FaceVQTrainer(Stage1Trainer):
     """`trainer: aeface`: jaw 6D + 100 expressions (spec §6.2)."""
 
-    def compute_losses(self, batch, epoch):
+    def compute_losses(self, model, batch, epoch):
         a = self.args
         jaw = batch["pose"].float()[..., :3]
         exps = batch["facial"].float()
         B, T = jaw.shape[:2]
         R = axis_angle_to_matrix(jaw)
-        out = self.model(torch.cat([matrix_to_rotation_6d(R), exps], dim=-1))
+        out = model(torch.cat([matrix_to_rotation_6d(R), exps], dim=-1))
         rec = out["rec_pose"]
         R_hat, exps_hat = rotation_6d_to_matrix(rec[..., :6]), rec[..., 6:]
         losses = {
@@ -177,11 +183,11 @@ def lower_input(batch, joints):
 class LowerVQTrainer(Stage1Trainer):
     """`trainer: aelowerfoot` -> pretrained_vq/lower_foot.bin (spec §6.3)."""
 
-    def compute_losses(self, batch, epoch):
+    def compute_losses(self, model, batch, epoch):
         a = self.args
         R, trans, contact = lower_input(batch, self.joints)
         B, T, J = R.shape[:3]
-        out = self.model(torch.cat([matrix_to_rotation_6d(R).reshape(B, T, J * 6), trans, contact], dim=-1))
+        out = model(torch.cat([matrix_to_rotation_6d(R).reshape(B, T, J * 6), trans, contact], dim=-1))
         rec = out["rec_pose"]
         R_hat = rotation_6d_to_matrix(rec[..., :J * 6].reshape(B, T, J, 6))
         contact_hat = rec[..., J * 6 + 3:J * 6 + 7]
@@ -198,6 +204,8 @@ class LowerVQTrainer(Stage1Trainer):
         with torch.no_grad():
             joints_tar = self.body_forward(insert_part(matrix_to_axis_angle(R).reshape(B, T, J * 3), self.joints),
                                            betas, vertices=False)
+        # published: MSE over smplx's 127 output joints; here the 55 skeleton joints (the other 72 are surface
+        # keypoints that need the whole mesh skinned, ~100x the cost), so this term is close to, not equal to, it
         losses["ver"] = a.rec_weight * a.rec_ver_weight * F.mse_loss(joints_hat, joints_tar)
         in_contact = (contact_hat > 0.95).detach().float()[..., None]
         foot_slide = foot_velocity(joints_hat) * in_contact
@@ -209,11 +217,11 @@ class GlobalMotionTrainer(Stage1Trainer):
     """`trainer: aelower` -> pretrained_vq/foot.bin: legs -> root velocity, height and foot contact (spec §6.4)."""
     best_metric = "trans"
 
-    def compute_losses(self, batch, epoch):
+    def compute_losses(self, model, batch, epoch):
         R, trans, contact = lower_input(batch, self.joints)
         B, T, J = R.shape[:3]
         legs6d = matrix_to_rotation_6d(R).reshape(B, T, J * 6)
-        out = self.model(torch.cat([legs6d, legs6d.new_zeros(B, T, 7)], dim=-1))
+        out = model(torch.cat([legs6d, legs6d.new_zeros(B, T, 7)], dim=-1))
         rec = out["rec_pose"]
         vx_hat, y_hat, vz_hat = rec[..., J * 6], rec[..., J * 6 + 1], rec[..., J * 6 + 2]
         contact_hat = rec[..., J * 6 + 3:J * 6 + 7]
@@ -253,11 +261,16 @@ class EvalAETrainer(Stage1Trainer):
     data without that file (the embedded demo) still gets an FGD. Loss: 6D reconstruction and its velocity."""
 
     def build_model(self):
-        return getattr(motion_representation, self.args.g_name)(self.args)
+        model = getattr(motion_representation, self.args.g_name)(self.args)
+        # fc_mu / fc_logvar only exist so the released file loads (variational: False): frozen, so DDP sees no
+        # parameter without a gradient
+        for p in (*model.fc_mu.parameters(), *model.fc_logvar.parameters()):
+            p.requires_grad_(False)
+        return model
 
-    def compute_losses(self, batch, epoch):
+    def compute_losses(self, model, batch, epoch):
         pose = batch["pose"].float()[..., :165]
         B, T = pose.shape[:2]
         x = matrix_to_rotation_6d(axis_angle_to_matrix(pose.reshape(B, T, 55, 3))).reshape(B, T, 330)
-        rec = self.model(x)["rec_pose"]
+        rec = model(x)["rec_pose"]
         return {"rec": F.mse_loss(rec, x), "vel": F.mse_loss(diff(rec), diff(x))}

@@ -1,0 +1,442 @@
+"""Speed of training and generation (issue 9): the published configuration against the fast one, in one run.
+
+    python run_scripts/bench_gpu.py                 # GPU: published sizes
+    python run_scripts/bench_gpu.py --tiny          # small sizes (CPU: what the test runs, so this cannot rot)
+    python run_scripts/bench_gpu.py --only train window --compile
+
+Prints ONE table (card named): for each target, the plain float32 eager configuration that mirrors the published
+code and the fast configuration, with peak GPU memory, then the agreement between the two.
+
+  train    full MambaTalk training step (frozen VQ encoders, three passes, six losses, backward, clipping, Adam)
+           at batch x 64 frames through the trainer's own train_step. published: fp32, three full passes, Adam.
+           fast: bf16 autocast, conditioning shared by the three passes, fused Adam (+ torch.compile: --compile).
+  window   one 64-frame window at batch 1, the generator's forward. published: eager fp32. fast: CUDA graph.
+  clip     a 60-s clip (30 windows, one after another), codes decoded to motion. published: the per-window loop of
+           the published test (full forward per window, inputs sliced on the host). fast: trainers.generate.
+  testset  15 sequences, 956 s of speech in all (BEAT2 speaker 2's test split), batched across sequences.
+  scan     one Mamba layer (d_model 256/512/768, 64 frames, batch 64), forward+backward: mamba-ssm's kernel (cuda)
+           against the torch backend (Triton kernels on GPUs) and the torch backend's PyTorch loop.
+Weights are random (speed only); data are random tensors already on the device (the loader is timed elsewhere).
+"""
+import argparse
+import copy
+import statistics
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from models import scan, ssm  # noqa: E402
+from models.mambatalk import MambaTalk  # noqa: E402
+from models.motion_representation import build_stage1_models  # noqa: E402
+from models.scan import available_backends  # noqa: E402
+from trainers import generate as gen  # noqa: E402
+from trainers.mambatalk import MambaTalkTrainer  # noqa: E402
+from utils.config import load_config  # noqa: E402
+from utils.cuda_graph import GraphedFunction  # noqa: E402
+
+TINY = dict(hidden_size=64, audio_f=64, motion_f=32, vae_codebook_size=32, word_index_num=40, word_dims=16,
+            batch_size=2)
+SECTIONS = ("train", "window", "clip", "testset", "scan")
+
+
+# ---- helpers --------------------------------------------------------------------------------------------------------
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device):
+    return torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else float("nan")
+
+
+def median_seconds(fn, device, repeats, warmup=1):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def build_models(args, device, seed=0):
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random word vectors: no vocab here
+        model = MambaTalk(args)
+    model.global_scan.face_q_self_attn.requires_grad_(False)  # as the trainer does: its output is discarded
+    vq = build_stage1_models(args)
+    for m in vq.values():
+        m.to(device).eval().requires_grad_(False)
+    return model.to(device), vq
+
+
+def training_batch(args, device, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    B, T = args.batch_size, args.pose_length
+    samples = int(T / args.pose_fps * args.audio_sr)
+    r = lambda *s: torch.randn(*s, generator=g)
+    batch = dict(pose=torch.cat([0.3 * r(B, T, 165), (r(B, T, 4) > 0).float()], dim=-1), trans=r(B, T, 3),
+                 facial=0.3 * r(B, T, 100), audio=r(B, samples, 3),
+                 word=torch.randint(0, args.word_index_num, (B, T), generator=g),
+                 id=torch.randint(0, 25, (B, 1), generator=g).expand(B, T)[..., None].clone())
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def step_trainer(args, device, model, vq, share, amp, fused, compile_model=False):
+    """A MambaTalkTrainer that runs its own train_step/compute_losses, without the data/logging set-up."""
+    args = copy.copy(args)
+    args.amp, args.fused_adam = amp, fused
+    t = MambaTalkTrainer.__new__(MambaTalkTrainer)
+    t.args, t.device, t.vq, t.raw_model, t.model = args, device, vq, model, model
+    t.share_condition = share
+    t.optimizer = t.build_optimizer()
+    t.autocast_dtype = torch.bfloat16 if amp == "bf16" else None
+    t.scaler = torch.amp.GradScaler(device.type, enabled=False)
+    t.epoch, t.global_step = 0, 0
+    if compile_model:
+        t.model = torch.compile(model)
+    return t
+
+
+def random_sequences(args, seconds, device_seed=0):
+    g = torch.Generator().manual_seed(device_seed)
+    seqs = []
+    for i, s in enumerate(seconds):
+        n = int(s * gen.FPS)
+        seqs.append(gen.Sequence(audio=torch.randn(int(s * gen.SAMPLES_PER_SECOND), 3, generator=g),
+                                 word=torch.randint(0, args.word_index_num, (n,), generator=g), speaker=i % 25,
+                                 n_frames=n, start_trans=torch.zeros(3)))
+    return seqs
+
+
+@torch.no_grad()
+def published_generate(model, vq, sequences, args):
+    """The published test's loop: every window runs the whole generator (audio encoders included) on inputs sliced
+    on the host and copied over, then its codes are decoded for the next seed; sequences batched per window."""
+    device = next(model.parameters()).device
+    window, pre = args.pose_length, args.pre_frames
+    cls_weights = {"face": args.cf, "upper": args.cu, "hands": args.ch, "lower": args.cl}
+    model.eval()
+    plans = [gen.WindowPlan(s.n_frames, s.audio.shape[0], window, pre, False) for s in sequences]
+    seeds = [gen.neutral_seed(pre, device) for _ in sequences]
+    starts = [s.start_trans.to(device).float() for s in sequences]
+    for seed, st in zip(seeds, starts):
+        seed[:, 330:333] = st
+    codes = [[] for _ in sequences]
+    for w in range(max(p.n_windows for p in plans)):
+        ids = [i for i, p in enumerate(plans) if p.n_windows > w]
+        audio = torch.stack([gen._slice_pad(sequences[i].audio, plans[i].audio_starts[w], plans[i].audio_len)
+                             for i in ids]).to(device)
+        word = torch.stack([gen._slice_pad(sequences[i].word, plans[i].frame_starts[w], window) for i in ids]).to(device)
+        spk = torch.stack([torch.full((window, 1), sequences[i].speaker, dtype=torch.long) for i in ids]).to(device)
+        motion = torch.zeros(len(ids), window, seeds[0].shape[1], device=device)
+        motion[:, :pre] = torch.stack([seeds[i] for i in ids])
+        mask = torch.ones_like(motion)
+        mask[:, :pre] = 0
+        out = model(in_audio=audio, in_word=word, mask=mask, in_motion=motion, in_id=spk)
+        window_codes = gen.choose_codes(vq, out, cls_weights)
+        decoded = gen.decode_codes(vq, {k: window_codes[k] for k in ("upper", "hands", "lower")})
+        keep = slice(0, window) if w == 0 else slice(pre, window)
+        nxt = gen._next_seed(decoded, pre, torch.stack([starts[i] for i in ids]), False, vq,
+                             torch.stack([seeds[i] for i in ids]))
+        for j, i in enumerate(ids):
+            codes[i].append({k: (kind, v[j:j + 1, keep]) for k, (kind, v) in window_codes.items()})
+            seeds[i] = nxt[j]
+    results = []
+    for i in range(len(sequences)):
+        merged = {p: (codes[i][0][p][0], torch.cat([c[p][1] for c in codes[i]], dim=1)) for p in gen.PARTS}
+        pose, exps, trans, contacts = gen.decoded_to_motion(vq, gen.decode_codes(vq, merged), starts[i][[0, 2]][None])
+        n = plans[i].n_out
+        results.append({"poses": pose[0, :n].cpu(), "expressions": exps[0, :n].cpu(), "trans": trans[0, :n].cpu(),
+                        "contacts": contacts[0, :n].cpu()})
+    return results
+
+
+def pose_gap(a, b):
+    """Largest absolute difference of the generated poses (radians) over all sequences."""
+    return max(float((x["poses"] - y["poses"]).abs().max()) for x, y in zip(a, b))
+
+
+# ---- sections -------------------------------------------------------------------------------------------------------
+
+class Table:
+    def __init__(self):
+        self.rows, self.notes = [], []
+
+    def add(self, target, config, value, unit, base=None, mem=float("nan"), higher_is_better=False):
+        if base is None or value != value:
+            ratio = ""
+        else:
+            ratio = f"{(value / base if higher_is_better else base / value):.2f}x"
+        self.rows.append((target, config, f"{value:,.2f}" if value < 1e5 else f"{value:,.0f}", unit, ratio,
+                          "" if mem != mem else f"{mem:.2f}"))
+
+    def fail(self, target, config, err):
+        self.rows.append((target, config, "FAILED", type(err).__name__, "", ""))
+        self.notes.append(f"{target} / {config}: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
+
+    def print(self, title):
+        head = ("target", "configuration", "value", "unit", "speed-up", "peak GiB")
+        widths = [max(len(str(r[i])) for r in self.rows + [head]) for i in range(len(head))]
+        line = "  ".join(f"{{:{'<' if i < 2 else '>'}{w}}}" for i, w in enumerate(widths))
+        print("\n" + title)
+        print(line.format(*head))
+        print("-" * (sum(widths) + 2 * (len(widths) - 1)))
+        for r in self.rows:
+            print(line.format(*r))
+        for n in self.notes:
+            print("  note: " + n)
+
+
+def run_row(table, target, config, fn):
+    try:
+        return fn()
+    except Exception as err:  # one failing configuration must not hide the others
+        traceback.print_exc()
+        table.fail(target, config, err)
+        return None
+
+
+def bench_train(table, args, device, opts):
+    steps, warm = opts.steps, opts.warmup
+    frames = args.batch_size * args.pose_length
+    base = {}
+
+    def run(config, share, amp, fused, compile_model=False, backend="auto"):
+        ssm.set_ssm_backend(backend)
+        model, vq = build_models(args, device)
+        trainer = step_trainer(args, device, model, vq, share, amp, fused, compile_model)
+        batch = training_batch(args, device)
+        torch.manual_seed(123)
+        first = trainer.train_step(batch)  # identical weights, batch and seed in every configuration
+        reset_peak(device)
+        for _ in range(warm):
+            trainer.train_step(batch)
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            trainer.train_step(batch)
+        sync(device)
+        dt = (time.perf_counter() - t0) / steps
+        fps = frames / dt
+        table.add("train step", config, fps, "frames/s", base.get("fps"), peak_gib(device), higher_is_better=True)
+        table.add("", "", dt * 1e3, "ms/step", base.get("ms"), float("nan"))
+        del trainer, model
+        return fps, dt * 1e3, {k: float(v) for k, v in first.items()}
+
+    r = run_row(table, "train step", "published: fp32, 3 full passes, Adam",
+                lambda: run("published: fp32, 3 full passes, Adam", False, "none", False))
+    if r:
+        base.update(fps=r[0], ms=r[1])
+        ref_losses = r[2]
+    configs = [("fp32, shared conditioning", True, "none", False, False, "auto"),
+               ("fast: bf16, shared conditioning, fused Adam", True, "bf16", True, False, "auto")]
+    if "cuda" in available_backends():
+        configs.append(("fast, torch scan backend (Triton)", True, "bf16", True, False, "torch"))
+    if opts.compile:
+        configs.append(("fast + torch.compile", True, "bf16", True, True, "auto"))
+    for c in configs:
+        out = run_row(table, "train step", c[0], lambda c=c: run(*c))
+        if out and r:
+            gap = max(abs(out[2][k] - ref_losses[k]) / max(abs(ref_losses[k]), 1e-12) for k in ref_losses)
+            table.notes.append(f"train step / {c[0]}: first-step losses within {gap:.1e} (relative) of published")
+    ssm.set_ssm_backend("auto")
+
+
+def window_inputs(args, device, batch=1):
+    T, P = args.pose_length, args.pose_dims + 7
+    samples = int(T / args.pose_fps * args.audio_sr)
+    mask = torch.ones(batch, T, P, device=device)
+    mask[:, :args.pre_frames] = 0
+    return (torch.randn(batch, samples, 3, device=device), torch.randint(0, args.word_index_num, (batch, T), device=device),
+            torch.randint(0, 25, (batch, T, 1), device=device), torch.randn(batch, T, P, device=device), mask)
+
+
+def bench_window(table, args, device, opts):
+    model, vq = build_models(args, device)
+    model.eval()
+    inputs = window_inputs(args, device)
+
+    def full(audio, word, ids, motion, mask, amp=False):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            out = model(in_audio=audio, in_word=word, mask=mask, in_motion=motion, in_id=ids)
+        return tuple(out[k].float() for k in sorted(out))
+
+    base = {}
+
+    def eager():
+        reset_peak(device)
+        with torch.no_grad():
+            t = median_seconds(lambda: full(*inputs), device, opts.repeats, warmup=2)
+        base["t"] = t
+        table.add("window, batch 1", "published: fp32 eager forward", t * 1e3, "ms", None, peak_gib(device))
+        return t
+
+    run_row(table, "window, batch 1", "published: fp32 eager forward", eager)
+    if device.type != "cuda":
+        return
+    for amp in (False, True):
+        name = f"fast: CUDA graph, {'bf16' if amp else 'fp32'}"
+
+        def graphed(amp=amp, name=name):
+            reset_peak(device)
+            with torch.no_grad():
+                g = GraphedFunction(lambda *x: full(*x, amp=amp), inputs)
+                t = median_seconds(lambda: g(*inputs), device, opts.repeats, warmup=2)
+                ref, got = full(*inputs), g(*inputs)
+            table.add("window, batch 1", name, t * 1e3, "ms", base.get("t"), peak_gib(device))
+            err = max(float((a - b).norm() / b.norm()) for a, b in zip(got, ref))
+            table.notes.append(f"window / {name}: outputs within {err:.1e} (relative norm) of eager fp32")
+
+        run_row(table, "window, batch 1", name, graphed)
+
+    def step_only():  # the per-window work inside generate(): conditioning precomputed, codes, decoding, next seed
+        with torch.no_grad():
+            cond = model.encode_condition(inputs[0], inputs[1], inputs[2], args.pose_length)
+            kinds = {p: "index" if getattr(args, "c" + p[0]) != 0 else "latent" for p in gen.PARTS}
+            seed = gen.neutral_seed(args.pre_frames, device)[None]
+            example = [cond[k] for k in gen.CONDITION] + [seed, torch.zeros(1, 3, device=device)]
+            step = gen._window_step(model, vq, kinds, args.pre_frames, False, False, example)
+            t = median_seconds(lambda: step(*example), device, opts.repeats, warmup=2)
+        table.add("window, batch 1", "fast: generate()'s step (graph, fp32)", t * 1e3, "ms", base.get("t"),
+                  peak_gib(device))
+
+    run_row(table, "window, batch 1", "fast: generate()'s step (graph, fp32)", step_only)
+
+
+def bench_sequences(table, args, device, opts, target, seconds):
+    model, vq = build_models(args, device)
+    seqs = random_sequences(args, seconds)
+    label = f"{target} ({len(seconds)} seq, {sum(seconds):.0f} s)"
+    results = {}
+
+    def published():
+        reset_peak(device)
+        t0 = time.perf_counter()
+        results["base"] = published_generate(model, vq, seqs, args)
+        t = time.perf_counter() - t0
+        table.add(label, "published: per-window full forward, fp32", t, "s", None, peak_gib(device))
+        return t
+
+    base = run_row(table, label, "published", published)
+    for amp in ("none", "bf16"):
+        name = f"fast: generate(), {'fp32' if amp == 'none' else 'bf16'}"
+
+        def fast(amp=amp, name=name):
+            a = copy.copy(args)
+            a.amp = amp
+            reset_peak(device)
+            t0 = time.perf_counter()
+            first = gen.generate(model, vq, seqs, a)  # includes graph capture
+            t_first = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            out = gen.generate(model, vq, seqs, a)
+            t = time.perf_counter() - t0
+            table.add(label, name, t, "s", base, peak_gib(device))
+            note = f"{target} / {name}: first call {t_first:.3f} s (graph capture)"
+            if "base" in results:
+                note += f"; poses within {pose_gap(out, results['base']):.1e} rad of published"
+            note += f"; repeat calls agree to {pose_gap(out, first):.1e}"
+            table.notes.append(note)
+
+        run_row(table, label, name, fast)
+
+
+def bench_scan(table, args, device, opts):
+    widths = [16] if opts.tiny else [256, 512, 768]
+    batch = 2 if opts.tiny else 64
+    backends = [b for b in ("cuda", "torch") if b in available_backends()]
+    for d_model in widths:
+        torch.manual_seed(0)
+        layer = ssm.Mamba(d_model).to(device)
+        x = torch.randn(batch, args.pose_length, d_model, device=device)
+        base = None
+        variants = [(b, b, True) for b in backends] + [("torch (PyTorch loop)", "torch", False)]
+        if device.type != "cuda":
+            variants = [v for v in variants if v[2] is False or v[1] != "torch"]
+        for name, backend, triton_on in variants:
+            label = f"scan d={d_model} b={batch}"
+
+            def run(name=name, backend=backend, triton_on=triton_on, label=label):
+                ssm.set_ssm_backend(backend)
+                scan.USE_TRITON = triton_on
+                xi = x.detach().requires_grad_()
+
+                def fwd_bwd():
+                    layer(xi).square().mean().backward()
+
+                with torch.no_grad():
+                    t_f = median_seconds(lambda: layer(x), device, opts.repeats * 4, warmup=2)
+                reset_peak(device)
+                t_fb = median_seconds(fwd_bwd, device, opts.repeats * 4, warmup=2)
+                table.add(label, f"{name}: forward", t_f * 1e3, "ms", base[0] if base else None)
+                table.add(label, f"{name}: forward+backward", t_fb * 1e3, "ms", base[1] if base else None,
+                          peak_gib(device))
+                return t_f, t_fb
+
+            r = run_row(table, label, name, run)
+            if base is None and r:
+                base = r  # the first backend (cuda where built) is the reference of this width
+        layer.zero_grad(set_to_none=True)
+    scan.USE_TRITON = True
+    ssm.set_ssm_backend("auto")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="configs/mambatalk.yaml")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--tiny", action="store_true", help="small model and data (default on CPU)")
+    p.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    p.add_argument("--steps", type=int, default=None, help="timed training steps (default 10 GPU, 1 tiny)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed training steps after the first")
+    p.add_argument("--repeats", type=int, default=None, help="repeats of the window/scan timings (median)")
+    p.add_argument("--compile", action="store_true", help="add a torch.compile training row (compiles for minutes)")
+    opts = p.parse_args()
+    device = torch.device(opts.device)
+    opts.tiny = opts.tiny or device.type == "cpu"
+    opts.steps = opts.steps or (1 if opts.tiny else 10)
+    opts.warmup = opts.warmup if opts.warmup is not None else (0 if opts.tiny else 3)
+    opts.repeats = opts.repeats or (1 if opts.tiny else 20)
+    args = load_config(opts.config, dict(ctc_model="none", **(TINY if opts.tiny else {})))
+    if device.type == "cuda":
+        card = f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, CUDA {torch.version.cuda}"
+    else:
+        card = f"CPU ({torch.get_num_threads()} threads), torch {torch.__version__}"
+    clip = [6.0] if opts.tiny else [60.0]
+    test_set = [4.0, 5.0, 3.0] if opts.tiny else [40.0 + i * (87.47 - 40.0) / 14 for i in range(15)]
+    print(f"device: {card}; scan backends: {', '.join(available_backends())}; "
+          f"{'tiny sizes' if opts.tiny else 'published sizes'}; batch {args.batch_size} x {args.pose_length} frames",
+          flush=True)
+    table = Table()
+    if "train" in opts.only:
+        bench_train(table, args, device, opts)
+    if "window" in opts.only:
+        bench_window(table, args, device, opts)
+    if "clip" in opts.only:
+        bench_sequences(table, args, device, opts, "clip", clip)
+    if "testset" in opts.only:
+        bench_sequences(table, args, device, opts, "test set", test_set)
+    if "scan" in opts.only:
+        bench_scan(table, args, device, opts)
+    table.print(f"MambaTalk speed on {card} (random weights; {'tiny' if opts.tiny else 'published'} sizes)")
+
+
+if __name__ == "__main__":
+    main()
