@@ -136,6 +136,11 @@ class MambaTalk(nn.Module):
     `vocab` (optional, a dataloaders.beat2.Vocab) provides the word vectors; see word_embedding_weights.
     """
 
+    # Several masks in one forward run as one batch of k*B through the motion-dependent part: a third of the kernel
+    # launches of the training step's three passes (it is launch-bound on a GPU). Dropout then draws its masks in
+    # another order than k separate passes (same distribution); False keeps the passes separate.
+    batch_passes = True
+
     def __init__(self, args, vocab=None):
         super().__init__()
         if getattr(args, "ssm_backend", None):
@@ -232,12 +237,19 @@ class MambaTalk(nn.Module):
         Returns rec_{face,upper,lower,hands} (B,T,K) latents and cls_* (B,T,K) code logits.
 
         `mask` may be a list of masks: then the passes share one conditioning (encode_condition, with the BatchNorm
-        statistics updated as by that many separate passes) and a list of output dicts comes back, one per mask.
+        statistics updated as by that many separate passes), run as one batch (see batch_passes) and a list of
+        output dicts comes back, one per mask.
         This is the training step's three passes in one call. `condition` (from encode_condition) skips the
         encoders. Extra keyword arguments of the published call (use_word, is_test, ...) have no effect there and
         are ignored."""
         masks = list(mask) if isinstance(mask, (list, tuple)) else [mask]
         if condition is None:
             condition = self.encode_condition(in_audio, in_word, in_id, in_motion.shape[1], passes=len(masks))
-        outputs = [self.predict(condition, m, in_motion) for m in masks]
+        if len(masks) > 1 and self.batch_passes:
+            k = len(masks)
+            stacked = {name: v.repeat(k, *[1] * (v.dim() - 1)) for name, v in condition.items()}
+            out = self.predict(stacked, torch.cat(masks), in_motion.repeat(k, 1, 1))
+            outputs = [dict(zip(out, parts)) for parts in zip(*(v.chunk(k) for v in out.values()))]
+        else:
+            outputs = [self.predict(condition, m, in_motion) for m in masks]
         return outputs if isinstance(mask, (list, tuple)) else outputs[0]

@@ -152,11 +152,15 @@ class EpochSampler(torch.utils.data.Sampler):
         return self.batches_per_epoch() - self.start_batch
 
 
-def build_dataset(args, split):
+def check_data_path(args):
     if not os.path.isdir(args.data_path):
         raise FileNotFoundError(f"dataset folder {args.data_path} not found (data_path of {args.config_path}); "
                                 "download BEAT2 there, or write the demo data with "
                                 "`python -m dataloaders.synthetic --out outputs/demo/beat2 --preset demo`")
+
+
+def build_dataset(args, split):
+    check_data_path(args)
     module = importlib.import_module(f"dataloaders.{args.dataset}")
     return module.CustomDataset(args, split)
 
@@ -185,6 +189,8 @@ class Trainer:
         self.args = args
         self.rank, self.world_size, self.device = init_distributed(args)
         check_training_config(args, self.world_size)
+        check_data_path(args)
+        self.check_inputs()  # before anything is written: a bad config leaves no empty run folder behind
         self.is_main = self.rank == 0
         self.run_dir = self._run_dir()
         os.makedirs(self.run_dir, exist_ok=True)
@@ -235,6 +241,9 @@ class Trainer:
             self.resume(args.resume)
 
     # ---- subclass hooks -------------------------------------------------------------------------------------------
+    def check_inputs(self):
+        """Raise FileNotFoundError for files the trainer will need (checked before the run folder is made)."""
+
     def build_model(self):
         raise NotImplementedError
 

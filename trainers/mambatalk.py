@@ -41,18 +41,23 @@ def stage1_train_command(args, name):
     return f"python train.py --config {config}"
 
 
-def load_frozen_models(args, device):
-    """The five stage-1 models from `pretrained_vq_dir` (default data_path_1/pretrained_vq/), frozen, in eval mode."""
-    models = build_stage1_models(args)
-    folder = stage1_dir(args)
-    for name, model in models.items():
-        path = os.path.join(folder, STAGE1_FILES[name])
+def check_stage1_files(args):
+    """Every stage-1 checkpoint MambaTalk needs exists, else FileNotFoundError naming it and how to make it."""
+    for name, filename in STAGE1_FILES.items():
+        path = os.path.join(stage1_dir(args), filename)
         if not os.path.isfile(path):
             raise FileNotFoundError(
                 f"stage-1 checkpoint {path} is missing. Train it with `{stage1_train_command(args, name)}` and copy "
                 f"the run's {STAGE1_BEST.get(name, 'rec.bin')} to {path}, or download the official pretrained_vq files "
                 "(see pretrained/README.md).")
-        load_weights(model, path)
+
+
+def load_frozen_models(args, device):
+    """The five stage-1 models from `pretrained_vq_dir` (default data_path_1/pretrained_vq/), frozen, in eval mode."""
+    check_stage1_files(args)
+    models = build_stage1_models(args)
+    for name, model in models.items():
+        load_weights(model, os.path.join(stage1_dir(args), STAGE1_FILES[name]))
         model.to(device).eval().requires_grad_(False)
     return models
 
@@ -104,6 +109,9 @@ class MambaTalkTrainer(Trainer):
     # The three passes of a step see identical audio/words/speakers: encode them once (MambaTalk.forward with a list
     # of masks; identical results, BatchNorm statistics included). False: three full passes, as published.
     share_condition = True
+
+    def check_inputs(self):
+        check_stage1_files(self.args)
 
     def build_model(self):
         self.vq = load_frozen_models(self.args, self.device)

@@ -6,9 +6,9 @@ They differ only in how a batch becomes loss terms. Two published quirks are fix
   §10.3 #10 vertex velocity/acceleration were taken across the flattened batch*time axis (mixing clips) and weighted
             by rec_weight twice; fixed, they are taken along time inside each clip, weighted once.
 With `vq_fixes: false` the published terms are computed, e.g. to reproduce the released training. The default is on
-because the published face term pulls the jaw towards the predicted expressions' mesh (#9) and the published vertex
-differences are dominated by clip-boundary jumps (#10); with the weights of every released config at 1, the double
-weighting itself changes nothing.
+because the published face term flips the sign of the expression error, so where the jaw rotation moves
+expression-displaced vertices it scores the wrong mesh (#9), and the published vertex differences are dominated by
+clip-boundary jumps (#10); with the weights of every released config at 1, the double weighting changes nothing.
 One deviation: the lower-body "joint" term uses the 55 skeleton joints instead of smplx's 127 output joints (the
 other 72 are surface keypoints that need the whole mesh skinned per frame).
 """

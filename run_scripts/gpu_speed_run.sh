@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# One call on a fresh single-GPU machine (no network) for issue 9 (speed table) and issue 8's one-GPU check:
+#   1. GPU tests of the Triton scan and graphed generation;
+#   2. mamba-ssm built from .dev/mamba_ssm-*.tar.gz for sm_90 only (or installed from .dev/mamba_ssm-*.whl
+#      parts), for the published configuration's scan kernel; its wheel is split into $OUT for the next call;
+#   3. run_scripts/bench_gpu.py at published sizes (the table);
+#   4. torchrun --nproc_per_node 1 with ddp: true (NCCL) for $STEPS steps at the published size on synthetic
+#      data with random stage-1 models, then the checkpoint loaded on CPU.
+# Here first: the .whl/ wheels (soundfile cffi pycparser smplx TextGrid) and
+#   pip download --no-deps --no-binary :all: --no-build-isolation mamba-ssm==2.3.2.post1 -d .dev/
+# There:  bash run_scripts/gpu_speed_run.sh [bench options...]    (.dev carried; logs in $OUT)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu_speed_run}
+STEPS=${STEPS:-300}
+SKIP=${SKIP:-}   # e.g. SKIP="tests train" to leave stages out
+export PYTHONUNBUFFERED=1 PIP_BREAK_SYSTEM_PACKAGES=1 TORCH_CUDA_ARCH_LIST=9.0
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+PY=python3
+mkdir -p "$OUT"
+T0=$SECONDS
+stamp() { echo "[$((SECONDS - T0)) s] $*"; }
+skip() { [[ " $SKIP " == *" $1 "* ]]; }
+
+# packages the GPU image lacks (soundfile, cffi, pycparser, smplx, TextGrid), carried in .whl/ (see the device notes)
+if compgen -G ".whl/*" > /dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && \
+  $PY -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site .whl/*.tar.gz && \
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || echo "installing .whl/ failed"
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv
+$PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+
+if ! skip tests; then
+  stamp "GPU tests"
+  timeout 240 $PY -m pytest -q -x tests/test_speed.py -k "gpu" 2>&1 | tail -15 | tee "$OUT/pytest.txt"
+fi
+
+install_mamba() {
+  shopt -s nullglob
+  local parts=(.dev/mamba_ssm-*.whl.part-*)
+  if [ ${#parts[@]} -gt 0 ]; then
+    local whl="/tmp/$(basename "${parts[0]}" | sed 's/\.part-.*//')"
+    cat "${parts[@]}" > "$whl" && $PY -m pip install -q --no-deps --no-index "$whl" && return 0
+  fi
+  local sdist=(.dev/mamba_ssm-*.tar.gz)
+  [ ${#sdist[@]} -eq 1 ] || { echo "no .dev/mamba_ssm sdist"; return 1; }
+  mkdir -p /tmp/ssm_build && tar xzf "${sdist[0]}" -C /tmp/ssm_build || return 1
+  local dir=/tmp/ssm_build/$(basename "${sdist[0]}" .tar.gz)
+  # keep only the sm_90 -gencode pair of setup.py's architecture list
+  $PY - "$dir/setup.py" <<'EOF' || return 1
+import re, sys
+path = sys.argv[1]
+src = open(path).read()
+pair = re.compile(r'cc_flag\.append\("-gencode"\)(\s*)cc_flag\.append\("arch=compute_(\w+),code=sm_\w+"\)')
+src, n = pair.subn(lambda m: m.group(0) if m.group(2) == "90" else "pass", src)
+assert src.count("arch=compute_90,code=sm_90") == 1, "no sm_90 entry"
+open(path, "w").write(src)
+print(f"setup.py: {n} -gencode pairs, sm_90 kept")
+EOF
+  (cd "$dir" && MAMBA_FORCE_BUILD=TRUE MAX_JOBS=16 timeout 420 $PY -m pip wheel -q --no-build-isolation --no-deps \
+      --no-index -w /tmp/ssm_wheel .) > "$OUT/build.txt" 2>&1 || { tail -20 "$OUT/build.txt"; return 1; }
+  local whl=(/tmp/ssm_wheel/mamba_ssm-*.whl)
+  $PY -m pip install -q --no-deps --no-index "${whl[0]}" || return 1
+  split -b 15M "${whl[0]}" "$OUT/$(basename "${whl[0]}").part-"  # comes back for the next call
+}
+
+if ! skip mamba; then
+  stamp "mamba-ssm"
+  install_mamba && $PY -c "from mamba_ssm.ops.selective_scan_interface import selective_scan_fn; print('mamba_ssm kernel imports')"
+fi
+
+if ! skip bench; then
+  stamp "bench"
+  timeout 420 $PY run_scripts/bench_gpu.py "$@" 2>&1 | tee "$OUT/bench.txt" | grep -v "^\s*$" | tail -60
+fi
+
+if ! skip train; then
+  stamp "torchrun, 1 GPU, NCCL"
+  $PY -m dataloaders.synthetic --out /tmp/demo --preset demo > /dev/null && \
+  $PY run_scripts/make_random_stage1.py --out /tmp/pre > /dev/null && \
+  timeout 300 torchrun --nproc_per_node 1 train.py --config configs/mambatalk.yaml --data_path /tmp/demo/ \
+      --ctc_model none --data_path_1 /tmp/pre/ --out_path /tmp/runs/ --cache_path /tmp/cache/ --stat none \
+      --eval_split "" --stride 1 --max_steps "$STEPS" --ddp true --amp bf16 --fused_adam true --loader_workers 6 \
+      > "$OUT/torchrun.txt" 2>&1
+  echo "torchrun exit $?"
+  grep -E "process|NCCL|frames/s|steps|saved|Error|error" "$OUT/torchrun.txt" | tail -12
+  CUDA_VISIBLE_DEVICES= $PY - <<'EOF' 2>&1 | tee -a "$OUT/torchrun.txt"
+import glob, warnings
+import torch
+from models.mambatalk import MambaTalk
+from utils.checkpoint import load_weights
+from utils.config import load_config
+path = sorted(glob.glob("/tmp/runs/custom/*/last_*.bin"))[-1]
+state = torch.load(path, map_location="cpu", weights_only=True)["model_state"]
+n_words = state["module.text_pre_encoder_face.weight"].shape[0]
+args = load_config("configs/mambatalk.yaml", dict(word_index_num=n_words, ctc_model="none", data_path="/nonexistent/"))
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    model = MambaTalk(args)
+load_weights(model, path)
+assert not torch.cuda.is_available()
+print(f"checkpoint {path} loads on CPU: {sum(p.numel() for p in model.parameters()):,} parameters")
+EOF
+fi
+stamp "done"
