@@ -418,6 +418,31 @@ def bench_scan(table, args, device, opts):
     ssm.set_ssm_backend("auto")
 
 
+def profile_train(args, device, opts):
+    """Where the fast training step spends its time: host (Python, dispatch) against device (kernels)."""
+    from torch.profiler import ProfilerActivity, profile
+    model, vq = build_models(args, device)
+    trainer = step_trainer(args, device, model, vq, True, "bf16" if device.type == "cuda" else "none", True)
+    batch = training_batch(args, device)
+    for _ in range(3):
+        trainer.train_step(batch)
+    sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        trainer.train_step(batch)
+        sync(device)
+    wall = time.perf_counter() - t0
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=60))
+    events = prof.events()
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(e.device_time for e in kernels) / 1e3 if kernels else float("nan")
+    ops = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CPU and e.name.startswith("aten::"))
+    print(f"profiled fast step: wall {wall * 1e3:.0f} ms (with profiler), {len(kernels)} GPU kernels busy "
+          f"{busy:.0f} ms, {ops} aten calls on the host")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="configs/mambatalk.yaml")
@@ -428,6 +453,7 @@ def main():
     p.add_argument("--warmup", type=int, default=None, help="untimed training steps after the first")
     p.add_argument("--repeats", type=int, default=None, help="repeats of the window/scan timings (median)")
     p.add_argument("--compile", action="store_true", help="add a torch.compile training row (compiles for minutes)")
+    p.add_argument("--profile", action="store_true", help="profile one fast training step and stop")
     p.add_argument("--train_rows", nargs="+", default=["published", "shared", "fast", "triton"],
                    choices=["published", "shared", "fast", "triton", "compile"], help="training configurations")
     opts = p.parse_args()
@@ -450,6 +476,8 @@ def main():
     print(f"device: {card}; scan backends: {', '.join(available_backends())}; "
           f"{'tiny sizes' if opts.tiny else 'published sizes'}; batch {args.batch_size} x {args.pose_length} frames",
           flush=True)
+    if opts.profile:
+        return profile_train(args, device, opts)
     table = Table()
     if "train" in opts.only:
         bench_train(table, args, device, opts)

@@ -33,7 +33,7 @@ $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.ve
 
 if ! skip tests; then
   stamp "GPU tests"
-  timeout 240 $PY -m pytest -q -x tests/test_speed.py -k "gpu" 2>&1 | tail -15 | tee "$OUT/pytest.txt"
+  timeout 120 $PY -m pytest -q -x tests/test_speed.py -k "gpu" 2>&1 | tail -15 | tee "$OUT/pytest.txt"
 fi
 
 install_mamba() {
@@ -75,17 +75,19 @@ if ! skip bench; then
   timeout 420 $PY run_scripts/bench_gpu.py "$@" 2>&1 | tee "$OUT/bench.txt" | grep -v "^\s*$" | tail -60
 fi
 
-if ! skip train; then
-  stamp "torchrun, 1 GPU, NCCL"
-  $PY -m dataloaders.synthetic --out /tmp/demo --preset demo > /dev/null && \
-  $PY run_scripts/make_random_stage1.py --out /tmp/pre > /dev/null && \
+train_run() {  # amp steps: torchrun, 1 GPU, NCCL (ddp: true), published size; the checkpoint then loads on CPU
+  local amp=$1 steps=$2 log="$OUT/torchrun_$1.txt"
+  stamp "torchrun, 1 GPU, NCCL, amp $amp, $steps steps"
+  rm -rf /tmp/runs
   timeout 300 torchrun --nproc_per_node 1 train.py --config configs/mambatalk.yaml --data_path /tmp/demo/ \
       --ctc_model none --data_path_1 /tmp/pre/ --out_path /tmp/runs/ --cache_path /tmp/cache/ --stat none \
-      --eval_split "" --stride 1 --max_steps "$STEPS" --ddp true --amp bf16 --fused_adam true --loader_workers 6 \
-      > "$OUT/torchrun.txt" 2>&1
-  echo "torchrun exit $?"
-  grep -E "process|NCCL|frames/s|steps|saved|Error|error" "$OUT/torchrun.txt" | tail -12
-  CUDA_VISIBLE_DEVICES= $PY - <<'EOF' 2>&1 | tee -a "$OUT/torchrun.txt"
+      --eval_split "" --stride 1 --max_steps "$steps" --ddp true --amp "$amp" --fused_adam true --loader_workers 6 \
+      > "$log" 2>&1
+  local rc=$?
+  echo "torchrun exit $rc"
+  tr '\r' '\n' < "$log" | grep -E "processes|\]\[[0-9]+0/|frames/s|saved|error|Error" | grep -v "it/s" | tail -8
+  [ $rc -eq 0 ] || return $rc
+  CUDA_VISIBLE_DEVICES= $PY - <<'EOF' 2>&1 | tee -a "$log"
 import glob, warnings
 import torch
 from models.mambatalk import MambaTalk
@@ -102,5 +104,26 @@ load_weights(model, path)
 assert not torch.cuda.is_available()
 print(f"checkpoint {path} loads on CPU: {sum(p.numel() for p in model.parameters()):,} parameters")
 EOF
+}
+
+if ! skip profile; then
+  stamp "profile of the fast training step"
+  timeout 120 $PY run_scripts/bench_gpu.py --profile > "$OUT/profile.txt" 2>&1
+  tail -1 "$OUT/profile.txt"
 fi
+
+if ! skip train; then
+  $PY -m dataloaders.synthetic --out /tmp/demo --preset demo > /dev/null && \
+  $PY run_scripts/make_random_stage1.py --out /tmp/pre > /dev/null
+  train_run bf16 "$STEPS" || train_run none "$STEPS"
+fi
+
+if ! skip compile; then
+  left=$((585 - SECONDS))
+  stamp "torch.compile training row (${left} s left)"
+  [ $left -gt 60 ] && timeout $left $PY run_scripts/bench_gpu.py --only train --train_rows published compile \
+      > "$OUT/bench_compile.txt" 2>&1
+  grep -A12 "^MambaTalk speed" "$OUT/bench_compile.txt" || tail -5 "$OUT/bench_compile.txt"
+fi
+
 stamp "done"

@@ -253,6 +253,9 @@ class Trainer:
     def evaluate(self, loader):
         return {}
 
+    def before_training(self):
+        """Called once before the first step of a fresh run (not on resume)."""
+
     def test_checkpoint(self, path, tag):
         """Called on rank 0 with a saved weights file at the published test epochs and for the best checkpoint."""
 
@@ -416,6 +419,9 @@ class Trainer:
         """Train until `epochs` (or `max_steps`), evaluating, checkpointing and saving the resume state as it goes.
         Returns the run folder."""
         with logging_redirect_tqdm(loggers=[self.log]):
+            if self.global_step == 0:
+                with preserved_rng():
+                    self.before_training()
             while not self._done():
                 if self.train_epoch():
                     finished = self.epoch

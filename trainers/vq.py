@@ -13,12 +13,14 @@ One deviation: the lower-body "joint" term uses the 55 skeleton joints instead o
 other 72 are surface keypoints that need the whole mesh skinned per frame).
 """
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from models import motion_representation
-from trainers.base import Trainer
+from trainers.base import Trainer, to_device
 from utils.body_model import load_body_model
-from utils.rotation import axis_angle_to_matrix, matrix_to_axis_angle, matrix_to_rotation_6d, rotation_6d_to_matrix
+from utils.rotation import (axis_angle_to_matrix, axis_angle_to_rot6d, matrix_to_axis_angle, matrix_to_rotation_6d,
+                            rotation_6d_to_matrix)
 from utils.skeleton import FOOT_JOINTS, PART_JOINTS
 
 DT = 1.0 / 30
@@ -93,6 +95,31 @@ class Stage1Trainer(Trainer):
         x = out["vertices"] if vertices else out["joints"]
         return x.reshape(B, T, *x.shape[1:])
 
+    def model_input(self, batch):
+        """The model's input tensor (B, T, vae_test_dim) for a batch (VQ trainers)."""
+        raise NotImplementedError
+
+    def before_training(self):
+        """`vq_codebook_init: data` (a project option; published: uniform): before the first step, every code is set
+        to the encoder output of a random frame of the first training batch. With the published tiny uniform init the
+        encoder outputs start far from all codes, one or two codes win every frame and the rest never move (on the
+        demo data 300 steps leave 1-3 of 64 codes in use; with this init 18)."""
+        quantizer = getattr(self.raw_model, "quantizer", None)
+        if quantizer is None or self.args.vq_codebook_init == "uniform":
+            return
+        if self.args.vq_codebook_init != "data":
+            raise ValueError(f"config key 'vq_codebook_init': expected uniform or data, got '{self.args.vq_codebook_init}'")
+        self.sampler.set_epoch(0)
+        batch = to_device(next(iter(self.train_loader)), self.device)
+        with torch.no_grad():
+            z = self.raw_model.encoder(self.model_input(batch)).flatten(0, 1)
+            g = torch.Generator().manual_seed(self.args.random_seed)
+            rows = torch.randint(z.shape[0], (quantizer.embedding.weight.shape[0],), generator=g)
+            quantizer.embedding.weight.copy_(z[rows.to(z.device)])
+        if self.world_size > 1:
+            dist.broadcast(quantizer.embedding.weight.data, 0)  # every rank starts from rank 0's codebook
+        self.log.info(f"codebook initialised from {z.shape[0]} encoder outputs of the first batch")
+
     def evaluate(self, loader):
         """The training loss terms on the eval split, averaged over batches."""
         sums, n = {}, 0
@@ -106,6 +133,9 @@ class Stage1Trainer(Trainer):
 
 class PartVQTrainer(Stage1Trainer):
     """`trainer: ae`: upper body (78-D) and hands (180-D) VQ-VAEs (spec §6.1)."""
+
+    def model_input(self, batch):
+        return axis_angle_to_rot6d(batch["pose"].float())
 
     def compute_losses(self, model, batch, epoch):
         a = self.args
@@ -136,6 +166,9 @@ class PartVQTrainer(Stage1Trainer):
 
 class FaceVQTrainer(Stage1Trainer):
     """`trainer: aeface`: jaw 6D + 100 expressions (spec §6.2)."""
+
+    def model_input(self, batch):
+        return torch.cat([axis_angle_to_rot6d(batch["pose"].float()[..., :3]), batch["facial"].float()], dim=-1)
 
     def compute_losses(self, model, batch, epoch):
         a = self.args
@@ -182,6 +215,10 @@ def lower_input(batch, joints):
 
 class LowerVQTrainer(Stage1Trainer):
     """`trainer: aelowerfoot` -> pretrained_vq/lower_foot.bin (spec §6.3)."""
+
+    def model_input(self, batch):
+        R, trans, contact = lower_input(batch, self.joints)
+        return torch.cat([matrix_to_rotation_6d(R).flatten(-2), trans, contact], dim=-1)
 
     def compute_losses(self, model, batch, epoch):
         a = self.args

@@ -151,6 +151,7 @@ DEFAULTS = {
     "eval_period": 1,             # evaluate on eval_split every N epochs
     "pretrained_vq_dir": "",      # "" -> data_path_1 + "pretrained_vq/"
     "vq_fixes": True,             # stage-1 bug fixes (spec §10.3 #9, #10)
+    "vq_codebook_init": "uniform",  # stage-1 codebook init: uniform (published) | data (encoder outputs of a batch)
 }
 
 _TRUE = {"true", "t", "yes", "y", "1"}
