@@ -55,8 +55,8 @@ def time_steps(config, overrides, steps):
             batch = next(batches)
         trainer.train_step(batch)
     dt = (time.perf_counter() - t0) / steps
-    n_params = sum(p.numel() for p in trainer.raw_model.parameters())
-    return dt, args.batch_size * args.pose_length / dt, n_params
+    n_params = sum(p.numel() for p in trainer.raw_model.parameters() if p.requires_grad)
+    return dt, args.batch_size * args.pose_length / dt, n_params, args.batch_size
 
 
 def main():
@@ -90,8 +90,8 @@ def main():
                 overrides["batch_size"] = opts.batch_size
             if opts.rec_ver_weight >= 0 and "vqvae" in config:
                 overrides["rec_ver_weight"] = opts.rec_ver_weight
-            dt, fps, n = time_steps(config, overrides, opts.steps)
-            print(f"{config:42s} batch {overrides.get('batch_size', '-')!s:>4}  {n / 1e6:6.2f} M params  "
+            dt, fps, n, batch = time_steps(config, overrides, opts.steps)
+            print(f"{config:42s} batch {batch:4d}  {n / 1e6:6.2f} M params  "
                   f"{dt:7.3f} s/step  {fps:8.0f} frames/s", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)

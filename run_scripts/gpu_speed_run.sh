@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # One call on a fresh single-GPU machine (no network) for issue 9 (speed table) and issue 8's one-GPU check:
 #   1. GPU tests of the Triton scan and graphed generation;
-#   2. mamba-ssm built from .dev/mamba_ssm-*.tar.gz for sm_90 only (or installed from .dev/mamba_ssm-*.whl
-#      parts), for the published configuration's scan kernel; its wheel is split into $OUT for the next call;
-#   3. run_scripts/bench_gpu.py at published sizes (the table);
-#   4. torchrun --nproc_per_node 1 with ddp: true (NCCL) for $STEPS steps at the published size on synthetic
-#      data with random stage-1 models, then the checkpoint loaded on CPU.
-# Here first: the .whl/ wheels (soundfile cffi pycparser smplx TextGrid) and
+#   2. mamba-ssm for the published configuration's scan kernel: installed from .dev/mamba_ssm-*.whl.part-* when a
+#      previous call left them, else built from .dev/mamba_ssm-*.tar.gz for sm_90 only and its wheel split into $OUT;
+#   3. run_scripts/bench_gpu.py at published sizes (the table), then a profile of the fast training step;
+#   4. torchrun --nproc_per_node 1 with ddp: true (NCCL) for $STEPS steps at the published size on synthetic data
+#      with random stage-1 models (bf16, then float32 if that fails), and the checkpoint loaded on CPU;
+#   5. the torch.compile training row with whatever time is left of 585 s.
+# Here first: the .whl/ wheels (soundfile cffi pycparser smplx TextGrid; the GPU image lacks them) and
 #   pip download --no-deps --no-binary :all: --no-build-isolation mamba-ssm==2.3.2.post1 -d .dev/
-# There:  bash run_scripts/gpu_speed_run.sh [bench options...]    (.dev carried; logs in $OUT)
+# There:  [SKIP="tests mamba bench profile train compile"] bash run_scripts/gpu_speed_run.sh [bench options...]
+#   (.dev and .whl carried; logs in $OUT)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_speed_run}

@@ -122,6 +122,20 @@ def test_stage1_vertex_terms_and_published_switch(lab):
         assert fixed["ver"] == pytest.approx(float(published["ver"]), rel=1e-3) and fixed["ver"] > 0
 
 
+def test_codebook_init_option(lab):
+    """Published: codes uniform in +-1/n; `vq_codebook_init: data`: each code is an encoder output of the first batch."""
+    for init in ("uniform", "data"):
+        trainer = build_trainer(lab.config("cnn_vqvae_upper_30", out="init", vq_codebook_init=init, max_steps=0))
+        trainer.before_training()
+        codes = trainer.raw_model.quantizer.embedding.weight
+        if init == "uniform":
+            assert codes.abs().max() <= 1 / trainer.args.vae_codebook_size
+        else:
+            z = trainer.raw_model.encoder(trainer.model_input(next(iter(trainer.train_loader)))).flatten(0, 1)
+            distance = torch.cdist(codes, z, compute_mode="donot_use_mm_for_euclid_dist").min(dim=1).values
+            assert distance.max() < 1e-4  # every code is one of the frames' encodings
+
+
 def test_optimiser_and_schedule_are_published(lab):
     trainer = lab.trainers["aelowerfoot"]
     args = trainer.args
@@ -231,7 +245,9 @@ def test_ddp_two_processes_keep_identical_weights(lab, tmp_path):
     sd0, sd1 = (torch.load(tmp_path / f"rank{k}.pt") for k in (0, 1))
     assert state_dicts_equal(sd0, sd1)
     assert any("running_mean" in k for k in sd0)
-    run = next((lab.tmp / "ddp" / "custom").iterdir())
+    runs = list((lab.tmp / "ddp" / "custom").iterdir())
+    assert len(runs) == 1  # one run folder, rank 0's
+    run = runs[0]
     saved = torch.load(run / "train_state.pt", weights_only=False)["model"]
     assert state_dicts_equal(saved, sd0)  # rank 0 wrote the state
     assert (run / "fid.bin").is_file() and (run / "last_0.bin").is_file()

@@ -192,8 +192,9 @@ class Trainer:
         check_data_path(args)
         self.check_inputs()  # before anything is written: a bad config leaves no empty run folder behind
         self.is_main = self.rank == 0
-        self.run_dir = self._run_dir()
-        os.makedirs(self.run_dir, exist_ok=True)
+        self.run_dir = self._run_dir()  # only rank 0 writes there (other ranks' names may carry another timestamp)
+        if self.is_main:
+            os.makedirs(self.run_dir, exist_ok=True)
         self.log = setup_logging(os.path.join(self.run_dir, f"{args.name}.txt"), self.rank)
         if self.is_main:
             save_config(args, os.path.join(self.run_dir, f"{args.name}.yaml"))
@@ -346,13 +347,13 @@ class Trainer:
 
     # ---- the loop -------------------------------------------------------------------------------------------------
     def train_step(self, batch):
-        where = f"epoch {self.epoch}, step {self.global_step + 1}"
         batch = to_device(batch, self.device)
-        check_finite(batch, where)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             losses = self.compute_losses(self.model, batch, self.epoch)
         total = sum(losses.values())
-        if not torch.isfinite(total):
+        if not torch.isfinite(total):  # the step's one host sync; nothing has been updated yet
+            where = f"epoch {self.epoch}, step {self.global_step + 1}"
+            check_finite(batch, where)
             bad = [k for k, v in losses.items() if not torch.isfinite(v)]
             raise FloatingPointError(f"{where}: non-finite loss {bad}; the inputs were finite, so lower lr_base "
                                      "or check the stage-1 models")
@@ -380,13 +381,12 @@ class Trainer:
         t_epoch = t_data = time.perf_counter()
         for batch in bar:
             t_net = time.perf_counter()
-            losses = self.train_step(batch)
-            values = {k: float(v) for k, v in losses.items()}
+            losses = self.train_step(batch)  # loss tensors stay on the device until a log line needs them
             now = time.perf_counter()
             window["data"] += t_net - t_data
             window["net"] += now - t_net
             window["n"] += 1
-            for k, v in values.items():
+            for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v
                 window["sums"][k] = window["sums"].get(k, 0.0) + v
             count += 1
@@ -394,6 +394,7 @@ class Trainer:
             self.batch_in_epoch += 1
             if self.global_step % args.log_period == 0 or self.batch_in_epoch == n_batches:
                 n = window["n"]
+                window["sums"] = {k: float(v) for k, v in window["sums"].items()}
                 fps = args.batch_size * args.pose_length * n / max(window["data"] + window["net"], 1e-9)
                 lr = self.optimizer.param_groups[0]["lr"]
                 mem = f" mem: {torch.cuda.max_memory_allocated(self.device) / 2**30:.2f}GB" if self.device.type == "cuda" else ""
@@ -401,7 +402,7 @@ class Trainer:
                               + " ".join(f"{k}: {v / n:.4f}" for k, v in window["sums"].items())
                               + f" glr: {lr:.3e} dtime: {1000 * window['data'] / n:.0f}ms "
                                 f"ntime: {1000 * window['net'] / n:.0f}ms {fps:.0f} frames/s{mem}")
-                bar.set_postfix(loss=f"{values['total']:.4f}", fps=f"{fps:.0f}")
+                bar.set_postfix(loss=f"{float(losses['total']):.4f}", fps=f"{fps:.0f}")
                 self._log_scalars("train", {k: v / n for k, v in window["sums"].items()}, self.global_step)
                 self._log_scalars("lr", {"glr": lr}, self.global_step)
                 window = {"n": 0, "data": 0.0, "net": 0.0, "sums": {}}
@@ -411,7 +412,7 @@ class Trainer:
         bar.close()
         if count:
             fps = args.batch_size * args.pose_length * count / max(time.perf_counter() - t_epoch, 1e-9)
-            summary = " ".join(f"{k} {v / count:.4f}" for k, v in sums.items())
+            summary = " ".join(f"{k} {float(v) / count:.4f}" for k, v in sums.items())
             self.log.info(f"[epoch {self.epoch}] steps {self.global_step} | {summary} | {fps:.0f} frames/s")
         return self.batch_in_epoch == n_batches
 
