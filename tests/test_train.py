@@ -8,6 +8,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -179,11 +180,19 @@ def test_mambatalk_trains_evaluates_tests_and_saves(lab):
         assert list((run / "test" / tag).glob("res_*.npz"))
 
 
+def test_bf16_autocast_steps(lab):
+    """amp: bf16 runs the networks under autocast and the losses in float32 (no NaN from bf16 acos/rotations)."""
+    for name, overrides in (("cnn_vqvae_upper_30", {"rec_ver_weight": 1.0}), ("mambatalk", {})):
+        trainer = build_trainer(lab.config(name, out="bf16", amp="bf16", **overrides))
+        trainer.fit()
+        assert trainer.global_step == 2 and np.isfinite(trainer.best_value)
+
+
 @pytest.mark.slow
 def test_mambatalk_loss_falls(lab):
     """150 steps of the tiny model at batch 4 (lr_base 0.02, i.e. lr 6.25e-4): measured, the mean total loss of the
-    last 20 steps is 34 % of the first 20's (31.2 -> 10.7, a 66 % drop; 42 % with lr_base 0.01). Asserting a 40 %
-    drop leaves a wide margin. About 25-50 s on 2 CPU cores."""
+    last 20 steps is about half the first 20's (37.8 -> 19.5, a 48 % drop). Asserting a 25 % drop leaves a wide
+    margin. About 25-40 s on 2 CPU cores."""
     trainer = build_trainer(lab.config("mambatalk", max_steps=150, epochs=1000, lr_base=0.02, eval_split="",
                                        log_period=50))
     totals = []
@@ -193,7 +202,7 @@ def test_mambatalk_loss_falls(lab):
     assert len(totals) == 150
     first, last = sum(totals[:20]) / 20, sum(totals[-20:]) / 20
     print(f"MambaTalk loss: first 20 steps {first:.3f}, last 20 steps {last:.3f}, drop {1 - last / first:.1%}")
-    assert last < 0.6 * first
+    assert last < 0.75 * first
 
 
 def test_resume_is_exact(lab):

@@ -348,8 +348,7 @@ class Trainer:
     # ---- the loop -------------------------------------------------------------------------------------------------
     def train_step(self, batch):
         batch = to_device(batch, self.device)
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            losses = self.compute_losses(self.model, batch, self.epoch)
+        losses = self.compute_losses(self.model, batch, self.epoch)
         total = sum(losses.values())
         if not torch.isfinite(total):  # the step's one host sync; nothing has been updated yet
             where = f"epoch {self.epoch}, step {self.global_step + 1}"
@@ -365,6 +364,11 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return {k: v.detach() for k, v in losses.items()} | {"total": total.detach()}
+
+    def autocast(self):
+        """`amp` (bf16/fp16) for the networks' forward passes; trainers compute losses (rotations, acos, the body
+        model, log-softmax) on float32 outputs outside it, where bf16 rounding would give NaN or bias."""
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
 
     def _done(self):
         return self.epoch >= self.args.epochs or (self.args.max_steps and self.global_step >= self.args.max_steps)
@@ -467,8 +471,7 @@ class Trainer:
     def evaluate_and_select(self, epoch):
         """Rank 0 evaluates the unwrapped model on eval_split and keeps `<best_metric>.bin` (lower is better)."""
         self.raw_model.eval()
-        with preserved_rng(), torch.no_grad(), torch.autocast(self.device.type, dtype=self.autocast_dtype,
-                                             enabled=self.autocast_dtype is not None):
+        with preserved_rng(), torch.no_grad():
             metrics = self.evaluate(self.eval_loader)
         self.raw_model.train()
         self.evaluated_step = self.global_step

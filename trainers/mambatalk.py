@@ -137,9 +137,10 @@ class MambaTalkTrainer(Trainer):
         return sum(weights[k] * F.cross_entropy(out[f"cls_{k}"].flatten(0, 1).float(), t["index"][k].flatten())
                    for k in PARTS if weights[k] != 0)
 
-    @staticmethod
-    def forward(model, t, mask):
-        return model(in_audio=t["audio"], in_word=t["word"], mask=mask, in_motion=t["motion"], in_id=t["id"])
+    def forward(self, model, t, mask):
+        """One call of the generator under the configured autocast (losses take .float() of its outputs)."""
+        with self.autocast():
+            return model(in_audio=t["audio"], in_word=t["word"], mask=mask, in_motion=t["motion"], in_id=t["id"])
 
     def seeded_mask(self, motion):
         mask = torch.ones_like(motion)
@@ -174,7 +175,7 @@ class MambaTalkTrainer(Trainer):
         for batch in loader:
             batch = {k: v.to(self.device) for k, v in batch.items()}
             t = prepare_targets(batch, self.vq)
-            out = self.forward(self.raw_model, t, self.seeded_mask(t["motion"]))
+            out = {k: v.float() for k, v in self.forward(self.raw_model, t, self.seeded_mask(t["motion"])).items()}
             latent_sum += float(self.latent_loss(out, t, lat_w))
             n_batches += 1
             for k in PARTS:

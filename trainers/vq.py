@@ -95,6 +95,12 @@ class Stage1Trainer(Trainer):
         x = out["vertices"] if vertices else out["joints"]
         return x.reshape(B, T, *x.shape[1:])
 
+    def run(self, model, x):
+        """The network under the configured autocast; its outputs, and all the loss math after it, in float32."""
+        with self.autocast():
+            out = model(x)
+        return {k: v.float() for k, v in out.items()}
+
     def model_input(self, batch):
         """The model's input tensor (B, T, vae_test_dim) for a batch (VQ trainers)."""
         raise NotImplementedError
@@ -143,7 +149,7 @@ class PartVQTrainer(Stage1Trainer):
         B, T = pose.shape[:2]
         J = len(self.joints)
         R = axis_angle_to_matrix(pose.reshape(B, T, J, 3))
-        out = model(matrix_to_rotation_6d(R).reshape(B, T, J * 6))
+        out = self.run(model, matrix_to_rotation_6d(R).reshape(B, T, J * 6))
         R_hat = rotation_6d_to_matrix(out["rec_pose"].reshape(B, T, J, 6))
         losses = {
             "rec": a.rec_weight * a.rec_pos_weight * geodesic_loss(R_hat, R),
@@ -176,7 +182,7 @@ class FaceVQTrainer(Stage1Trainer):
         exps = batch["facial"].float()
         B, T = jaw.shape[:2]
         R = axis_angle_to_matrix(jaw)
-        out = model(torch.cat([matrix_to_rotation_6d(R), exps], dim=-1))
+        out = self.run(model, torch.cat([matrix_to_rotation_6d(R), exps], dim=-1))
         rec = out["rec_pose"]
         R_hat, exps_hat = rotation_6d_to_matrix(rec[..., :6]), rec[..., 6:]
         losses = {
@@ -224,7 +230,7 @@ class LowerVQTrainer(Stage1Trainer):
         a = self.args
         R, trans, contact = lower_input(batch, self.joints)
         B, T, J = R.shape[:3]
-        out = model(torch.cat([matrix_to_rotation_6d(R).reshape(B, T, J * 6), trans, contact], dim=-1))
+        out = self.run(model, torch.cat([matrix_to_rotation_6d(R).reshape(B, T, J * 6), trans, contact], dim=-1))
         rec = out["rec_pose"]
         R_hat = rotation_6d_to_matrix(rec[..., :J * 6].reshape(B, T, J, 6))
         contact_hat = rec[..., J * 6 + 3:J * 6 + 7]
@@ -258,7 +264,7 @@ class GlobalMotionTrainer(Stage1Trainer):
         R, trans, contact = lower_input(batch, self.joints)
         B, T, J = R.shape[:3]
         legs6d = matrix_to_rotation_6d(R).reshape(B, T, J * 6)
-        out = model(torch.cat([legs6d, legs6d.new_zeros(B, T, 7)], dim=-1))
+        out = self.run(model, torch.cat([legs6d, legs6d.new_zeros(B, T, 7)], dim=-1))
         rec = out["rec_pose"]
         vx_hat, y_hat, vz_hat = rec[..., J * 6], rec[..., J * 6 + 1], rec[..., J * 6 + 2]
         contact_hat = rec[..., J * 6 + 3:J * 6 + 7]
@@ -309,5 +315,5 @@ class EvalAETrainer(Stage1Trainer):
         pose = batch["pose"].float()[..., :165]
         B, T = pose.shape[:2]
         x = matrix_to_rotation_6d(axis_angle_to_matrix(pose.reshape(B, T, 55, 3))).reshape(B, T, 330)
-        rec = model(x)["rec_pose"]
+        rec = self.run(model, x)["rec_pose"]
         return {"rec": F.mse_loss(rec, x), "vel": F.mse_loss(diff(rec), diff(x))}
