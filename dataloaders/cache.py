@@ -34,7 +34,8 @@ AUDIO_DIR = "wave16k"  # fixed in the published loader
 
 
 def cache_root(args):
-    return Path(str(args.root_path) + str(args.cache_path))
+    """root_path + cache_path as published, except that an absolute cache_path stands on its own."""
+    return Path(str(args.root_path)) / str(args.cache_path)
 
 
 def _file_signature(path):

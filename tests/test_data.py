@@ -414,3 +414,10 @@ def test_vocab_pickle_with_other_globals_is_refused(tmp_path):
     path.write_bytes(pickle.dumps(Evil()))
     with pytest.raises(ValueError, match=r"vocab.pkl: .*refused global (posix|os)\.system"):
         beat2.load_vocab(path)
+
+
+def test_cache_root_joins_like_published_but_keeps_absolute_paths():
+    ns = types.SimpleNamespace
+    assert cache.cache_root(ns(root_path="./", cache_path="datasets/beat_cache/")) == Path("datasets/beat_cache")
+    assert cache.cache_root(ns(root_path="/data/", cache_path="cache/")) == Path("/data/cache")
+    assert cache.cache_root(ns(root_path="./", cache_path="/tmp/c/")) == Path("/tmp/c")  # published: .//tmp/c

@@ -137,6 +137,31 @@ def test_codebook_init_option(lab):
             assert distance.max() < 1e-4  # every code is one of the frames' encodings
 
 
+def test_dead_code_restart(lab):
+    """`vq_restart_period`: every code left unused by a batch moves onto one of that batch's encodings (so more codes
+    are chosen afterwards), the rest keep their values; period 0 (published) never touches the codebook."""
+    trainer = build_trainer(lab.config("cnn_vqvae_upper_30", out="restart", vq_codebook_init="uniform",
+                                       vq_restart_period=1, batch_size=4, max_steps=0))
+    batch = next(iter(trainer.train_loader))
+    quantizer, encoder = trainer.raw_model.quantizer, trainer.raw_model.encoder
+    with torch.no_grad():
+        z = encoder(trainer.model_input(batch)).flatten(0, 1)
+        used_before = torch.bincount(quantizer.map2index(z), minlength=quantizer.n_e) > 0
+        codes_before = quantizer.embedding.weight.clone()
+        assert 0 < int(used_before.sum()) < quantizer.n_e  # the uniform init leaves most codes unused
+        trainer.restart_dead_codes(batch)
+        codes = quantizer.embedding.weight
+        assert torch.equal(codes[used_before], codes_before[used_before])
+        assert trainer.restarted_codes == int((~used_before).sum())
+        distance = torch.cdist(codes[~used_before], z, compute_mode="donot_use_mm_for_euclid_dist").min(dim=1).values
+        assert distance.max() < 1e-4
+        used_after = torch.bincount(quantizer.map2index(z), minlength=quantizer.n_e) > 0
+        assert int(used_after.sum()) > int(used_before.sum())  # (near-identical frames may still share one code)
+    off = build_trainer(lab.config("cnn_vqvae_upper_30", out="restart_off", max_steps=2, vq_restart_period=0))
+    before = off.raw_model.quantizer.embedding.weight.clone()
+    off.fit()
+    assert off.restarted_codes == 0
+    assert not torch.equal(before, off.raw_model.quantizer.embedding.weight)  # trained, but never restarted
 def test_optimiser_and_schedule_are_published(lab):
     trainer = lab.trainers["aelowerfoot"]
     args = trainer.args

@@ -71,6 +71,7 @@ class Stage1Trainer(Trainer):
 
     def build_model(self):
         a = self.args
+        self.restarted_codes = 0  # dead codes moved by restart_dead_codes, for the logs and tests
         self.body = load_body_model(a, self.device)
         self.joints = PART_JOINTS[a.tar_joints]
         if a.vae_length != a.vae_codebook_size:
@@ -125,6 +126,37 @@ class Stage1Trainer(Trainer):
         if self.world_size > 1:
             dist.broadcast(quantizer.embedding.weight.data, 0)  # every rank starts from rank 0's codebook
         self.log.info(f"codebook initialised from {z.shape[0]} encoder outputs of the first batch")
+
+    def train_step(self, batch):
+        losses = super().train_step(batch)
+        period = self.args.vq_restart_period
+        if period and (self.global_step + 1) % period == 0:  # global_step counts this step only after it returns
+            self.restart_dead_codes(batch)
+        return losses
+
+    @torch.no_grad()
+    def restart_dead_codes(self, batch):
+        """`vq_restart_period: N` (a project option; published: 0 = never): every N steps, each code that no frame of
+        this batch chose is moved onto the encoder output of a random frame of the batch, so that the codebook keeps
+        being used as the encoder drifts (with a short schedule, codes stranded early are otherwise never chosen again;
+        the demo's upper-body model kept 15 of 64 codes). Deterministic given the step, so resume stays exact."""
+        quantizer = getattr(self.raw_model, "quantizer", None)
+        if quantizer is None:
+            return
+        batch = to_device(batch, self.device)
+        z = self.raw_model.encoder(self.model_input(batch)).flatten(0, -2).float()
+        used = torch.bincount(quantizer.map2index(z).flatten(), minlength=quantizer.n_e) > 0
+        dead = (~used).nonzero().flatten()
+        if len(dead):
+            g = torch.Generator().manual_seed(self.args.random_seed + self.global_step)
+            rows = torch.randperm(z.shape[0], generator=g)[:len(dead)].to(z.device)  # distinct frames
+            dead = dead[:len(rows)]
+            quantizer.embedding.weight[dead] = z[rows].to(quantizer.embedding.weight.dtype)
+        if self.world_size > 1:
+            dist.broadcast(quantizer.embedding.weight.data, 0)  # ranks saw different batches: rank 0's codebook wins
+        self.restarted_codes += len(dead)
+        if len(dead):
+            self.log.info(f"step {self.global_step + 1}: {len(dead)} unused codes restarted from encoder outputs")
 
     def evaluate(self, loader):
         """The training loss terms on the eval split, averaged over batches."""

@@ -152,6 +152,7 @@ DEFAULTS = {
     "pretrained_vq_dir": "",      # "" -> data_path_1 + "pretrained_vq/"
     "vq_fixes": True,             # stage-1 bug fixes (spec §10.3 #9, #10)
     "vq_codebook_init": "uniform",  # stage-1 codebook init: uniform (published) | data (encoder outputs of a batch)
+    "vq_restart_period": 0,  # stage-1: every N steps move codes no frame of the batch chose onto encoder outputs (0: never, published)
 }
 
 _TRUE = {"true", "t", "yes", "y", "1"}
