@@ -16,6 +16,7 @@ Backends:
              On CUDA the core recurrence runs as Triton kernels instead (models/scan_triton.py: states
              stay in registers; ~1 launch instead of one per time step) when Triton imports.
   cuda       mamba-ssm's fused kernel (needs `mamba_ssm` built for this GPU and CUDA tensors).
+`auto` (the default) picks torch (Triton) for training on a GPU, cuda for generation, torch on CPU.
 """
 import functools
 
@@ -54,8 +55,12 @@ def available_backends():
 
 
 def resolve_backend(name, tensor):
-    """'auto' -> 'cuda' when mamba-ssm imports and `tensor` is on a GPU, else 'torch'."""
+    """'auto' on a GPU: the torch backend's Triton kernels while autograd records (training: the whole training step
+    is faster than with mamba-ssm's kernel, and torch.compile traces them), else mamba-ssm's kernel where it imports
+    (generation). 'auto' on CPU: 'torch'."""
     if name == "auto":
+        if tensor.is_cuda and torch.is_grad_enabled() and USE_TRITON and scan_triton.available():
+            return "torch"
         return "cuda" if tensor.is_cuda and _mamba_ssm_scan() is not None else "torch"
     if name not in BACKENDS:
         raise ValueError(f"unknown ssm backend {name!r}; expected one of auto, {', '.join(BACKENDS)}")
@@ -81,9 +86,9 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         if delta_softplus:
             dt = F.softplus(dt)
         if USE_TRITON and u.is_cuda and work == torch.float32 and scan_triton.available():
-            y = scan_triton.selective_scan_core(u, dt, A, B, C)
+            y = scan_triton.selective_scan_core(u, dt, A, B, C)  # custom ops: no graph break under torch.compile
         else:
-            y = _ScanFn.apply(u, dt, A, B, C)
+            y = _scan_loop(u, dt, A, B, C)
         if D is not None:
             y = y + D.to(work)[:, None] * u
         if z is not None:
@@ -151,6 +156,11 @@ def _block_states(dt, u, A, B, h0):
     for j in range(c):  # the recurrence: one fused multiply-add over a (b, d, n) slab per step
         hh[j + 1].addcmul_(a[j], hh[j])
     return a, hh
+
+
+@torch.compiler.disable  # run eagerly under torch.compile: its per-block Python state does not trace
+def _scan_loop(u, dt, A, B, C):
+    return _ScanFn.apply(u, dt, A, B, C)
 
 
 class _ScanFn(torch.autograd.Function):

@@ -17,7 +17,8 @@ _backend = "auto"
 
 
 def set_ssm_backend(name):
-    """Backend for every Mamba layer: auto (cuda when available, else torch), cuda, torch or reference."""
+    """Backend for every Mamba layer: auto (models.scan.resolve_backend: the torch backend's Triton kernels for training
+    on GPUs, cuda for generation where mamba-ssm imports, else torch), cuda, torch or reference."""
     global _backend
     if name != "auto" and name not in BACKENDS:
         raise ValueError(f"unknown ssm_backend {name!r}; expected one of auto, {', '.join(BACKENDS)}")

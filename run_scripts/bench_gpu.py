@@ -8,8 +8,9 @@ Prints ONE table (card named): for each target, the plain float32 eager configur
 code and the fast configuration, with peak GPU memory, then the agreement between the two.
 
   train    full MambaTalk training step (frozen VQ encoders, three passes, six losses, backward, clipping, Adam)
-           at batch x 64 frames through the trainer's own train_step. published: fp32, three full passes, Adam.
-           fast: bf16 autocast, conditioning shared by the three passes, fused Adam (+ torch.compile: --compile).
+           at batch x 64 frames through the trainer's own train_step. published: fp32, three full passes, Adam,
+           mamba-ssm's scan. fast: bf16 autocast, conditioning shared by the three passes, passes batched, fused Adam,
+           Triton scan (+ torch.compile with CUDA graphs, as the trainer's `compile: true`: --compile).
   window   one 64-frame window at batch 1, the generator's forward. published: eager fp32. fast: CUDA graph.
   clip     a 60-s clip (30 windows, one after another), codes decoded to motion. published: the per-window loop of
            the published test (full forward per window, inputs sliced on the host). fast: trainers.generate.
@@ -36,6 +37,7 @@ from models.mambatalk import MambaTalk  # noqa: E402
 from models.motion_representation import build_stage1_models  # noqa: E402
 from models.scan import available_backends  # noqa: E402
 from trainers import generate as gen  # noqa: E402
+from trainers.base import avoid_cudnn_attention  # noqa: E402
 from trainers.mambatalk import MambaTalkTrainer  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.cuda_graph import GraphedFunction  # noqa: E402
@@ -43,6 +45,21 @@ from utils.cuda_graph import GraphedFunction  # noqa: E402
 TINY = dict(hidden_size=64, audio_f=64, motion_f=32, vae_codebook_size=32, word_index_num=40, word_dims=16,
             batch_size=2, pose_length=32)
 SECTIONS = ("train", "window", "clip", "testset", "scan")
+# training configurations: label, shared conditioning, amp, fused Adam, torch.compile mode, ssm backend, batched passes.
+# Backend "cuda" is mamba-ssm's kernel where it is built (the published code's), else auto; auto trains on the torch
+# backend's Triton kernels on GPUs. "compile-ro" is what the trainer runs with `compile: true` on one GPU.
+TRAIN_ROWS = {
+    "published": ("published: fp32, 3 full passes, Adam", False, "none", False, None, "cuda", True),
+    # sequential passes draw dropout as the published step does: the first-step losses must be identical
+    "shared": ("fp32, shared conditioning, separate passes", True, "none", False, None, "cuda", False),
+    "fp32": ("fp32 trainer default: shared cond., batched passes, Triton scan", True, "none", False, None, "auto",
+             True),
+    "fast-mamba": ("bf16, shared cond., batched, fused Adam, mamba-ssm scan", True, "bf16", True, None, "cuda", True),
+    "fast": ("fast: bf16, shared cond., batched, fused Adam, Triton scan", True, "bf16", True, None, "auto", True),
+    "compile": ("fast + torch.compile", True, "bf16", True, "default", "auto", True),
+    "compile-ro": ("fast + torch.compile with CUDA graphs (reduce-overhead)", True, "bf16", True, "reduce-overhead",
+                   "auto", True),
+}
 
 
 # ---- helpers --------------------------------------------------------------------------------------------------------
@@ -101,8 +118,13 @@ def training_batch(args, device, seed=1):
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def step_trainer(args, device, model, vq, share, amp, fused, compile_model=False, batched=True):
+def row_backend(name):
+    return "auto" if name == "cuda" and "cuda" not in available_backends() else name
+
+
+def step_trainer(args, device, model, vq, share, amp, fused, compile_mode=None, batched=True):
     """A MambaTalkTrainer that runs its own train_step/compute_losses, without the data/logging set-up."""
+    avoid_cudnn_attention(device)  # as Trainer.__init__
     model.batch_passes = batched
     args = copy.copy(args)
     args.amp, args.fused_adam = amp, fused
@@ -113,8 +135,8 @@ def step_trainer(args, device, model, vq, share, amp, fused, compile_model=False
     t.autocast_dtype = torch.bfloat16 if amp == "bf16" else None
     t.scaler = torch.amp.GradScaler(device.type, enabled=False)
     t.epoch, t.global_step = 0, 0
-    if compile_model:
-        t.model = torch.compile(model)
+    if compile_mode:
+        t.model = torch.compile(model, mode=compile_mode)
     return t
 
 
@@ -196,6 +218,8 @@ class Table:
             ratio = f"{(value / base if higher_is_better else base / value):.2f}x"
         self.rows.append((target, config, f"{value:,.2f}" if value < 1e5 else f"{value:,.0f}", unit, ratio,
                           "" if mem != mem else f"{mem:.2f}"))
+        print(f"  [{target or self.rows[-2][0]}] {config or self.rows[-2][1]}: {self.rows[-1][2]} {unit}",
+              flush=True)  # progress, in case a later row hangs
 
     def fail(self, target, config, err):
         self.rows.append((target, config, "FAILED", type(err).__name__, "", ""))
@@ -228,10 +252,11 @@ def bench_train(table, args, device, opts):
     frames = args.batch_size * args.pose_length
     base = {}
 
-    def run(config, share, amp, fused, compile_model=False, backend="auto", batched=True):
-        ssm.set_ssm_backend(backend)
-        model, vq = build_models(args, device)
-        trainer = step_trainer(args, device, model, vq, share, amp, fused, compile_model, batched)
+    def run(config, share, amp, fused, compile_mode, backend, batched):
+        a = copy.copy(args)
+        a.ssm_backend = row_backend(backend)  # MambaTalk(args) sets the module-wide backend
+        model, vq = build_models(a, device)
+        trainer = step_trainer(a, device, model, vq, share, amp, fused, compile_mode, batched)
         batch = training_batch(args, device)
         torch.manual_seed(123)
         t0 = time.perf_counter()
@@ -250,30 +275,23 @@ def bench_train(table, args, device, opts):
         fps = frames / dt
         table.add("train step", config, fps, "frames/s", base.get("fps"), peak_gib(device), higher_is_better=True)
         table.add("", "", dt * 1e3, "ms/step", base.get("ms"), float("nan"))
-        if compile_model:
+        if compile_mode:
             table.notes.append(f"train step / {config}: first step {t_first:.0f} s (compilation)")
         del trainer, model
         return fps, dt * 1e3, {k: float(v) for k, v in first.items()}
 
-    rows = {
-        "published": ("published: fp32, 3 full passes, Adam", False, "none", False),
-        # sequential passes draw dropout as the published step does: the first-step losses must be identical
-        "shared": ("fp32, shared conditioning, separate passes", True, "none", False, False, "auto", False),
-        "fast": ("fast: bf16, shared cond., batched passes, fused Adam", True, "bf16", True),
-        "triton": ("fast, torch scan backend (Triton)", True, "bf16", True, False, "torch"),
-        "compile": ("fast + torch.compile", True, "bf16", True, True),
-    }
-    wanted = [k for k in rows if k in opts.train_rows and (k != "triton" or "cuda" in available_backends())]
+    gpu_rows = ("fp32", "fast-mamba", "compile", "compile-ro")  # equal to other rows on CPU
+    wanted = [k for k in TRAIN_ROWS if k in opts.train_rows and (k not in gpu_rows or device.type == "cuda")]
     ref_losses = None
     for key in wanted:
-        c = rows[key]
+        c = TRAIN_ROWS[key]
         out = run_row(table, "train step", c[0], lambda c=c: run(*c))
         if key == "published" and out:
             base.update(fps=out[0], ms=out[1])
             ref_losses = out[2]
         elif out and ref_losses:
             gap = max(abs(out[2][k] - ref_losses[k]) / max(abs(ref_losses[k]), 1e-12) for k in ref_losses)
-            why = " (other dropout draws)" if key not in ("shared",) else ""
+            why = " (other dropout draws)" if key != "shared" else ""
             table.notes.append(f"train step / {c[0]}: first-step losses within {gap:.1e} (relative) of published{why}")
     ssm.set_ssm_backend("auto")
 
@@ -419,10 +437,15 @@ def bench_scan(table, args, device, opts):
 
 
 def profile_train(args, device, opts):
-    """Where the fast training step spends its time: host (Python, dispatch) against device (kernels)."""
+    """Where a training configuration's step spends its time: host (Python, dispatch) against device (kernels)."""
     from torch.profiler import ProfilerActivity, profile
-    model, vq = build_models(args, device)
-    trainer = step_trainer(args, device, model, vq, True, "bf16" if device.type == "cuda" else "none", True)
+    label, share, amp, fused, mode, backend, batched = TRAIN_ROWS[opts.profile]
+    a = copy.copy(args)
+    a.ssm_backend = row_backend(backend)
+    model, vq = build_models(a, device)
+    amp = amp if device.type == "cuda" else "none"
+    trainer = step_trainer(a, device, model, vq, share, amp, fused, mode, batched)
+    print(f"profile of the training step: {label}", flush=True)
     batch = training_batch(args, device)
     for _ in range(3):
         trainer.train_step(batch)
@@ -439,7 +462,7 @@ def profile_train(args, device, opts):
     kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
     busy = sum(e.device_time for e in kernels) / 1e3 if kernels else float("nan")
     ops = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CPU and e.name.startswith("aten::"))
-    print(f"profiled fast step: wall {wall * 1e3:.0f} ms (with profiler), {len(kernels)} GPU kernels busy "
+    print(f"profiled step ({opts.profile}): wall {wall * 1e3:.0f} ms (with profiler), {len(kernels)} GPU kernels busy "
           f"{busy:.0f} ms, {ops} aten calls on the host")
 
 
@@ -452,14 +475,16 @@ def main():
     p.add_argument("--steps", type=int, default=None, help="timed training steps (default 10 GPU, 1 tiny)")
     p.add_argument("--warmup", type=int, default=None, help="untimed training steps after the first")
     p.add_argument("--repeats", type=int, default=None, help="repeats of the window/scan timings (median)")
-    p.add_argument("--compile", action="store_true", help="add a torch.compile training row (compiles for minutes)")
-    p.add_argument("--profile", action="store_true", help="profile one fast training step and stop")
-    p.add_argument("--train_rows", nargs="+", default=["published", "shared", "fast", "triton"],
-                   choices=["published", "shared", "fast", "triton", "compile"], help="training configurations")
+    p.add_argument("--compile", action="store_true",
+                   help="add the training row the trainer runs with `compile: true` (compiles for minutes)")
+    p.add_argument("--profile", nargs="?", const="fast", choices=list(TRAIN_ROWS),
+                   help="profile one training step of this configuration (default fast) and stop")
+    p.add_argument("--train_rows", nargs="+", default=["published", "shared", "fp32", "fast-mamba", "fast"],
+                   choices=list(TRAIN_ROWS), help="training configurations")
     opts = p.parse_args()
     device = torch.device(opts.device)
-    if opts.compile and "compile" not in opts.train_rows:
-        opts.train_rows.append("compile")
+    if opts.compile and "compile-ro" not in opts.train_rows:
+        opts.train_rows.append("compile-ro")
     opts.tiny = opts.tiny or device.type == "cpu"
     opts.steps = opts.steps or (1 if opts.tiny else 10)
     opts.warmup = opts.warmup if opts.warmup is not None else (0 if opts.tiny else 3)

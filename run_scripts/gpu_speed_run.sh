@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # One call on a fresh single-GPU machine (no network) for issue 9 (speed table) and issue 8's one-GPU check:
-#   1. GPU tests of the Triton scan and graphed generation;
-#   2. mamba-ssm for the published configuration's scan kernel: installed from .dev/mamba_ssm-*.whl.part-* when a
+#   1. mamba-ssm for the published configuration's scan kernel: installed from .dev/mamba_ssm-*.whl.part-* when a
 #      previous call left them, else built from .dev/mamba_ssm-*.tar.gz for sm_90 only and its wheel split into $OUT;
-#   3. run_scripts/bench_gpu.py at published sizes (the table), then a profile of the fast training step;
-#   4. torchrun --nproc_per_node 1 with ddp: true (NCCL) for $STEPS steps at the published size on synthetic data
+#   2. GPU tests of the scan backends, the Triton kernels and graphed generation;
+#   3. torchrun --nproc_per_node 1 with ddp: true (NCCL) for $STEPS steps at the published size on synthetic data
 #      with random stage-1 models (bf16, then float32 if that fails), and the checkpoint loaded on CPU;
-#   5. the torch.compile training row with whatever time is left of 585 s.
+#   4. run_scripts/bench_gpu.py --compile at published sizes (the table) with whatever time is left of 585 s;
+#   5. a profile of the fast training step (PROFILE=<training row> to pick another; SKIP="profile" to leave it out).
 # Here first: the .whl/ wheels (soundfile cffi pycparser smplx TextGrid; the GPU image lacks them) and
 #   pip download --no-deps --no-binary :all: --no-build-isolation mamba-ssm==2.3.2.post1 -d .dev/
-# There:  [SKIP="tests mamba bench profile train compile"] bash run_scripts/gpu_speed_run.sh [bench options...]
+# There:  [SKIP="tests mamba train bench profile"] bash run_scripts/gpu_speed_run.sh [bench options...]
 #   (.dev and .whl carried; logs in $OUT)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -32,11 +32,6 @@ if compgen -G ".whl/*" > /dev/null; then
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv
 $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-
-if ! skip tests; then
-  stamp "GPU tests"
-  timeout 120 $PY -m pytest -q -x tests/test_speed.py -k "gpu" 2>&1 | tail -15 | tee "$OUT/pytest.txt"
-fi
 
 install_mamba() {
   shopt -s nullglob
@@ -72,9 +67,10 @@ if ! skip mamba; then
   install_mamba && $PY -c "from mamba_ssm.ops.selective_scan_interface import selective_scan_fn; print('mamba_ssm kernel imports')"
 fi
 
-if ! skip bench; then
-  stamp "bench"
-  timeout 420 $PY run_scripts/bench_gpu.py "$@" 2>&1 | tee "$OUT/bench.txt" | grep -v "^\s*$" | tail -60
+if ! skip tests; then
+  stamp "GPU tests"
+  timeout 150 $PY -m pytest -q tests/test_speed.py tests/test_scan.py tests/test_ssm.py -k "gpu or cuda" 2>&1 | \
+      tail -15 | tee "$OUT/pytest.txt"
 fi
 
 train_run() {  # amp steps: torchrun, 1 GPU, NCCL (ddp: true), published size; the checkpoint then loads on CPU
@@ -108,24 +104,25 @@ print(f"checkpoint {path} loads on CPU: {sum(p.numel() for p in model.parameters
 EOF
 }
 
-if ! skip profile; then
-  stamp "profile of the fast training step"
-  timeout 120 $PY run_scripts/bench_gpu.py --profile > "$OUT/profile.txt" 2>&1
-  tail -1 "$OUT/profile.txt"
-fi
-
 if ! skip train; then
   $PY -m dataloaders.synthetic --out /tmp/demo --preset demo > /dev/null && \
   $PY run_scripts/make_random_stage1.py --out /tmp/pre > /dev/null
   train_run bf16 "$STEPS" || train_run none "$STEPS"
 fi
 
-if ! skip compile; then
-  left=$((585 - SECONDS))
-  stamp "torch.compile training row (${left} s left)"
-  [ $left -gt 60 ] && timeout $left $PY run_scripts/bench_gpu.py --only train --train_rows published compile \
-      > "$OUT/bench_compile.txt" 2>&1
-  grep -A12 "^MambaTalk speed" "$OUT/bench_compile.txt" || tail -5 "$OUT/bench_compile.txt"
+if ! skip bench; then
+  reserve=60; skip profile && reserve=0
+  left=$((585 - SECONDS - reserve))
+  stamp "bench (${left} s left)"
+  timeout $left $PY run_scripts/bench_gpu.py --compile "$@" > "$OUT/bench.txt" 2>&1
+  sed -n '/^MambaTalk speed/,$p' "$OUT/bench.txt" | grep -q . && sed -n '/^MambaTalk speed/,$p' "$OUT/bench.txt" || \
+      grep -E "^\s+\[|Error" "$OUT/bench.txt" | tail -40
+fi
+
+if ! skip profile; then
+  stamp "profile of the ${PROFILE:-fast} training step"
+  timeout 55 $PY run_scripts/bench_gpu.py --profile "${PROFILE:-fast}" > "$OUT/profile.txt" 2>&1
+  tail -1 "$OUT/profile.txt"
 fi
 
 stamp "done"

@@ -332,3 +332,18 @@ def test_full_disk_keeps_previous_checkpoint(lab, monkeypatch):
     assert {name: (run / name).read_bytes() for name in before} == before
     assert not [p.name for p in run.iterdir() if ".tmp-" in p.name]
     load_weights(getattr(motion_representation, trainer.args.g_name)(trainer.args), run / "last_0.bin")
+
+
+def test_training_on_a_gpu_turns_cudnn_attention_off():
+    """cuDNN's attention backward returned NaN in bf16 MambaTalk training (README, Known limitations): the trainer
+    switches that kernel off on GPUs and leaves CPU runs alone."""
+    from trainers.base import avoid_cudnn_attention
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        avoid_cudnn_attention(torch.device("cpu"))
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+        avoid_cudnn_attention(torch.device("cuda"))
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)

@@ -63,6 +63,15 @@ def init_distributed(args):
     return rank, world_size, device
 
 
+def avoid_cudnn_attention(device):
+    """Training on a GPU: PyTorch 2.11 runs bf16/fp16 attention on cuDNN's kernel by default, and its backward returned
+    NaN query gradients from finite inputs after ~50 bf16 MambaTalk steps (H100, 64-frame windows; the forward, the
+    memory-efficient and the math kernels were finite on the same step; cf. pytorch/pytorch#196678). Flash and
+    memory-efficient attention are used instead (float32 never used cuDNN's)."""
+    if device.type == "cuda":
+        torch.backends.cuda.enable_cudnn_sdp(False)
+
+
 def check_training_config(args, world_size):
     """Options of the published optimiser/scheduler factories that are not implemented fail loudly."""
     if args.opt != "adam":
@@ -189,6 +198,7 @@ class Trainer:
         self.args = args
         self.rank, self.world_size, self.device = init_distributed(args)
         check_training_config(args, self.world_size)
+        avoid_cudnn_attention(self.device)
         check_data_path(args)
         self.check_inputs()  # before anything is written: a bad config leaves no empty run folder behind
         self.is_main = self.rank == 0
@@ -234,7 +244,13 @@ class Trainer:
             self.model = DistributedDataParallel(self.raw_model,
                                                  device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if args.compile:
-            self.model = torch.compile(self.model)
+            # one process on a GPU: CUDA graphs too ("reduce-overhead", 28k -> 34k frames/s at the published size on an
+            # H100, run_scripts/bench_gpu.py); under DDP plain compilation (its gradient hooks run between graphs)
+            single_gpu = self.device.type == "cuda" and not dist.is_initialized()
+            if dist.is_initialized():
+                self.log.warning("compile: true under DDP compiles for minutes and measured no faster than eager "
+                                 "(README, Known limitations)")
+            self.model = torch.compile(self.model, mode="reduce-overhead" if single_gpu else None)
         self.epoch, self.global_step, self.batch_in_epoch = 0, 0, 0
         self.best_value, self.best_epoch, self.evaluated_step = float("inf"), -1, -1
         self.writer = self._summary_writer()
