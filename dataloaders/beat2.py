@@ -18,6 +18,7 @@ from scipy.ndimage import maximum_filter1d
 from scipy.signal import resample_poly
 
 from utils.log import get_logger
+from utils.metric import joint_speeds
 
 log = get_logger()
 
@@ -382,15 +383,8 @@ def word_indices(words, n_frames, vocab, fps=30):
     return out
 
 
-def joint_speeds(joints, fps=30):
-    """(T, J, 3) positions -> (T, J) speeds in m/s: forward, central, backward differences (np.gradient)."""
-    joints = np.asarray(joints, dtype=np.float64)
-    if len(joints) < 2:
-        return np.zeros(joints.shape[:2])
-    return np.linalg.norm(np.gradient(joints, 1.0 / fps, axis=0), axis=-1)
-
-
 def mean_velocity(joint_sequences, fps=30):
-    """Mean speed per joint over all frames of all sequences (§3.9) -> (J,) float32."""
-    speeds = np.concatenate([joint_speeds(j, fps) for j in joint_sequences], axis=0)
+    """Mean speed per joint over all frames of all sequences (§3.9) -> (J,) float32 (single frames have no speed)."""
+    speeds = np.concatenate([joint_speeds(np.asarray(j, dtype=np.float64), fps) for j in joint_sequences if len(j) >= 2],
+                            axis=0)
     return speeds.mean(axis=0).astype(np.float32)
