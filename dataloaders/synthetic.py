@@ -4,10 +4,9 @@
 
 Each sequence is a random string of words from a small vocabulary (a TextGrid `words` tier with their exact times),
 a speech-like waveform built from it (syllable pulses of a pitched, formant-filtered source plus consonant noise
-bursts, 16 kHz PCM16) and 30 fps SMPL-X motion driven by that speech: arm strokes and head nods land on accented
-syllables with a short lag, in a form each speaker ties to the word, jaw and expression coefficients follow the
-loudness envelope, the spine sways and the legs shift weight slowly. Speakers differ in voice, gesture size and lexicon,
-handedness and resting pose. The same seed and preset give
+bursts, 16 kHz PCM16) and 30 fps SMPL-X motion driven by that waveform: arm strokes and head nods land on stressed
+syllables with a short lag, jaw and expression coefficients follow the loudness envelope, the spine sways and the legs
+shift weight slowly. Speakers differ in voice, gesture size, handedness and resting pose. The same seed and preset give
 the same bytes; a finished dataset is marked by `.complete` and is not generated again.
 """
 import argparse
@@ -25,7 +24,7 @@ from utils.checkpoint import atomic_write
 
 SR = 16000
 FPS = 30
-VERSION = 3  # bump when the generated content changes, so that old `.complete` dirs are rebuilt
+VERSION = 1  # bump when the generated content changes, so that old `.complete` dirs are rebuilt
 
 # (word, syllables, content word). Content words carry most of the stress, and so most of the gestures.
 VOCAB = [
@@ -107,7 +106,7 @@ def plan_syllables(rng, words):
             loud = (rng.uniform(0.85, 1.0) if w["stressed"] else 0.6) if is_stress else rng.uniform(0.4, 0.5)
             cons = min(rng.uniform(0.03, 0.07), 0.35 * (s1 - s0)) if rng.random() < (0.85 if k == 0 else 0.6) else 0.0
             voiced0 = s0 + 0.6 * cons
-            syllables.append(dict(word=w["word"], start=s0, end=s1, loud=loud, vowel=int(rng.integers(len(VOWELS))), cons=cons,
+            syllables.append(dict(start=s0, end=s1, loud=loud, vowel=int(rng.integers(len(VOWELS))), cons=cons,
                                   plosive=rng.random() < 0.5, voiced0=voiced0,
                                   peak=voiced0 + 0.4 * (s1 - voiced0),  # peak of the envelope shape below
                                   accent=is_stress and w["stressed"]))
@@ -192,20 +191,7 @@ def speaker_shape(speaker, seed):
                 expr_mouth=rng.normal(0.0, 0.6, 100) * np.exp(-k / 8),
                 expr_brow=rng.normal(0.0, 0.25, 100) * np.exp(-k / 10),
                 expr_drift=0.1 * np.exp(-k / 15),
-                rest_jitter=rng.normal(0.0, 0.04, (55, 3)),
-                lexicon=gesture_lexicon(np.random.default_rng([seed, 3, speaker])))
-
-
-def gesture_lexicon(rng):
-    """A speaker's gesture for each word: stroke direction (shoulder forward, abduction, twist, elbow flexion, wrist
-    x/z), hand choice (a number in [0, 1) compared with the speaker's hand preferences) and whether the head nods.
-    Tying the gesture's form to the word, as iconic and metaphoric gestures are, makes the form predictable from the
-    transcript and its timing from the audio, which is what the generator is conditioned on."""
-    n = len(VOCAB)
-    direction = np.stack([rng.uniform(-0.45, -0.15, n), rng.uniform(0.0, 0.3, n), rng.uniform(-0.25, 0.25, n),
-                          rng.uniform(0.4, 0.9, n), rng.uniform(-0.35, 0.35, n), rng.uniform(-0.4, 0.4, n)], 1)
-    return {word: dict(direction=direction[i], hand=float(rng.random()), nod=float(rng.random()))
-            for i, (word, _, _) in enumerate(VOCAB)}
+                rest_jitter=rng.normal(0.0, 0.04, (55, 3)))
 
 
 def synth_motion(rng, words, syllables, env, style, shape):
@@ -221,37 +207,36 @@ def synth_motion(rng, words, syllables, env, style, shape):
         talking[int(w["start"] * FPS / 100):int(w["end"] * FPS / 100) + 3] = 1.0
     active = np.clip(gaussian_filter1d(talking, 0.35 * FPS), 0.0, 1.0)
 
-    # Strokes: bell-shaped excursions of one or both arms whose apex falls just after an accented syllable's peak;
-    # their form is the word's (gesture_lexicon), varied a little from one use to the next.
-    chosen = [s for s in syllables if s["accent"]]
+    # Strokes: bell-shaped excursions of one or both arms whose apex falls just after a stressed syllable's peak.
+    # Every accented syllable gets one, and a quarter of the stressed syllables of unaccented words a smaller one.
+    chosen = [s for s in syllables if s["accent"] or (s["loud"] > 0.55 and rng.random() < 0.25)]
     k = len(chosen)
-    lexicon = [shape["lexicon"][s["word"]] for s in chosen]
     apex = np.array([s["peak"] for s in chosen]) + style["lag"] + rng.uniform(-0.02, 0.02, k)
     sigma = rng.uniform(0.09, 0.15, k)
     amp = style["gesture"] * np.array([s["loud"] for s in chosen]) * rng.uniform(0.7, 1.1, k)
     bump = np.exp(-0.5 * ((t[None, :] - apex[:, None]) / sigma[:, None]) ** 2) * amp[:, None]  # (k, n)
-    hand = np.array([g["hand"] for g in lexicon])
+    hand = rng.random(k)
     uses = {"right": (hand < style["p_right"]) | (hand > 1 - style["p_both"]),
             "left": hand >= style["p_right"]}
     # Stroke direction per stroke: shoulder forward, shoulder abduction, shoulder twist, elbow flexion, wrist x/z.
-    direction = np.array([g["direction"] for g in lexicon]).reshape(k, 6) * rng.uniform(0.9, 1.1, (k, 1))
+    direction = np.stack([rng.uniform(-0.45, -0.15, k), rng.uniform(0.0, 0.3, k), rng.uniform(-0.25, 0.25, k),
+                          rng.uniform(0.4, 0.9, k), rng.uniform(-0.35, 0.35, k), rng.uniform(-0.4, 0.4, k)], 1)
     strokes = {side: bump[uses[side]].T @ direction[uses[side]] for side in ARMS}  # (n, 6)
     openness = {side: bump[uses[side]].sum(0) for side in ARMS}
 
     for side, (collar, shoulder, elbow, wrist) in ARMS.items():
         st, drift = strokes[side], smooth_noise(rng, n, 1.0, (4,))
         arm = np.zeros((n, 4, 3))
-        # idle drift (here, in the fingers, gaze and spine) is kept small: no speech predicts it
-        arm[:, 0, 2] = 0.05 + 0.01 * drift[:, 0]
-        arm[:, 1, 0] = -0.2 * active + st[:, 0] + 0.015 * drift[:, 1]
+        arm[:, 0, 2] = 0.05 + 0.03 * drift[:, 0]
+        arm[:, 1, 0] = -0.2 * active + st[:, 0] + 0.05 * drift[:, 1]
         arm[:, 1, 1] = -0.25 + st[:, 2]  # inward rotation: forearms in front of the body
         arm[:, 1, 2] = -style["arm_hang"] + 0.1 * active + st[:, 1]
-        arm[:, 2, 1] = -(style["elbow_rest"] + 0.55 * active + st[:, 3] + 0.025 * drift[:, 2])
-        arm[:, 3, 0] = -0.2 + st[:, 4] + 0.025 * drift[:, 3]
+        arm[:, 2, 1] = -(style["elbow_rest"] + 0.55 * active + st[:, 3] + 0.08 * drift[:, 2])
+        arm[:, 3, 0] = -0.2 + st[:, 4] + 0.08 * drift[:, 3]
         arm[:, 3, 2] = st[:, 5]
         ang[:, [collar, shoulder, elbow, wrist]] = arm * MIRROR[side]
         # Fingers curl at rest and open on a stroke; pinky and ring curl most. Thumb stays near its rest pose.
-        curl = np.clip(1.0 - 0.6 * openness[side], 0.2, 1.0) + 0.03 * smooth_noise(rng, n, 0.8)
+        curl = np.clip(1.0 - 0.6 * openness[side], 0.2, 1.0) + 0.1 * smooth_noise(rng, n, 0.8)
         base = np.array([0.25, 0.35, 0.55, 0.45])[:, None] * np.array([1.0, 0.9, 0.6])[None, :]
         fingers = np.zeros((n, 15, 3))
         fingers[:, :12, 2] = -(curl[:, None] * base.reshape(1, 12))
@@ -260,19 +245,19 @@ def synth_motion(rng, words, syllables, env, style, shape):
         start = HAND_START[side]
         ang[:, start:start + 15] = fingers * MIRROR[side]
 
-    # Head nods on the strokes of some words; slow gaze drift.
-    nod_at = apex[np.array([g["nod"] for g in lexicon]).reshape(k) < style["p_nod"]] + 0.03
+    # Head nods on some stressed syllables; slow gaze drift.
+    nod_at = apex[rng.random(k) < style["p_nod"]] + 0.03
     nods = (0.12 * np.exp(-0.5 * ((t[None, :] - nod_at[:, None]) / 0.12) ** 2)).sum(0) if len(nod_at) else 0.0
     gaze = smooth_noise(rng, n, 1.5, (3,))
-    ang[:, NECK] = np.stack([0.12 + 0.5 * nods + 0.01 * gaze[:, 0], 0.02 * gaze[:, 1], 0.007 * gaze[:, 2]], 1)
-    ang[:, HEAD] = np.stack([-0.03 + 0.5 * nods, 0.02 * gaze[:, 1], 0.007 * gaze[:, 2]], 1)
+    ang[:, NECK] = np.stack([0.12 + 0.5 * nods + 0.03 * gaze[:, 0], 0.06 * gaze[:, 1], 0.02 * gaze[:, 2]], 1)
+    ang[:, HEAD] = np.stack([-0.03 + 0.5 * nods, 0.06 * gaze[:, 1], 0.02 * gaze[:, 2]], 1)
 
     # Spine: slow sway, a lean while talking and a twist towards the gesturing hand.
     twist = strokes["right"][:, 3] - strokes["left"][:, 3]
     sway = smooth_noise(rng, n, 1.2, (3,))
     for i, joint in enumerate(SPINE):
-        ang[:, joint] = np.stack([0.05 + 0.03 * active + 0.007 * sway[:, 0], 0.01 * sway[:, 1] + 0.04 * twist,
-                                  0.008 * sway[:, 2]], 1) * (1.0 - 0.2 * i)
+        ang[:, joint] = np.stack([0.05 + 0.03 * active + 0.02 * sway[:, 0], 0.03 * sway[:, 1] + 0.04 * twist,
+                                  0.025 * sway[:, 2]], 1) * (1.0 - 0.2 * i)
 
     # Legs: weight moves from one foot to the other every few seconds; the unloaded knee bends a little.
     weight = np.zeros(n)

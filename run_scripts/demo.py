@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 DEMO = Path("outputs/demo")
-QUICK_STEPS = 200  # --quick: steps per model (the full demo takes 300)
+QUICK_STEPS = 200  # --quick: at most this many steps per model (the full demo: 200-300 per stage-1 model, 450 for MambaTalk)
 # (config, best checkpoint the trainer writes, where MambaTalk expects it)
 STAGE1 = [
     ("configs/demo/cnn_vqvae_face_30.yaml", "rec.bin", "pretrained/pretrained_vq/face.bin"),
@@ -51,7 +51,11 @@ def stage(title):
 def demo_args(config, quick):
     """The demo config, moved under DEMO (when --out changes it) and shortened for --quick."""
     from utils.config import parse_args
-    args = parse_args(["--config", config] + (["--max_steps", str(QUICK_STEPS)] if quick else []))
+    args = parse_args(["--config", config])
+    if quick and args.max_steps > QUICK_STEPS:
+        # fewer epochs too, so that epoch-driven schedules (MambaTalk's mask ratio) still run their whole course
+        args.epochs = max(1, round(args.epochs * QUICK_STEPS / args.max_steps))
+        args.max_steps = QUICK_STEPS
     for key in ("data_path", "data_path_1", "out_path", "cache_path", "test_ckpt"):
         value = getattr(args, key).removeprefix("./")
         if value.startswith("outputs/demo/"):
