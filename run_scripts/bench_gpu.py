@@ -471,6 +471,7 @@ def main():
     p.add_argument("--config", default="configs/mambatalk.yaml")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tiny", action="store_true", help="small model and data (default on CPU)")
+    p.add_argument("--published_size", action="store_true", help="published sizes on CPU too (slow; e.g. --only clip)")
     p.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     p.add_argument("--steps", type=int, default=None, help="timed training steps (default 10 GPU, 1 tiny)")
     p.add_argument("--warmup", type=int, default=None, help="untimed training steps after the first")
@@ -485,11 +486,11 @@ def main():
     device = torch.device(opts.device)
     if opts.compile and "compile-ro" not in opts.train_rows:
         opts.train_rows.append("compile-ro")
-    opts.tiny = opts.tiny or device.type == "cpu"
+    opts.tiny = opts.tiny or (device.type == "cpu" and not opts.published_size)
     opts.steps = opts.steps or (1 if opts.tiny else 10)
     opts.warmup = opts.warmup if opts.warmup is not None else (0 if opts.tiny else 3)
     opts.repeats = opts.repeats or (1 if opts.tiny else 20)
-    if device.type == "cpu":
+    if device.type == "cpu" and opts.tiny:
         torch.set_num_threads(1)  # tiny sizes: one thread is as fast and does not stall on a busy machine
     args = load_config(opts.config, dict(ctc_model="none", **(TINY if opts.tiny else {})))
     if device.type == "cuda":
