@@ -10,7 +10,6 @@ import json
 import os
 import time
 
-import numpy as np
 import torch
 
 from dataloaders.beat2 import read_audio, write_motion

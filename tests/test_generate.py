@@ -1,7 +1,6 @@
 """Windowed generation, test.py and infer.py on the demo data and the real sample (randomly initialised weights:
 these tests check the mechanics, lengths, files and error messages, not motion quality)."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

@@ -103,7 +103,8 @@ class Stage1Trainer(Trainer):
         return {k: v.float() for k, v in out.items()}
 
     def model_input(self, batch):
-        """The model's input tensor (B, T, vae_test_dim) for a batch (VQ trainers)."""
+        """The model's input tensor (B, T, vae_test_dim) for a batch: the one definition, used by the losses and by the
+        codebook init and restarts (VQ trainers)."""
         raise NotImplementedError
 
     def before_training(self):
@@ -181,7 +182,7 @@ class PartVQTrainer(Stage1Trainer):
         B, T = pose.shape[:2]
         J = len(self.joints)
         R = axis_angle_to_matrix(pose.reshape(B, T, J, 3))
-        out = self.run(model, matrix_to_rotation_6d(R).reshape(B, T, J * 6))
+        out = self.run(model, self.model_input(batch))
         R_hat = rotation_6d_to_matrix(out["rec_pose"].reshape(B, T, J, 6))
         losses = {
             "rec": a.rec_weight * a.rec_pos_weight * geodesic_loss(R_hat, R),
@@ -214,7 +215,7 @@ class FaceVQTrainer(Stage1Trainer):
         exps = batch["facial"].float()
         B, T = jaw.shape[:2]
         R = axis_angle_to_matrix(jaw)
-        out = self.run(model, torch.cat([matrix_to_rotation_6d(R), exps], dim=-1))
+        out = self.run(model, self.model_input(batch))
         rec = out["rec_pose"]
         R_hat, exps_hat = rotation_6d_to_matrix(rec[..., :6]), rec[..., 6:]
         losses = {
@@ -260,9 +261,9 @@ class LowerVQTrainer(Stage1Trainer):
 
     def compute_losses(self, model, batch, epoch):
         a = self.args
-        R, trans, contact = lower_input(batch, self.joints)
+        R, _, contact = lower_input(batch, self.joints)
         B, T, J = R.shape[:3]
-        out = self.run(model, torch.cat([matrix_to_rotation_6d(R).reshape(B, T, J * 6), trans, contact], dim=-1))
+        out = self.run(model, self.model_input(batch))
         rec = out["rec_pose"]
         R_hat = rotation_6d_to_matrix(rec[..., :J * 6].reshape(B, T, J, 6))
         contact_hat = rec[..., J * 6 + 3:J * 6 + 7]
