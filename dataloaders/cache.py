@@ -300,6 +300,28 @@ def load_mean_velocity(args):
     return vel
 
 
+def load_start_pose(args):
+    """(165,) mean axis-angle pose of the first `pre_frames` frames of the training recordings (configured speakers):
+    how a recording typically starts, the seed test-time generation starts from when it uses no ground truth (the
+    published test seeds with the test recording's own first frames). Computed once into the cache root, keyed by the
+    files. Averaging axis-angle vectors is close to the mean rotation for the small spread of a standing speaker's
+    joints, and the seed only has to be plausible."""
+    npzs = sorted(entry["motion"] for entry in split_files(args, "train"))
+    if not npzs:
+        raise FileNotFoundError(f"no training files in {Path(args.data_path) / 'train_test_split.csv'} for speakers "
+                                f"{args.training_speakers}: no start pose to seed generation with")
+    key = _sha([_file_signature(p) for p in npzs] + [args.pre_frames])[:16]
+    path = cache_root(args) / f"start_pose_{args.pose_rep}_{key}.npy"
+    if path.is_file():
+        return np.load(path)
+    first = [beat2.read_motion(p)["poses"][:args.pre_frames] for p in npzs]
+    mean = np.concatenate(first).mean(0).astype(np.float32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, mean)
+    return mean
+
+
 # ---------------------------------------------------------------------------------------------- dataset
 
 class BeatDataset(torch.utils.data.Dataset):

@@ -2,12 +2,15 @@
 
     python -m dataloaders.synthetic --out demo_data [--seed 0] [--preset demo|test] [--force]
 
-Each sequence is a random string of words from a small vocabulary (a TextGrid `words` tier with their exact times),
-a speech-like waveform built from it (syllable pulses of a pitched, formant-filtered source plus consonant noise
-bursts, 16 kHz PCM16) and 30 fps SMPL-X motion driven by that waveform: arm strokes and head nods land on stressed
-syllables with a short lag, jaw and expression coefficients follow the loudness envelope, the spine sways and the legs
-shift weight slowly. Speakers differ in voice, gesture size, handedness and resting pose. The same seed and preset give
-the same bytes; a finished dataset is marked by `.complete` and is not generated again.
+Each sequence is a string of words from a small vocabulary (a TextGrid `words` tier with their exact times), its
+content words drawn from the recording's topic, a speech-like waveform built from it (syllable pulses of a pitched,
+formant-filtered source plus consonant noise bursts, 16 kHz PCM16) and 30 fps SMPL-X motion driven by both: on each
+accented syllable the arms make the stroke the speaker uses for that word (each topic has a few gesture forms), its
+apex just after the syllable's loudness peak and its size following the loudness, the fingers open with it and the
+head may nod; jaw and expression coefficients follow the loudness envelope; a little idle drift, spine sway and
+weight shifting is not tied to the speech. Speakers differ in voice, gesture size and forms, handedness and resting
+pose. The same seed and preset give the same bytes; a finished dataset is marked by `.complete` and is not
+generated again.
 """
 import argparse
 import json
@@ -24,7 +27,7 @@ from utils.checkpoint import atomic_write
 
 SR = 16000
 FPS = 30
-VERSION = 1  # bump when the generated content changes, so that old `.complete` dirs are rebuilt
+VERSION = 2  # bump when the generated content changes, so that old `.complete` dirs are rebuilt
 
 # (word, syllables, content word). Content words carry most of the stress, and so most of the gestures.
 VOCAB = [
@@ -48,6 +51,48 @@ SPEAKERS = {
     4: dict(name="lawrence", f0=100.0, rate=0.9, gesture=0.7, p_right=0.3, p_both=0.45, p_nod=0.7, lag=0.1,
             elbow_rest=0.5, arm_hang=1.3, height=1.33),
 }
+
+# Each recording is about one of TOPICS topics: its content words come from that topic's share of the vocabulary, and
+# a speaker makes the same stroke on a given word wherever it is said (iconic gestures follow what is talked about;
+# FORMS_PER_TOPIC > 0 would make each topic's words share that many forms instead, which the demo's stage-1 models
+# reconstructed no better). So what a speaker does depends on what they say, and recordings on different topics look
+# different, as in real data: with every recording drawing on one common pool of words and random strokes, nothing a
+# model learns from the speech could bring its motion closer to a recording's, in a distribution metric such as FGD,
+# than another recording's motion already is.
+TOPICS = 5
+FORMS_PER_TOPIC = 0
+# Motion that does not follow the speech (idle drift of arms, head, spine and face; weight shifts; finger jitter),
+# as a share of the first version's amounts: small, so that most of the motion can be learned from the speech.
+IDLE = 0.3
+WEIGHT_SHIFT = 0.3
+FINGER_JITTER = 0.03
+# How far the fingers open on a full stroke (share of their curl; 0.6 in the first version): finger codes are the ones
+# the demo's short generator run predicts worst, so the demo keeps their motion modest.
+FINGER_OPENING = 0.3
+
+
+def topic_words(seed, k):
+    """The content words of recording k (1-based, counted per speaker): topic (k - 1) % TOPICS of the vocabulary's
+    content words, dealt out in a seeded order."""
+    content = [w[0] for w in VOCAB if w[2]]
+    order = np.random.default_rng([seed, 5]).permutation(len(content))
+    return {content[i] for i in order[(k - 1) % TOPICS::TOPICS]}
+
+
+def word_gesture(word, style, speaker, seed):
+    """The gesture a speaker makes on an accented `word`: hand choice (a number in [0, 1) read against the speaker's
+    p_right and p_both), stroke direction, width and whether the head nods: fixed per (speaker, word), or with
+    FORMS_PER_TOPIC one of the forms of the content word's topic."""
+    index = [w[0] for w in VOCAB].index(word)
+    rng = np.random.default_rng([seed, 3, speaker, index])
+    if FORMS_PER_TOPIC and VOCAB[index][2]:
+        topic = next(t for t in range(TOPICS) if word in topic_words(seed, t + 1))
+        rng = np.random.default_rng([seed, 4, speaker, topic * FORMS_PER_TOPIC + int(rng.integers(FORMS_PER_TOPIC))])
+    # stroke direction: shoulder forward, shoulder abduction, shoulder twist, elbow flexion, wrist x/z
+    direction = np.array([rng.uniform(-0.45, -0.15), rng.uniform(0.0, 0.3), rng.uniform(-0.25, 0.25),
+                          rng.uniform(0.4, 0.9), rng.uniform(-0.35, 0.35), rng.uniform(-0.4, 0.4)])
+    return dict(hand=rng.random(), direction=direction, sigma=rng.uniform(0.09, 0.15), nod=rng.random() < style["p_nod"])
+
 
 # Sequences per speaker as (train, val, test) and their length range in seconds.
 PRESETS = {
@@ -73,7 +118,7 @@ VOWELS = np.array([[730, 1090, 2440], [530, 1840, 2480], [300, 2250, 3000], [570
 
 # ----------------------------------------------------------------------------------------------------------- words
 
-def plan_words(rng, n_cs, rate):
+def plan_words(rng, n_cs, rate, topic_words=None):
     """Random phrases of words on a 10 ms grid (as aligner output is). Returns a list of dicts, times in centiseconds."""
     words = []
     t = int(rng.integers(30, 90))
@@ -81,6 +126,8 @@ def plan_words(rng, n_cs, rate):
         for _ in range(int(rng.integers(3, 9))):
             content = rng.random() < 0.6
             choices = [i for i, w in enumerate(VOCAB) if w[2] == content]
+            if content and topic_words is not None:
+                choices = [i for i in choices if VOCAB[i][0] in topic_words]
             word, n_syl, _ = VOCAB[choices[int(rng.integers(len(choices)))]]
             dur = int(np.clip(round(100 * (0.13 + 0.12 * n_syl + rng.uniform(-0.03, 0.06)) / rate), 20, 60))
             if t + dur > n_cs - 40:
@@ -109,7 +156,7 @@ def plan_syllables(rng, words):
             syllables.append(dict(start=s0, end=s1, loud=loud, vowel=int(rng.integers(len(VOWELS))), cons=cons,
                                   plosive=rng.random() < 0.5, voiced0=voiced0,
                                   peak=voiced0 + 0.4 * (s1 - voiced0),  # peak of the envelope shape below
-                                  accent=is_stress and w["stressed"]))
+                                  accent=is_stress and w["stressed"], word=w["word"]))
     return syllables
 
 
@@ -191,7 +238,7 @@ def speaker_shape(speaker, seed):
                 expr_mouth=rng.normal(0.0, 0.6, 100) * np.exp(-k / 8),
                 expr_brow=rng.normal(0.0, 0.25, 100) * np.exp(-k / 10),
                 expr_drift=0.1 * np.exp(-k / 15),
-                rest_jitter=rng.normal(0.0, 0.04, (55, 3)))
+                rest_jitter=rng.normal(0.0, 0.04, (55, 3)), speaker=speaker, seed=seed)
 
 
 def synth_motion(rng, words, syllables, env, style, shape):
@@ -207,25 +254,24 @@ def synth_motion(rng, words, syllables, env, style, shape):
         talking[int(w["start"] * FPS / 100):int(w["end"] * FPS / 100) + 3] = 1.0
     active = np.clip(gaussian_filter1d(talking, 0.35 * FPS), 0.0, 1.0)
 
-    # Strokes: bell-shaped excursions of one or both arms whose apex falls just after a stressed syllable's peak.
-    # Every accented syllable gets one, and a quarter of the stressed syllables of unaccented words a smaller one.
-    chosen = [s for s in syllables if s["accent"] or (s["loud"] > 0.55 and rng.random() < 0.25)]
+    # Strokes: bell-shaped excursions of one or both arms whose apex falls just after an accented syllable's peak, in
+    # the form the speaker uses for that word, as large as the syllable is loud.
+    chosen = [s for s in syllables if s["accent"]]
     k = len(chosen)
-    apex = np.array([s["peak"] for s in chosen]) + style["lag"] + rng.uniform(-0.02, 0.02, k)
-    sigma = rng.uniform(0.09, 0.15, k)
-    amp = style["gesture"] * np.array([s["loud"] for s in chosen]) * rng.uniform(0.7, 1.1, k)
+    lexicon = [word_gesture(s["word"], style, shape["speaker"], shape["seed"]) for s in chosen]
+    apex = np.array([s["peak"] for s in chosen]) + style["lag"] + rng.uniform(-0.01, 0.01, k)
+    sigma = np.array([g["sigma"] for g in lexicon]).reshape(k)
+    amp = style["gesture"] * np.array([s["loud"] for s in chosen]) * rng.uniform(0.9, 1.05, k)
+    hand = np.array([g["hand"] for g in lexicon]).reshape(k)
+    direction = np.array([g["direction"] for g in lexicon]).reshape(k, 6)
     bump = np.exp(-0.5 * ((t[None, :] - apex[:, None]) / sigma[:, None]) ** 2) * amp[:, None]  # (k, n)
-    hand = rng.random(k)
     uses = {"right": (hand < style["p_right"]) | (hand > 1 - style["p_both"]),
             "left": hand >= style["p_right"]}
-    # Stroke direction per stroke: shoulder forward, shoulder abduction, shoulder twist, elbow flexion, wrist x/z.
-    direction = np.stack([rng.uniform(-0.45, -0.15, k), rng.uniform(0.0, 0.3, k), rng.uniform(-0.25, 0.25, k),
-                          rng.uniform(0.4, 0.9, k), rng.uniform(-0.35, 0.35, k), rng.uniform(-0.4, 0.4, k)], 1)
     strokes = {side: bump[uses[side]].T @ direction[uses[side]] for side in ARMS}  # (n, 6)
     openness = {side: bump[uses[side]].sum(0) for side in ARMS}
 
     for side, (collar, shoulder, elbow, wrist) in ARMS.items():
-        st, drift = strokes[side], smooth_noise(rng, n, 1.0, (4,))
+        st, drift = strokes[side], IDLE * smooth_noise(rng, n, 1.0, (4,))
         arm = np.zeros((n, 4, 3))
         arm[:, 0, 2] = 0.05 + 0.03 * drift[:, 0]
         arm[:, 1, 0] = -0.2 * active + st[:, 0] + 0.05 * drift[:, 1]
@@ -236,7 +282,7 @@ def synth_motion(rng, words, syllables, env, style, shape):
         arm[:, 3, 2] = st[:, 5]
         ang[:, [collar, shoulder, elbow, wrist]] = arm * MIRROR[side]
         # Fingers curl at rest and open on a stroke; pinky and ring curl most. Thumb stays near its rest pose.
-        curl = np.clip(1.0 - 0.6 * openness[side], 0.2, 1.0) + 0.1 * smooth_noise(rng, n, 0.8)
+        curl = np.clip(1.0 - FINGER_OPENING * openness[side], 0.2, 1.0) + FINGER_JITTER * smooth_noise(rng, n, 0.8)
         base = np.array([0.25, 0.35, 0.55, 0.45])[:, None] * np.array([1.0, 0.9, 0.6])[None, :]
         fingers = np.zeros((n, 15, 3))
         fingers[:, :12, 2] = -(curl[:, None] * base.reshape(1, 12))
@@ -246,15 +292,15 @@ def synth_motion(rng, words, syllables, env, style, shape):
         ang[:, start:start + 15] = fingers * MIRROR[side]
 
     # Head nods on some stressed syllables; slow gaze drift.
-    nod_at = apex[rng.random(k) < style["p_nod"]] + 0.03
-    nods = (0.12 * np.exp(-0.5 * ((t[None, :] - nod_at[:, None]) / 0.12) ** 2)).sum(0) if len(nod_at) else 0.0
-    gaze = smooth_noise(rng, n, 1.5, (3,))
+    nod_at = apex[np.array([g["nod"] for g in lexicon], bool).reshape(k)] + 0.03
+    nods = (0.12 * np.exp(-0.5 * ((t[None, :] - nod_at[:, None]) / 0.12) ** 2)).sum(0) if len(nod_at) else np.zeros(n)
+    gaze = IDLE * smooth_noise(rng, n, 1.5, (3,))
     ang[:, NECK] = np.stack([0.12 + 0.5 * nods + 0.03 * gaze[:, 0], 0.06 * gaze[:, 1], 0.02 * gaze[:, 2]], 1)
     ang[:, HEAD] = np.stack([-0.03 + 0.5 * nods, 0.06 * gaze[:, 1], 0.02 * gaze[:, 2]], 1)
 
     # Spine: slow sway, a lean while talking and a twist towards the gesturing hand.
     twist = strokes["right"][:, 3] - strokes["left"][:, 3]
-    sway = smooth_noise(rng, n, 1.2, (3,))
+    sway = IDLE * smooth_noise(rng, n, 1.2, (3,))
     for i, joint in enumerate(SPINE):
         ang[:, joint] = np.stack([0.05 + 0.03 * active + 0.02 * sway[:, 0], 0.03 * sway[:, 1] + 0.04 * twist,
                                   0.025 * sway[:, 2]], 1) * (1.0 - 0.2 * i)
@@ -266,7 +312,7 @@ def synth_motion(rng, words, syllables, env, style, shape):
         j = i + int(rng.uniform(4.0, 10.0) * FPS)
         weight[i:j] = rng.choice([-1.0, 1.0]) * rng.uniform(0.5, 1.0)
         i = j
-    weight = gaussian_filter1d(weight, 0.4 * FPS, mode="nearest")
+    weight = WEIGHT_SHIFT * gaussian_filter1d(weight, 0.4 * FPS, mode="nearest")
     knee = {L_KNEE: 0.08 + 0.15 * np.clip(-weight, 0, 1), R_KNEE: 0.08 + 0.15 * np.clip(weight, 0, 1)}
     ang[:, PELVIS] = np.stack([0.01 * sway[:, 0], 0.04 * smooth_noise(rng, n, 2.0), 0.035 * weight], 1)
     for hip, kn, ankle, side in ((L_HIP, L_KNEE, L_ANKLE, 1.0), (R_HIP, R_KNEE, R_ANKLE, -1.0)):
@@ -284,7 +330,7 @@ def synth_motion(rng, words, syllables, env, style, shape):
     trans = np.stack([0.03 * weight, style["height"] - 0.01 * np.abs(weight), 0.01 * smooth_noise(rng, n, 3.0)], 1)
     expressions = (shape["expr_offset"] + level[:, None] * shape["expr_mouth"]
                    + np.clip(openness["left"] + openness["right"], 0, 1.5)[:, None] * shape["expr_brow"]
-                   + smooth_noise(rng, n, 1.0, (100,)) * shape["expr_drift"])
+                   + IDLE * smooth_noise(rng, n, 1.0, (100,)) * shape["expr_drift"])
     expressions = sosfiltfilt(butter(4, 6.0, fs=FPS, output="sos"), expressions, axis=0)
     return poses.astype(np.float32), trans, expressions
 
@@ -339,7 +385,7 @@ def write_sequence(out_dir, seq_id, speaker, seconds, seed, index):
     style = SPEAKERS[speaker]
     n_cs = int(round(seconds * 100))
     n_frames, n_samples = n_cs * FPS // 100, n_cs * SR // 100
-    words = plan_words(rng, n_cs, style["rate"])
+    words = plan_words(rng, n_cs, style["rate"], topic_words(seed, int(seq_id.split("_")[-1])))
     syllables = plan_syllables(rng, words)
     y = synth_speech(rng, syllables, n_samples, style["f0"])
     shape = speaker_shape(speaker, seed)

@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 DEMO = Path("outputs/demo")
-QUICK_STEPS = 200  # --quick: at most this many steps per model (the full demo: 200-300 per stage-1 model, 450 for MambaTalk)
+QUICK_STEPS = 200  # --quick: at most this many steps per model (the full demo: 200-600 per stage-1 model, 300 for MambaTalk)
 # (config, best checkpoint the trainer writes, where MambaTalk expects it)
 STAGE1 = [
     ("configs/demo/cnn_vqvae_face_30.yaml", "rec.bin", "pretrained/pretrained_vq/face.bin"),
@@ -84,7 +84,8 @@ def train(config, best_name, target, force, quick):
 
 def baselines(test_dir, args):
     """Two baselines scored by the same evaluator as the model: a static mean pose (the mean training pose held
-    still) and mismatched ground truth (another held-out sequence's real motion played against this audio)."""
+    still) and mismatched ground truth (another recording's real motion, from the training split, played against
+    this audio)."""
     from dataloaders.beat2 import read_audio, read_motion, read_split, select_ids
     from trainers.base import build_dataset
     from trainers.evaluate import score_sequences

@@ -147,6 +147,23 @@ def test_demo_data_loads(demo_data, tmp_path):
     assert all(torch.isfinite(v.float()).all() for v in item.values())
 
 
+
+def test_start_pose_of_training_split(demo_data, tmp_path):
+    """The test-time seed pose: the mean of the first pre_frames frames of the training split's files (configured
+    speakers only), computed once into the cache root and read back from there."""
+    from dataloaders.cache import cache_root, load_start_pose
+    args = make_args(demo_data, tmp_path, training_speakers=[2])
+    ids = [i for i, split in beat2.read_split(demo_data / "train_test_split.csv")
+           if split == "train" and i.startswith("2_")]
+    first = [beat2.read_motion(demo_data / "smplxflame_30" / f"{i}.npz")["poses"][:args.pre_frames] for i in ids]
+    pose = load_start_pose(args)
+    assert pose.shape == (165,) and np.allclose(pose, np.concatenate(first).mean(0), atol=1e-5)
+    cached = list(cache_root(args).glob("start_pose_*.npy"))
+    assert len(cached) == 1
+    np.save(cached[0], np.zeros(165, np.float32))  # the cached file is what is read next time
+    assert np.abs(load_start_pose(args)).max() == 0.0
+
+
 # ------------------------------------------------------------------------------------------- beat_sep, speaker ids
 
 def test_beat_sep_and_speaker_ids(beat2_sample, tmp_path):

@@ -6,8 +6,8 @@ sequences are batched together.
 
 Two protocols:
   * default: every frame is generated (the last window is padded and the output trimmed), audio windows start at the
-    exact sample of their first frame, and the first window is seeded with a given seed (ground truth in test.py when
-    asked, a neutral standing pose otherwise), never silently with ground truth.
+    exact sample of their first frame, and the first window is seeded with a given seed (in test.py the training
+    split's mean pose held still; a neutral standing pose when none is given), never silently with ground truth.
   * paper_protocol: the published test (§7.1, §10.3 #6, #7): the sequence is cut to a multiple of 8 frames and then
     to 60*k + 4 frames, audio is sliced with 533 samples per frame, window 0 is seeded with ground truth and the seed
     translation of later windows integrates the lower VQ's unsupervised translation channels from the first frame.
@@ -115,9 +115,11 @@ def decoded_to_motion(vq, decoded, start_xz):
     return pose, decoded["face"][..., 6:], trans, contacts
 
 
-def neutral_seed(pre_frames, device):
-    """A standing rest pose (identity rotations except arms lowered) with feet in contact, as (pre_frames, 337)."""
-    pose6d = axis_angle_to_rot6d(torch.as_tensor(rest_pose(), dtype=torch.float32, device=device))
+def neutral_seed(pre_frames, device, pose=None):
+    """A still standing pose with feet in contact, as (pre_frames, 337): `pose` (165,) axis-angle (test.py passes
+    the training split's mean pose), else the rest pose (identity rotations except arms lowered)."""
+    pose = rest_pose() if pose is None else pose
+    pose6d = axis_angle_to_rot6d(torch.as_tensor(pose, dtype=torch.float32, device=device))
     row = torch.cat([pose6d, torch.tensor(REST_TRANS, device=device), torch.ones(4, device=device)])
     return row.expand(pre_frames, -1).clone()
 
