@@ -5,8 +5,9 @@
 
 Any wav format, sample rate and channel count (resampled to 16 kHz mono). The TextGrid (a Montreal Forced Aligner
 `words` tier) is optional: without it every frame gets the token a silence gets in training, so the model gestures
-from the audio alone and loses the word cue. Generation runs the same windowed code as test.py, seeded with a
-neutral standing pose (or the first frames of --seed_pose), and is deterministic.
+from the audio alone and loses the word cue. Generation runs the same windowed code as test.py, seeded like it with
+how the training recordings start when the config's dataset is at hand (else the skeleton's rest pose), or with the
+first frames of --seed_pose, and is deterministic.
 """
 import argparse
 import os
@@ -17,7 +18,8 @@ import torch
 from dataloaders.beat2 import UNK, audio_features, get_vocab, load_ctc_model, read_audio, read_motion, read_words, word_indices, write_motion
 from models.mambatalk import MambaTalk
 from trainers.base import resolve_device
-from trainers.generate import Sequence, generate
+from dataloaders.cache import load_start_pose
+from trainers.generate import Sequence, generate, neutral_seed
 from trainers.mambatalk import load_frozen_models
 from utils.checkpoint import load_weights
 from utils.config import parse_args
@@ -75,6 +77,11 @@ def load_inputs(own, args, vocab, log):
         trans = torch.from_numpy(motion["trans"][:args.pre_frames]).float()
         seed = torch.cat([axis_angle_to_rot6d(pose), trans, torch.ones(args.pre_frames, 4)], dim=-1)
         start_trans, betas = trans[0], motion["betas"]
+    else:
+        try:
+            seed = neutral_seed(args.pre_frames, torch.device("cpu"), load_start_pose(args))
+        except (FileNotFoundError, ValueError) as e:
+            log.info(f"no training recordings to take a start pose from ({e}); seeding with the rest pose")
     sequence = Sequence(audio=audio, word=word, speaker=speaker_index(own.speaker), n_frames=n_frames,
                         seed=seed, start_trans=start_trans)
     return sequence, betas
