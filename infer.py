@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from dataloaders.beat2 import UNK, audio_features, get_vocab, load_ctc_model, read_audio, read_motion, read_words, word_indices, write_motion
+from dataloaders.cache import load_start_pose
 from models.mambatalk import MambaTalk
 from trainers.base import resolve_device
-from dataloaders.cache import load_start_pose
 from trainers.generate import Sequence, generate, neutral_seed
 from trainers.mambatalk import load_frozen_models
 from utils.checkpoint import load_weights

@@ -64,14 +64,14 @@ def run_test(args, ckpt=None, out_dir=None, log=None):
     # Without ground truth the first window starts from how the training recordings start (their first frames'
     # mean pose, held still) where the speaker stands; from the skeleton's rest pose the model carried a wrong posture
     # on from window to window (demo: FGD 0.0011 against 0.0008).
-    mean_seed = None if args.paper_protocol else neutral_seed(args.pre_frames, torch.device("cpu"), load_start_pose(args))
+    start_seed = None if args.paper_protocol else neutral_seed(args.pre_frames, torch.device("cpu"), load_start_pose(args))
     sequences = []
     for item in items:
         n = item["pose"].shape[0]
         if args.paper_protocol:
             seed = ground_truth_seed(item, args.pre_frames)
         else:
-            seed = mean_seed.clone()
+            seed = start_seed.clone()
             seed[:, 330:333] = item["trans"][0].float()
         sequences.append(Sequence(audio=item["audio"], word=item["word"], speaker=int(item["id"][0, 0]), n_frames=n,
                                   seed=seed, start_trans=item["trans"][0].float()))

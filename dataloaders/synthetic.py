@@ -5,7 +5,7 @@
 Each sequence is a string of words from a small vocabulary (a TextGrid `words` tier with their exact times), its
 content words drawn from the recording's topic, a speech-like waveform built from it (syllable pulses of a pitched,
 formant-filtered source plus consonant noise bursts, 16 kHz PCM16) and 30 fps SMPL-X motion driven by both: on each
-accented syllable the arms make the stroke the speaker uses for that word (each topic has a few gesture forms), its
+accented syllable the arms make the stroke the speaker uses for that word (a fixed gesture lexicon), its
 apex just after the syllable's loudness peak and its size following the loudness, the fingers open with it and the
 head may nod; jaw and expression coefficients follow the loudness envelope; a little idle drift, spine sway and
 weight shifting is not tied to the speech. Speakers differ in voice, gesture size and forms, handedness and resting
@@ -54,13 +54,11 @@ SPEAKERS = {
 
 # Each recording is about one of TOPICS topics: its content words come from that topic's share of the vocabulary, and
 # a speaker makes the same stroke on a given word wherever it is said (iconic gestures follow what is talked about;
-# FORMS_PER_TOPIC > 0 would make each topic's words share that many forms instead, which the demo's stage-1 models
-# reconstructed no better). So what a speaker does depends on what they say, and recordings on different topics look
-# different, as in real data: with every recording drawing on one common pool of words and random strokes, nothing a
-# model learns from the speech could bring its motion closer to a recording's, in a distribution metric such as FGD,
-# than another recording's motion already is.
+# letting each topic's words share two forms instead was tried and did worse). So what a speaker does depends on
+# what they say, and recordings on different topics look different, as in real data: with every recording drawing on
+# one common pool of words and random strokes, nothing a model learns from the speech could bring its motion closer
+# to a recording's, in a distribution metric such as FGD, than another recording's motion already is.
 TOPICS = 5
-FORMS_PER_TOPIC = 0
 # Motion that does not follow the speech (idle drift of arms, head, spine and face; weight shifts; finger jitter),
 # as a share of the first version's amounts: small, so that most of the motion can be learned from the speech.
 IDLE = 0.3
@@ -81,13 +79,8 @@ def topic_words(seed, k):
 
 def word_gesture(word, style, speaker, seed):
     """The gesture a speaker makes on an accented `word`: hand choice (a number in [0, 1) read against the speaker's
-    p_right and p_both), stroke direction, width and whether the head nods: fixed per (speaker, word), or with
-    FORMS_PER_TOPIC one of the forms of the content word's topic."""
-    index = [w[0] for w in VOCAB].index(word)
-    rng = np.random.default_rng([seed, 3, speaker, index])
-    if FORMS_PER_TOPIC and VOCAB[index][2]:
-        topic = next(t for t in range(TOPICS) if word in topic_words(seed, t + 1))
-        rng = np.random.default_rng([seed, 4, speaker, topic * FORMS_PER_TOPIC + int(rng.integers(FORMS_PER_TOPIC))])
+    p_right and p_both), stroke direction, width and whether the head nods, fixed per (speaker, word)."""
+    rng = np.random.default_rng([seed, 3, speaker, [w[0] for w in VOCAB].index(word)])
     # stroke direction: shoulder forward, shoulder abduction, shoulder twist, elbow flexion, wrist x/z
     direction = np.array([rng.uniform(-0.45, -0.15), rng.uniform(0.0, 0.3), rng.uniform(-0.25, 0.25),
                           rng.uniform(0.4, 0.9), rng.uniform(-0.35, 0.35), rng.uniform(-0.4, 0.4)])
@@ -118,16 +111,17 @@ VOWELS = np.array([[730, 1090, 2440], [530, 1840, 2480], [300, 2250, 3000], [570
 
 # ----------------------------------------------------------------------------------------------------------- words
 
-def plan_words(rng, n_cs, rate, topic_words=None):
-    """Random phrases of words on a 10 ms grid (as aligner output is). Returns a list of dicts, times in centiseconds."""
+def plan_words(rng, n_cs, rate, topic=None):
+    """Random phrases of words on a 10 ms grid (as aligner output is), content words from the set `topic` (None: all).
+    Returns a list of dicts, times in centiseconds."""
     words = []
     t = int(rng.integers(30, 90))
     while True:
         for _ in range(int(rng.integers(3, 9))):
             content = rng.random() < 0.6
             choices = [i for i, w in enumerate(VOCAB) if w[2] == content]
-            if content and topic_words is not None:
-                choices = [i for i in choices if VOCAB[i][0] in topic_words]
+            if content and topic is not None:
+                choices = [i for i in choices if VOCAB[i][0] in topic]
             word, n_syl, _ = VOCAB[choices[int(rng.integers(len(choices)))]]
             dur = int(np.clip(round(100 * (0.13 + 0.12 * n_syl + rng.uniform(-0.03, 0.06)) / rate), 20, 60))
             if t + dur > n_cs - 40:

@@ -147,7 +147,6 @@ def test_demo_data_loads(demo_data, tmp_path):
     assert all(torch.isfinite(v.float()).all() for v in item.values())
 
 
-
 def test_start_pose_of_training_split(demo_data, tmp_path):
     """The test-time seed pose: the mean of the first pre_frames frames of the training split's files (configured
     speakers only), computed once into the cache root and read back from there."""
