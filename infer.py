@@ -105,7 +105,7 @@ def main(argv=None):
             raise
         vocab = None  # no words to map; the checkpoint holds the embeddings
     sequence, betas = load_inputs(own, args, vocab, log)
-    model = MambaTalk(args, vocab=vocab)
+    model = MambaTalk(args, vocab=vocab, from_checkpoint=True)
     load_weights(model, ckpt)
     model.to(device).eval()
     vq = load_frozen_models(args, device)

@@ -41,7 +41,8 @@ def data_fingerprint(paths):
     return h.hexdigest()[:16]
 
 
-def run_test(args, ckpt=None, out_dir=None, log=None):
+def run_test(args, ckpt=None, out_dir=None, log=None, split="test"):
+    """Generate and score every sequence of `split` (the test split; the demo chooses its decoding on val)."""
     device = resolve_device(args.device)
     ckpt = ckpt or args.test_ckpt
     if not os.path.isfile(ckpt):
@@ -50,8 +51,8 @@ def run_test(args, ckpt=None, out_dir=None, log=None):
     os.makedirs(out_dir, exist_ok=True)
     log = log or setup_logging(os.path.join(out_dir, "test.txt"))
     save_config(args, os.path.join(out_dir, "config.yaml"))
-    test_data = build_dataset(args, "test")
-    model = MambaTalk(args, vocab=test_data.vocab)
+    test_data = build_dataset(args, split)
+    model = MambaTalk(args, vocab=test_data.vocab, from_checkpoint=True)
     load_weights(model, ckpt)
     model.to(device).eval()
     vq = load_frozen_models(args, device)

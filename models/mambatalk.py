@@ -111,9 +111,13 @@ class LocalScan(nn.Module):
         )
 
 
-def word_embedding_weights(args, vocab=None):
+def word_embedding_weights(args, vocab=None, from_checkpoint=False):
     """(n_words, dim) float tensor for the word embeddings: the vocab's fastText vectors when available
-    (`vocab`, else `args.data_path + 'weights/vocab.pkl'`), otherwise a seeded N(0,1) init with a warning."""
+    (`vocab`, else `args.data_path + 'weights/vocab.pkl'`), otherwise a seeded N(0,1) init with a warning.
+    from_checkpoint: the caller loads trained weights next, which hold the embeddings: zeros of the right size, no
+    warning and no vocab file read."""
+    if from_checkpoint:
+        return torch.zeros(getattr(vocab, "n_words", None) or args.word_index_num, args.word_dims)
     if vocab is None:
         path = os.path.join(args.data_path, "weights", "vocab.pkl")
         if os.path.isfile(path):
@@ -134,6 +138,7 @@ class MambaTalk(nn.Module):
     """Generator: words and audio fused per channel, speaker embeddings, GlobalScan then LocalScan (spec §4.4.1).
 
     `vocab` (optional, a dataloaders.beat2.Vocab) provides the word vectors; see word_embedding_weights.
+    `from_checkpoint=True` when trained weights are loaded next (test, inference): the vectors then come from them.
     """
 
     # Several masks in one forward run as one batch of k*B through the motion-dependent part: a third of the kernel
@@ -141,13 +146,13 @@ class MambaTalk(nn.Module):
     # another order than k separate passes (same distribution); False keeps the passes separate.
     batch_passes = True
 
-    def __init__(self, args, vocab=None):
+    def __init__(self, args, vocab=None, from_checkpoint=False):
         super().__init__()
         if getattr(args, "ssm_backend", None):
             ssm.set_ssm_backend(args.ssm_backend)
         H, A = args.hidden_size, args.audio_f
         self.motion_dim = motion_dim(args)
-        words = word_embedding_weights(args, vocab)
+        words = word_embedding_weights(args, vocab, from_checkpoint)
         freeze = bool(getattr(args, "t_fix_pre", False))
         # face and body branches each get their own (trainable unless t_fix_pre) copy of the word vectors
         self.text_pre_encoder_face = nn.Embedding.from_pretrained(words.clone(), freeze=freeze)

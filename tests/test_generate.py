@@ -150,3 +150,47 @@ def test_infer_bad_inputs(setup, beat2_sample, tmp_path):
     r = run_infer(args, "--audio", str(short), "--out", str(tmp_path / "e.npz"), "--ckpt", str(other))
     assert r.returncode == 2 and "other.bin" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "e.npz").exists()
+
+
+def test_code_sampling_follows_the_softmax():
+    from trainers.generate import choose_codes
+    logits = torch.log(torch.tensor([0.6, 0.3, 0.1, 1e-9]))
+    out = {f"cls_{p}": logits.expand(1, 4000, 4).clone() for p in ("face", "upper", "hands", "lower")}
+    weights = {"face": 1, "upper": 1, "hands": 1, "lower": 1}
+    key = torch.tensor([7])
+    argmax = choose_codes(None, out, weights)["upper"][1]
+    assert (argmax == 0).all()
+    sampled = choose_codes(None, out, weights, temperature=1.0, noise_key=key)
+    freq = torch.bincount(sampled["upper"][1].flatten(), minlength=4).float() / 4000
+    assert torch.allclose(freq, torch.tensor([0.6, 0.3, 0.1, 0.0]), atol=0.03), freq
+    assert not torch.equal(sampled["upper"][1], sampled["hands"][1])  # each part draws its own noise
+    again = choose_codes(None, out, weights, temperature=1.0, noise_key=key)
+    assert torch.equal(again["upper"][1], sampled["upper"][1])  # seeded
+    top2 = choose_codes(None, out, weights, temperature=1.0, top_k=2, noise_key=key)["upper"][1]
+    assert set(top2.unique().tolist()) == {0, 1}
+    cold = choose_codes(None, out, weights, temperature=0.05, noise_key=key)["upper"][1]
+    assert (cold == 0).float().mean() > 0.99  # low temperature approaches the argmax
+
+
+def test_sampled_generation_is_seeded_per_sequence(setup):
+    """Sampling gives the same motion for a sequence whatever it is batched with; another sample_key another draw;
+    the paper protocol always takes the argmax."""
+    args, _, test_data = setup
+    model = _model(args, test_data.vocab)
+    vq = load_frozen_models(args, torch.device("cpu"))
+    item = test_data[0]
+    seqs = [Sequence(audio=item["audio"][: 16000 * s], word=item["word"][: 30 * s], speaker=1, n_frames=30 * s,
+                     sample_key=s) for s in (3, 5)]
+    sampled = load_config(ROOT / "configs/demo/mambatalk.yaml", {**vars_subset(args), "code_temperature": 1.0})
+    together = generate(model, vq, seqs, sampled)
+    alone = generate(model, vq, seqs[1:], sampled)[0]
+    assert torch.allclose(together[1]["poses"], alone["poses"], atol=1e-5)
+    seqs[1].sample_key = 99
+    other = generate(model, vq, seqs[1:], sampled)[0]
+    assert not torch.allclose(other["poses"], alone["poses"], atol=1e-3)
+    argmax = load_config(ROOT / "configs/demo/mambatalk.yaml", {**vars_subset(args), "code_temperature": 0.0})
+    greedy = generate(model, vq, seqs[1:], argmax)[0]
+    assert not torch.allclose(greedy["poses"], alone["poses"], atol=1e-3)
+    paper = generate(model, vq, [Sequence(**{**vars(seqs[1]), "n_frames": 124})], sampled, paper_protocol=True)[0]
+    paper_greedy = generate(model, vq, [Sequence(**{**vars(seqs[1]), "n_frames": 124})], argmax, paper_protocol=True)[0]
+    assert torch.equal(paper["poses"], paper_greedy["poses"])

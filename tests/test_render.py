@@ -187,3 +187,17 @@ def test_bad_input_cli_exit_code(tmp_path, case, capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("render.py: error:") and text in err and "Traceback" not in err
+
+
+def test_body_caption_stays_inside_the_first_panel():
+    from utils.video import overlay_patches, panel_layout
+    for width, height, motions in ((1280, 720, 2), (320, 180, 2), (640, 360, 1)):
+        layout = panel_layout(width, motions)
+        caption = "body: stand-in body (no SMPL-X model file)"
+        patches = overlay_patches(width, height, layout, ["ground truth", "result"][:motions], caption)
+        yellow = [(p, x, y) for p, x, y in patches if p.ndim == 3 and (p == (230, 230, 160)).all(-1).any()]
+        assert yellow, "no caption drawn"
+        assert all(x + p.shape[1] <= layout[0][1] for p, x, _ in yellow), "caption runs into the next panel"
+        assert all(y + p.shape[0] <= height for p, _, y in yellow)
+        drawn = sum(int((p == (230, 230, 160)).all(-1).sum()) for p, _, _ in yellow)
+        assert drawn >= text_mask("stand-in").sum()  # words were drawn, not cut away

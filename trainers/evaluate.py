@@ -36,17 +36,28 @@ def face_errors(body, rec_pose, rec_exps, tar_pose, tar_exps, betas, compat):
 def score_sequences(results, references, audios, body, eval_model, mean_vel, clip_len=32, compat=True):
     """results, references: lists of dicts with `poses` (n,165) and `expressions` (n,100) (equal n per pair);
     references also carry `betas` (300,). audios: the full-length 16 kHz mono waveform of each sequence.
-    Returns raw metric values: fgd (None without an eval model), bc, bc_gt, l1div, l1div_gt, face_mse, face_lvd."""
+    Returns raw metric values: fgd (None without an eval model), bc, bc_gt, l1div, l1div_gt, face_mse, face_lvd,
+    energy and energy_gt (mean joint angular speed of spine, neck, head, arms and hands, rad/s) and energy_ratio;
+    where results and references carry `trans`: root_jump (the largest root step in the first 10 frames of any
+    sequence, m), root_drift and root_drift_gt (m per minute, metric.root_drift)."""
     device = body.rest_joints.device
     feats_gen, feats_gt = [], []
     div, div_gt = metric.L1DiversityAccumulator(), metric.L1DiversityAccumulator()
-    bc, bc_gt, mse, lvd = [], [], [], []
+    bc, bc_gt, mse, lvd, energy, energy_gt = [], [], [], [], [], []
+    root_jump, drift, drift_gt = [], [], []
     for res, ref, audio in zip(results, references, audios):
         rec_pose = torch.as_tensor(np.asarray(res["poses"]), dtype=torch.float32, device=device)
         tar_pose = torch.as_tensor(np.asarray(ref["poses"]), dtype=torch.float32, device=device)
         if rec_pose.shape != tar_pose.shape:
             raise ValueError(f"generated poses {tuple(rec_pose.shape)} and reference {tuple(tar_pose.shape)} differ")
         n = rec_pose.shape[0]
+        if n >= 2:
+            energy.append((metric.motion_energy(np.asarray(res["poses"])), n - 1))
+            energy_gt.append((metric.motion_energy(np.asarray(ref["poses"])), n - 1))
+        if "trans" in res and "trans" in ref:
+            root_jump.append(metric.root_start_jump(np.asarray(res["trans"])))
+            drift.append((metric.root_drift(np.asarray(res["trans"])), n))
+            drift_gt.append((metric.root_drift(np.asarray(ref["trans"])), n))
         betas = torch.as_tensor(np.asarray(ref["betas"]), dtype=torch.float32, device=device).reshape(-1)[:300]
         if eval_model is not None:
             for pose, feats in ((rec_pose, feats_gen), (tar_pose, feats_gt)):
@@ -69,12 +80,16 @@ def score_sequences(results, references, audios, body, eval_model, mean_vel, cli
                                             np.concatenate(feats_gt).astype(np.float64), compat=compat))
     return {"fgd": fgd, "bc": metric.beat_consistency_dataset(bc), "bc_gt": metric.beat_consistency_dataset(bc_gt),
             "l1div": div.score(), "l1div_gt": div_gt.score(), "face_mse": metric.weighted_mean(mse),
-            "face_lvd": metric.weighted_mean(lvd)}
+            "face_lvd": metric.weighted_mean(lvd), "energy": metric.weighted_mean(energy),
+            "energy_gt": metric.weighted_mean(energy_gt),
+            "energy_ratio": metric.weighted_mean(energy) / max(metric.weighted_mean(energy_gt), 1e-12),
+            **({"root_jump": max(root_jump), "root_drift": metric.weighted_mean(drift),
+                "root_drift_gt": metric.weighted_mean(drift_gt)} if root_jump else {})}
 
 
 def format_table(rows):
     """rows: {name: metrics dict} -> a fixed-width text table (raw values)."""
-    cols = ["fgd", "bc", "bc_gt", "l1div", "face_mse", "face_lvd"]
+    cols = ["fgd", "bc", "bc_gt", "l1div", "face_mse", "face_lvd", "energy", "energy_ratio"]
     width = max(12, max(len(r) for r in rows) + 2)
     lines = ["".ljust(width) + "".join(c.rjust(12) for c in cols)]
     for name, m in rows.items():

@@ -42,6 +42,7 @@ class Sequence:
     n_frames: int
     seed: torch.Tensor = None         # (pre_frames, 337): 6D pose, translation, contacts; None -> neutral pose
     start_trans: torch.Tensor = None  # (3,) root translation of frame 0 (x/z integration start); None -> seed's
+    sample_key: int = 0               # seeds the code sampling of this sequence (temperature > 0)
 
 
 def orthonormalise_6d(x):
@@ -80,17 +81,53 @@ def integrate(v, x0):
     return torch.cat([x0[:, None], x0[:, None] + torch.cumsum(v[:, :-1] / FPS, dim=1)], dim=1)
 
 
-def choose_codes(vq, out, cls_weights):
-    """Per part: argmax of the classifier when its loss weight is non-zero, else the nearest code of the regressed
-    latent (published: body parts argmax, face nearest). Returns {part: ('index', (B,T)) or ('latent', (B,T,C))}."""
+def choose_codes(vq, out, cls_weights, temperature=0.0, top_k=0, noise_key=None):
+    """Per part: the classifier's code when its loss weight is non-zero, else the nearest code of the regressed
+    latent (published: body parts classified, face nearest). Returns {part: ('index', (B,T)) or ('latent', (B,T,C))}.
+
+    temperature 0 takes the argmax (published). temperature > 0 samples from softmax(logits / temperature), restricted
+    to the `top_k` most likely codes when top_k > 0, by the Gumbel-max trick with noise from `sample_noise(noise_key)`:
+    a weakly trained generator's argmax falls back on its most frequent code (the rest pose), while a sample keeps the
+    motion its code distribution describes."""
     codes = {}
-    for part in PARTS:
-        if cls_weights[part] != 0:
-            codes[part] = ("index", out[f"cls_{part}"].argmax(dim=-1))
-        else:
+    for n, part in enumerate(PARTS):
+        if cls_weights[part] == 0:
             q = vq[part].quantizer
             codes[part] = ("latent", q.get_codebook_entry(q.map2index(out[f"rec_{part}"])))
+            continue
+        logits = out[f"cls_{part}"]
+        if temperature > 0:
+            logits = logits.float() / temperature
+            if 0 < top_k < logits.shape[-1]:
+                kth = logits.topk(top_k, dim=-1).values[..., -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            u = sample_noise(noise_key * len(PARTS) + n, logits.shape[1:])
+            logits = logits - torch.log(-torch.log(u))  # + Gumbel(0, 1) noise
+        codes[part] = ("index", logits.argmax(dim=-1))
     return codes
+
+
+def _splitmix64(x):
+    """splitmix64's finaliser on int64 tensors (wrapping arithmetic; logical shifts emulated with masks)."""
+    def shr(v, s):
+        return (v >> s) & ((1 << (64 - s)) - 1)
+    x = (x ^ shr(x, 30)) * _signed(0xBF58476D1CE4E5B9)
+    x = (x ^ shr(x, 27)) * _signed(0x94D049BB133111EB)
+    return x ^ shr(x, 31)
+
+
+def _signed(u):
+    return u - (1 << 64) if u >= 1 << 63 else u
+
+
+def sample_noise(key, shape):
+    """Uniform (0, 1) noise of `shape` for each row of `key` (B,) int64: a counter-based hash of (key, position), so a
+    sequence gets the same noise whatever it is batched with, on any device, and inside a CUDA graph."""
+    count = math.prod(shape)
+    pos = torch.arange(count, device=key.device, dtype=torch.int64)
+    x = _splitmix64((key[:, None] + 1) * _signed(0x9E3779B97F4A7C15) + pos[None, :])
+    u = ((x >> 11) & ((1 << 53) - 1)).double().add_(0.5).div_(float(1 << 53))
+    return u.float().clamp_(1e-7, 1 - 1e-7).reshape(key.shape[0], *shape)
 
 
 def decode_codes(vq, codes):
@@ -172,6 +209,7 @@ def generate(model, vq, sequences, args, paper_protocol=False, batch_size=64, pr
     window, pre = args.pose_length, args.pre_frames
     cls_weights = {"face": args.cf, "upper": args.cu, "hands": args.ch, "lower": args.cl}
     amp = getattr(args, "amp", "none") == "bf16"
+    sampling = (0.0, 0) if paper_protocol else (float(args.code_temperature), int(args.code_top_k))
     model.eval()
     plans = [WindowPlan(s.n_frames, s.audio.shape[0], window, pre, paper_protocol) for s in sequences]
     seeds, starts = [], []
@@ -193,9 +231,12 @@ def generate(model, vq, sequences, args, paper_protocol=False, batch_size=64, pr
                              device=device)
         seed, start = torch.stack([seeds[i] for i in ids]), torch.stack([starts[i] for i in ids])
         cond = [cond[k] for k in CONDITION]
-        step = _window_step(model, vq, kinds, pre, paper_protocol, amp, [v[table[:, 0]] for v in cond] + [seed, start])
+        # one noise key per sequence and window: (sample_key, window) -> a distinct stream
+        keys = torch.tensor([sequences[i].sample_key for i in ids], device=device, dtype=torch.int64) * 1000003
+        step = _window_step(model, vq, kinds, pre, paper_protocol, amp, sampling,
+                            [v[table[:, 0]] for v in cond] + [seed, start, keys])
         for w in range(n_windows[0]):
-            outs = step(*[v.index_select(0, table[:, w]) for v in cond], seed, start)
+            outs = step(*[v.index_select(0, table[:, w]) for v in cond], seed, start, keys + w)
             seed = outs[-1]
             keep = slice(0, window) if w == 0 else slice(pre, window)
             for j, i in enumerate(ids):
@@ -238,8 +279,10 @@ def encode_windows(model, sequences, plans, window, device, amp=False):
     return {name: torch.cat([c[name] for c in parts]) for name in parts[0]}, first
 
 
-def window_step(model, vq, kinds, pre, paper_protocol, amp, spk_face, spk_body, face_feat, memory, seed, start):
-    """One window for a batch of sequences: codes of the four parts (PARTS order) and the next window's seed."""
+def window_step(model, vq, kinds, pre, paper_protocol, amp, sampling, spk_face, spk_body, face_feat, memory, seed, start,
+                noise_key):
+    """One window for a batch of sequences: codes of the four parts (PARTS order) and the next window's seed.
+    sampling: (temperature, top_k) of choose_codes; noise_key (B,) int64 seeds it."""
     condition = dict(spk_face=spk_face, spk_body=spk_body, face_feat=face_feat, memory=memory)
     n, window = spk_face.shape[:2]
     in_motion = seed.new_zeros(n, window, seed.shape[-1])
@@ -249,7 +292,8 @@ def window_step(model, vq, kinds, pre, paper_protocol, amp, spk_face, spk_body, 
     with torch.autocast(seed.device.type, dtype=torch.bfloat16, enabled=amp):
         out = model.predict(condition, mask, in_motion)
     out = {k: v.float() for k, v in out.items()}
-    window_codes = choose_codes(vq, out, {p: 1.0 if kinds[p] == "index" else 0.0 for p in PARTS})
+    window_codes = choose_codes(vq, out, {p: 1.0 if kinds[p] == "index" else 0.0 for p in PARTS}, *sampling,
+                                noise_key=noise_key)
     decoded = decode_codes(vq, {k: window_codes[k] for k in ("upper", "hands", "lower")})
     next_seed = _next_seed(decoded, pre, start, paper_protocol, vq, seed)
     return tuple(window_codes[p][1] for p in PARTS) + (next_seed,)
@@ -258,14 +302,14 @@ def window_step(model, vq, kinds, pre, paper_protocol, amp, spk_face, spk_body, 
 _graphs = weakref.WeakKeyDictionary()  # model -> {settings: (vq modules, GraphedFunction)}
 
 
-def _window_step(model, vq, kinds, pre, paper_protocol, amp, example):
+def _window_step(model, vq, kinds, pre, paper_protocol, amp, sampling, example):
     """window_step with its settings bound: a CUDA graph on GPUs (captured once per model, VQ set, batch size and
     settings, and kept while the model lives), else the eager function."""
-    fn = functools.partial(window_step, model, vq, kinds, pre, paper_protocol, amp)
+    fn = functools.partial(window_step, model, vq, kinds, pre, paper_protocol, amp, sampling)
     if not (CUDA_GRAPHS and example[0].is_cuda):
         return fn
     vq_modules = tuple(vq[k] for k in sorted(vq))
-    key = (tuple(kinds.items()), pre, paper_protocol, amp, tuple((t.shape, t.dtype) for t in example))
+    key = (tuple(kinds.items()), pre, paper_protocol, amp, sampling, tuple((t.shape, t.dtype) for t in example))
     cache = _graphs.setdefault(model, {})
     if key not in cache or any(a is not b for a, b in zip(cache[key][0], vq_modules)):
         cache[key] = (vq_modules, GraphedFunction(fn, example))

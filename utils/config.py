@@ -147,6 +147,10 @@ DEFAULTS = {
     "smplx_model_dir": "",        # "" -> data_path_1 + "smplx_models/"
     "eval_split": "val",
     "paper_protocol": False,
+    # Choice of each window's VQ codes from the generator's logits (trainers/generate.py choose_codes): temperature 0
+    # = argmax (the published test; --paper_protocol always uses it), > 0 = sampled, from the top_k codes (0 = all).
+    "code_temperature": 0.0,
+    "code_top_k": 0,
     "metric_compat": True,        # test.py: the published metric quirks (spec §10.3 #2-#5); false = corrected metrics
     "eval_period": 1,             # evaluate on eval_split every N epochs
     "pretrained_vq_dir": "",      # "" -> data_path_1 + "pretrained_vq/"

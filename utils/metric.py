@@ -9,7 +9,7 @@ import numpy as np
 import scipy.linalg
 from scipy.signal import argrelextrema
 
-from utils.skeleton import BC_UPPER_BODY
+from utils.skeleton import BC_UPPER_BODY, PART_JOINTS
 
 FGD_FEATURE_DIM = 240     # one VAESKConv latent per 16 frames
 FGD_EPS = 1e-6            # added to both covariance diagonals when sqrtm is not finite
@@ -141,6 +141,42 @@ class L1DiversityAccumulator:
 
     def score(self):
         return self.sum / self.counter if self.counter else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------- motion energy
+
+def motion_energy(poses, fps=30, joints="beat_smplx_upall"):
+    """Mean joint angular speed (rad/s): the angle of each joint's local rotation change between consecutive frames,
+    times fps, averaged over frames and over the joints of `joints` (spine, neck, head, arms and hands by default).
+    poses: (T, 165) axis-angle. A still pose gives 0; it does not depend on the body model or its shape."""
+    from scipy.spatial.transform import Rotation
+    x = np.asarray(poses, dtype=np.float64)
+    if x.ndim != 2 or x.shape[1] != 165 or len(x) < 2:
+        raise ValueError(f"motion_energy: expected poses (T >= 2, 165), got shape {x.shape}")
+    ids = PART_JOINTS[joints]
+    rot = Rotation.from_rotvec(x.reshape(len(x), 55, 3)[:, ids].reshape(-1, 3))
+    quat = rot.as_quat().reshape(len(x), len(ids), 4)
+    # angle between consecutive orientations: 2 acos(|<q_t, q_t+1>|), sign-free so the double cover does not matter
+    dot = np.abs((quat[1:] * quat[:-1]).sum(-1)).clip(0.0, 1.0)
+    return float((2.0 * np.arccos(dot)).mean() * fps)
+
+
+def root_start_jump(trans, frames=10):
+    """Largest frame-to-frame root displacement (m) within the first `frames` frames: a generated sequence should
+    not jump away from where it was seeded. trans: (T, 3)."""
+    x = np.asarray(trans, dtype=np.float64)[:frames]
+    return float(np.linalg.norm(np.diff(x, axis=0), axis=1).max()) if len(x) >= 2 else 0.0
+
+
+def root_drift(trans, fps=30):
+    """Horizontal root drift in m per minute: the distance on the floor (x, z) between the mean position of the first
+    and of the last second, divided by the time between them. trans: (T, 3), y up."""
+    x = np.asarray(trans, dtype=np.float64)[:, [0, 2]]
+    if len(x) < 2:
+        return 0.0
+    k = min(fps, len(x))
+    minutes = max(len(x) - k, 1) / fps / 60
+    return float(np.linalg.norm(x[-k:].mean(0) - x[:k].mean(0)) / minutes)
 
 
 # ------------------------------------------------------------------------------------------- beat consistency

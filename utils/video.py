@@ -415,13 +415,29 @@ def panel_layout(width, num_motions):
     return [(edges[i], edges[i + 1] - edges[i]) for i in range(n)]
 
 
+def wrap_words(text, max_chars):
+    """Lines of at most `max_chars` characters, broken between words (a longer word gets a line of its own)."""
+    lines = []
+    for word in text.split():
+        if lines and len(lines[-1]) + 1 + len(word) <= max_chars:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    return lines or [""]
+
+
 def overlay_patches(width, height, layout, labels, caption):
     """[(RGB patch, x, y)] drawn on every frame: a label over each motion, the body caption, panel separators."""
     scale = max(1, round(height / 360))
     pad = 4 * scale
     patches = [(text_patch(label, scale), layout[2 * i][0] + pad, pad) for i, label in enumerate(labels)]
-    caption_patch = text_patch(caption, scale, fg=(230, 230, 160))
-    patches.append((caption_patch, pad, height - caption_patch.shape[0] - pad))
+    # the caption is wrapped to the first panel's width so that it never runs into the next panel
+    max_chars = max(1, (layout[0][1] - 2 * pad) // (6 * scale) - 1)
+    y = height - pad
+    for line in reversed(wrap_words(caption, max_chars)):
+        caption_patch = text_patch(line, scale, fg=(230, 230, 160))[:, :layout[0][1] - 2 * pad]
+        y -= caption_patch.shape[0]
+        patches.append((caption_patch, pad, y))
     separator = np.full((height, scale, 3), 90, np.uint8)
     patches += [(separator, x - scale // 2, 0) for x, _ in layout[1:]]
     return patches
