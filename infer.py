@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from dataloaders.beat2 import UNK, audio_features, get_vocab, load_ctc_model, read_audio, read_motion, read_words, word_indices, write_motion
-from dataloaders.cache import load_start_pose
+from dataloaders.cache import load_start_pose, load_start_trans
 from models.mambatalk import MambaTalk
 from trainers.base import resolve_device
 from trainers.generate import Sequence, generate, neutral_seed
@@ -80,10 +80,11 @@ def load_inputs(own, args, vocab, log):
     else:
         try:
             seed = neutral_seed(args.pre_frames, torch.device("cpu"), load_start_pose(args))
+            seed[:, 330:333] = torch.from_numpy(load_start_trans(args))  # where, and how high, the speakers stand
         except (FileNotFoundError, ValueError) as e:
             log.info(f"no training recordings to take a start pose from ({e}); seeding with the rest pose")
     sequence = Sequence(audio=audio, word=word, speaker=speaker_index(own.speaker), n_frames=n_frames,
-                        seed=seed, start_trans=start_trans)
+                        seed=seed, start_trans=start_trans, sample_key=args.random_seed)
     return sequence, betas
 
 

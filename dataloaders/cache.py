@@ -309,16 +309,26 @@ def load_start_pose(args):
     published test seeds with the test recording's own first frames). Computed once into the cache root, keyed by the
     files. Averaging axis-angle vectors is close to the mean rotation for the small spread of a standing speaker's
     joints, and the seed only has to be plausible."""
+    return _start_frames(args)[:165]
+
+
+def load_start_trans(args):
+    """(3,) mean root translation of the same frames: where (and at what height) the speakers stand when they start."""
+    return _start_frames(args)[165:168]
+
+
+def _start_frames(args):
     npzs = sorted(entry["motion"] for entry in split_files(args, "train"))
     if not npzs:
         raise FileNotFoundError(f"no training files in {Path(args.data_path) / 'train_test_split.csv'} for speakers "
                                 f"{args.training_speakers}: no start pose to seed generation with")
     key = _sha([_file_signature(p) for p in npzs] + [args.pre_frames])[:16]
-    path = cache_root(args) / f"start_pose_{args.pose_rep}_{key}.npy"
+    path = cache_root(args) / f"start_pose_trans_{args.pose_rep}_{key}.npy"
     if path.is_file():
         return np.load(path)
-    first = [beat2.read_motion(p)["poses"][:args.pre_frames] for p in npzs]
-    mean = np.concatenate(first).mean(0).astype(np.float32)
+    motions = [beat2.read_motion(p) for p in npzs]
+    mean = np.concatenate([np.concatenate([m["poses"][:args.pre_frames], m["trans"][:args.pre_frames]], axis=1)
+                           for m in motions]).mean(0).astype(np.float32)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path) as tmp, open(tmp, "wb") as f:
         np.save(f, mean)

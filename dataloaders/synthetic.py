@@ -68,6 +68,7 @@ FINGER_JITTER = 0.03
 # neck, head, arms and hands: 0.75 rad/s for the shared real sample against 0.10-0.18), mostly in the hands. Version 3
 # adds what real speakers do with every syllable, not only on accented words: a small beat of wrist, forearm and
 # fingers, so that nearly all of the extra motion follows the speech and can be learned from it.
+AROUSAL_SPREAD = 0.4   # per-recording arousal is uniform in 1 +- this
 STROKE_SCALE = 1.5     # stroke size, as a multiple of version 2's
 BEAT_SIZE = 0.45       # wrist/forearm beat on a syllable of full loudness (rad)
 FINGER_OPENING = 0.8   # how far the fingers open on a full stroke (share of their curl; 0.3 in version 2)
@@ -161,8 +162,8 @@ def plan_syllables(rng, words):
 
 # ----------------------------------------------------------------------------------------------------------- audio
 
-def synth_speech(rng, syllables, n_samples, f0):
-    """Speech-like waveform (float32, peak ~0.5) for the planned syllables; silence between words is faint noise."""
+def synth_speech(rng, syllables, n_samples, f0, peak=0.5):
+    """Speech-like waveform (float32, peak `peak`) for the planned syllables; silence between words is faint noise."""
     t = np.arange(n_samples) / SR
     env_voiced = np.zeros(n_samples)
     env_noise = np.zeros(n_samples)
@@ -200,7 +201,7 @@ def synth_speech(rng, syllables, n_samples, f0):
     hiss = sosfilt(butter(4, 2500, btype="highpass", fs=SR, output="sos"), rng.standard_normal(n_samples))
     hiss /= np.abs(hiss).max()
     y = voiced * env_voiced + hiss * env_noise + 0.002 * rng.standard_normal(n_samples)
-    return (0.5 * y / np.abs(y).max()).astype(np.float32)
+    return (peak * y / np.abs(y).max()).astype(np.float32)
 
 
 def loudness_envelope(y, n_frames, window=1024):
@@ -393,12 +394,17 @@ def sequence_plan(seed, preset):
 def write_sequence(out_dir, seq_id, speaker, seconds, seed, index):
     """Generate one sequence and write its npz, wav and TextGrid."""
     rng = np.random.default_rng([seed, 2, speaker, index])
-    style = SPEAKERS[speaker]
+    # How animated the speaker is in this recording: louder, higher and faster speech and larger gestures together, as
+    # in real recordings (BEAT2's emotion takes); another recording's motion then differs in size from this one's.
+    arousal = float(rng.uniform(1.0 - AROUSAL_SPREAD, 1.0 + AROUSAL_SPREAD))
+    base = SPEAKERS[speaker]
+    style = dict(base, gesture=base["gesture"] * arousal, f0=base["f0"] * (1.0 + 0.25 * (arousal - 1.0)),
+                 rate=base["rate"] * (1.0 + 0.15 * (arousal - 1.0)))
     n_cs = int(round(seconds * 100))
     n_frames, n_samples = n_cs * FPS // 100, n_cs * SR // 100
     words = plan_words(rng, n_cs, style["rate"], topic_words(seed, int(seq_id.split("_")[-1])))
     syllables = plan_syllables(rng, words)
-    y = synth_speech(rng, syllables, n_samples, style["f0"])
+    y = synth_speech(rng, syllables, n_samples, style["f0"], peak=0.5 * (0.4 + 0.6 * arousal))
     shape = speaker_shape(speaker, seed)
     poses, trans, expressions = synth_motion(rng, words, syllables, loudness_envelope(y, n_frames), style, shape)
 

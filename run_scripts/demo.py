@@ -48,10 +48,18 @@ def stage(title):
     return Timer()
 
 
+SEED = 0  # --seed: the demo data's seed, added to every training run's random_seed
+GEN_STEPS = 0  # --gen_steps: MambaTalk's step count instead of its config's (experiments)
+
+
 def demo_args(config, quick):
     """The demo config, moved under DEMO (when --out changes it) and shortened for --quick."""
     from utils.config import parse_args
     args = parse_args(["--config", config])
+    args.random_seed += SEED
+    if GEN_STEPS and config == GENERATOR[0]:
+        args.epochs = max(1, round(args.epochs * GEN_STEPS / args.max_steps))
+        args.max_steps = GEN_STEPS
     if quick and args.max_steps > QUICK_STEPS:
         # fewer epochs too, so that epoch-driven schedules (MambaTalk's mask ratio) still run their whole course
         args.epochs = max(1, round(args.epochs * QUICK_STEPS / args.max_steps))
@@ -122,20 +130,33 @@ def baselines(test_dir, args):
             for name, res in (("static mean pose", static), ("other sequence's motion", swapped))}
 
 
+def render_result(fid, quick):
+    """The held-out recording `fid`: ground truth and result side by side, with its audio."""
+    cmd = [sys.executable, "render.py", "--npy_path", str(DEMO / "test" / f"res_{fid}.npz"),
+           "--wav_path", str(DEMO / "beat2" / "wave16k" / f"{fid}.wav"), "--save_dir", str(DEMO / "render"),
+           "--gt_npz", str(DEMO / "test" / f"gt_{fid}.npz")]
+    if quick:
+        cmd += ["--max_seconds", "2", "--width", "320", "--height", "180"]
+    subprocess.run(cmd, check=True)
+
+
 def main():
-    global DEMO
+    global DEMO, SEED, GEN_STEPS
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--force", action="store_true", help="redo every stage")
     p.add_argument("--quick", action="store_true", help="fewer training steps (the CI test)")
     p.add_argument("--out", default=str(DEMO), help="folder for every demo output (default outputs/demo)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the demo data and of every training run (default 0)")
+    p.add_argument("--no_render", action="store_true", help="skip the video (no OpenGL needed)")
+    p.add_argument("--gen_steps", type=int, default=0, help=argparse.SUPPRESS)
     opts = p.parse_args()
-    DEMO = Path(opts.out)
+    DEMO, SEED, GEN_STEPS = Path(opts.out), opts.seed, opts.gen_steps
     t_all = time.time()
     from dataloaders.synthetic import write_demo_dataset
     with stage("1/5 demo data: speech-driven synthetic BEAT2 dataset"):
         if opts.force and (DEMO / "beat2").exists():
             shutil.rmtree(DEMO / "beat2")
-        write_demo_dataset(DEMO / "beat2", seed=0, preset="demo")
+        write_demo_dataset(DEMO / "beat2", seed=SEED, preset="demo")
     for config, best, target in STAGE1:
         with stage(f"2/5 stage 1: {Path(config).stem}"):
             train(config, best, target, opts.force, opts.quick)
@@ -157,14 +178,9 @@ def main():
         (DEMO / "test" / "table.txt").write_text(table + "\n")
         with open(DEMO / "test" / "table.json", "w") as f:
             json.dump(rows, f, indent=2)
-    with stage("5/5 render one held-out result with its audio"):
-        fid = report["ids"][0]
-        cmd = [sys.executable, "render.py", "--npy_path", str(DEMO / "test" / f"res_{fid}.npz"),
-               "--wav_path", str(DEMO / "beat2" / "wave16k" / f"{fid}.wav"), "--save_dir", str(DEMO / "render"),
-               "--gt_npz", str(DEMO / "test" / f"gt_{fid}.npz")]
-        if opts.quick:
-            cmd += ["--max_seconds", "2", "--width", "320", "--height", "180"]
-        subprocess.run(cmd, check=True)
+    with stage("5/5 render one held-out result with its audio" + (" (skipped: --no_render)" if opts.no_render else "")):
+        if not opts.no_render:
+            render_result(report["ids"][0], opts.quick)
     print(f"\nDemo finished in {time.time() - t_all:.0f} s. Outputs:")
     print(f"  dataset            {DEMO / 'beat2'}")
     print(f"  stage-1 weights    {DEMO / 'pretrained' / 'pretrained_vq'}")

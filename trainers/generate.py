@@ -30,6 +30,8 @@ PARTS = ("face", "upper", "hands", "lower")
 # size; False runs it eagerly (same results).
 CUDA_GRAPHS = True
 ENCODE_BATCH = 64  # windows per call of the audio/text encoders
+LEAK_BLOCK = 256   # frames per block of the leaky integration's closed form
+GLOBAL_PAD = 16    # frames repeated at each end before the global-motion model (its receptive field is smaller)
 CONDITION = ("spk_face", "spk_body", "face_feat", "memory")  # MambaTalk.encode_condition's outputs, in window_step's order
 
 
@@ -76,9 +78,42 @@ def assemble_pose(upper6d, hands6d, legs6d, jaw6d=None):
     return scatter_parts(parts)
 
 
-def integrate(v, x0):
-    """pos[0] = x0, pos[t] = pos[t-1] + v[t-1] / fps, along dim 1."""
-    return torch.cat([x0[:, None], x0[:, None] + torch.cumsum(v[:, :-1] / FPS, dim=1)], dim=1)
+def integrate(v, x0, leak=0.0, anchor=None):
+    """pos[0] = x0, pos[t] = pos[t-1] + v[t-1] / fps, along dim 1. With leak > 0 each step also pulls the position
+    back towards `anchor` (default x0) by that share of the distance: pos[t] = pos[t-1] + v[t-1] / fps
+    - leak * (pos[t-1] - anchor), so a small bias of the predicted velocity no longer adds up to a walk."""
+    if leak <= 0:
+        return torch.cat([x0[:, None], x0[:, None] + torch.cumsum(v[:, :-1] / FPS, dim=1)], dim=1)
+    anchor = x0 if anchor is None else anchor
+    keep = 1.0 - leak
+    steps = (v[:, :-1] / FPS).double()
+    d, out = (x0 - anchor).double(), [(x0 - anchor).double()[:, None]]
+    # closed form of the linear recursion d[t] = keep * d[t-1] + step[t-1], in blocks short enough that keep^-t stays
+    # far from overflow on any recording length
+    for b in range(0, steps.shape[1], LEAK_BLOCK):
+        block = steps[:, b:b + LEAK_BLOCK]
+        powers = keep ** torch.arange(1, block.shape[1] + 1, device=v.device, dtype=torch.float64)
+        seg = powers * (d[:, None] + torch.cumsum(block / powers, dim=1))
+        out.append(seg)
+        d = seg[:, -1]
+    return (anchor[:, None] + torch.cat(out, dim=1)).to(v.dtype)
+
+
+def root_leak(args, paper_protocol):
+    """Per-frame leak of the root's floor position towards where the sequence started (`root_anchor_seconds` is its
+    time constant; 0 = none, and none under the paper protocol)."""
+    seconds = 0.0 if paper_protocol else float(getattr(args, "root_anchor_seconds", 0.0))
+    return 1.0 / (seconds * FPS) if seconds > 0 else 0.0
+
+
+def global_motion(vq, to_global, pad):
+    """The global-motion model on (B, T, C) with the first and last frames repeated `pad` times on either side, cut
+    back afterwards: its convolutions see zeros past the ends otherwise, and the root height of the first frames came
+    out some 10 cm off and then rose 4 cm per frame."""
+    if pad == 0:
+        return vq["global_motion"](to_global)["rec_pose"]
+    x = torch.cat([to_global[:, :1].expand(-1, pad, -1), to_global, to_global[:, -1:].expand(-1, pad, -1)], dim=1)
+    return vq["global_motion"](x)["rec_pose"][:, pad:pad + to_global.shape[1]]
 
 
 def choose_codes(vq, out, cls_weights, temperature=0.0, top_k=0, noise_key=None):
@@ -138,16 +173,17 @@ def decode_codes(vq, codes):
     return decoded
 
 
-def decoded_to_motion(vq, decoded, start_xz):
-    """Decoded parts -> pose (B,T,165), expressions (B,T,100), translation (B,T,3), contacts (B,T,4) (§7.1 step 6)."""
+def decoded_to_motion(vq, decoded, start_xz, leak=0.0, edge_pad=0):
+    """Decoded parts -> pose (B,T,165), expressions (B,T,100), translation (B,T,3), contacts (B,T,4) (§7.1 step 6).
+    leak: see integrate; edge_pad: see global_motion (0, 0: as published)."""
     lower = decoded["lower"]
     legs6d = orthonormalise_6d(lower[..., :54])
     pose = assemble_pose(decoded["upper"], decoded["hands"], legs6d, decoded["face"][..., :6])
     contacts = lower[..., 57:61]
     to_global = torch.cat([legs6d, torch.zeros_like(lower[..., 54:57]), contacts], dim=-1)
-    rec_global = vq["global_motion"](to_global)["rec_pose"]
-    x = integrate(rec_global[..., 54], start_xz[:, 0])
-    z = integrate(rec_global[..., 56], start_xz[:, 1])
+    rec_global = global_motion(vq, to_global, edge_pad)
+    x = integrate(rec_global[..., 54], start_xz[:, 0], leak)
+    z = integrate(rec_global[..., 56], start_xz[:, 1], leak)
     trans = torch.stack([x, rec_global[..., 55], z], dim=-1)
     return pose, decoded["face"][..., 6:], trans, contacts
 
@@ -210,6 +246,7 @@ def generate(model, vq, sequences, args, paper_protocol=False, batch_size=64, pr
     cls_weights = {"face": args.cf, "upper": args.cu, "hands": args.ch, "lower": args.cl}
     amp = getattr(args, "amp", "none") == "bf16"
     sampling = (0.0, 0) if paper_protocol else (float(args.code_temperature), int(args.code_top_k))
+    leak, edge_pad = root_leak(args, paper_protocol), 0 if paper_protocol else GLOBAL_PAD
     model.eval()
     plans = [WindowPlan(s.n_frames, s.audio.shape[0], window, pre, paper_protocol) for s in sequences]
     seeds, starts = [], []
@@ -233,7 +270,7 @@ def generate(model, vq, sequences, args, paper_protocol=False, batch_size=64, pr
         cond = [cond[k] for k in CONDITION]
         # one noise key per sequence and window: (sample_key, window) -> a distinct stream
         keys = torch.tensor([sequences[i].sample_key for i in ids], device=device, dtype=torch.int64) * 1000003
-        step = _window_step(model, vq, kinds, pre, paper_protocol, amp, sampling,
+        step = _window_step(model, vq, kinds, pre, paper_protocol, amp, sampling, leak,
                             [v[table[:, 0]] for v in cond] + [seed, start, keys])
         for w in range(n_windows[0]):
             outs = step(*[v.index_select(0, table[:, w]) for v in cond], seed, start, keys + w)
@@ -250,7 +287,7 @@ def generate(model, vq, sequences, args, paper_protocol=False, batch_size=64, pr
         merged = {p: (kinds[p], torch.cat([c[p] for c in codes[i]], dim=1)) for p in PARTS}
         decoded = decode_codes(vq, merged)
         start_xz = starts[i][[0, 2]][None]
-        pose, exps, trans, contacts = decoded_to_motion(vq, decoded, start_xz)
+        pose, exps, trans, contacts = decoded_to_motion(vq, decoded, start_xz, leak, edge_pad)
         n = plans[i].n_out
         results.append({"poses": pose[0, :n].cpu(), "expressions": exps[0, :n].cpu(), "trans": trans[0, :n].cpu(),
                         "contacts": contacts[0, :n].cpu()})
@@ -279,10 +316,10 @@ def encode_windows(model, sequences, plans, window, device, amp=False):
     return {name: torch.cat([c[name] for c in parts]) for name in parts[0]}, first
 
 
-def window_step(model, vq, kinds, pre, paper_protocol, amp, sampling, spk_face, spk_body, face_feat, memory, seed, start,
+def window_step(model, vq, kinds, pre, paper_protocol, amp, sampling, leak, spk_face, spk_body, face_feat, memory, seed, start,
                 noise_key):
     """One window for a batch of sequences: codes of the four parts (PARTS order) and the next window's seed.
-    sampling: (temperature, top_k) of choose_codes; noise_key (B,) int64 seeds it."""
+    sampling: (temperature, top_k) of choose_codes; noise_key (B,) int64 seeds it. leak: see integrate."""
     condition = dict(spk_face=spk_face, spk_body=spk_body, face_feat=face_feat, memory=memory)
     n, window = spk_face.shape[:2]
     in_motion = seed.new_zeros(n, window, seed.shape[-1])
@@ -295,28 +332,28 @@ def window_step(model, vq, kinds, pre, paper_protocol, amp, sampling, spk_face, 
     window_codes = choose_codes(vq, out, {p: 1.0 if kinds[p] == "index" else 0.0 for p in PARTS}, *sampling,
                                 noise_key=noise_key)
     decoded = decode_codes(vq, {k: window_codes[k] for k in ("upper", "hands", "lower")})
-    next_seed = _next_seed(decoded, pre, start, paper_protocol, vq, seed)
+    next_seed = _next_seed(decoded, pre, start, paper_protocol, vq, seed, leak)
     return tuple(window_codes[p][1] for p in PARTS) + (next_seed,)
 
 
 _graphs = weakref.WeakKeyDictionary()  # model -> {settings: (vq modules, GraphedFunction)}
 
 
-def _window_step(model, vq, kinds, pre, paper_protocol, amp, sampling, example):
+def _window_step(model, vq, kinds, pre, paper_protocol, amp, sampling, leak, example):
     """window_step with its settings bound: a CUDA graph on GPUs (captured once per model, VQ set, batch size and
     settings, and kept while the model lives), else the eager function."""
-    fn = functools.partial(window_step, model, vq, kinds, pre, paper_protocol, amp, sampling)
+    fn = functools.partial(window_step, model, vq, kinds, pre, paper_protocol, amp, sampling, leak)
     if not (CUDA_GRAPHS and example[0].is_cuda):
         return fn
     vq_modules = tuple(vq[k] for k in sorted(vq))
-    key = (tuple(kinds.items()), pre, paper_protocol, amp, sampling, tuple((t.shape, t.dtype) for t in example))
+    key = (tuple(kinds.items()), pre, paper_protocol, amp, sampling, leak, tuple((t.shape, t.dtype) for t in example))
     cache = _graphs.setdefault(model, {})
     if key not in cache or any(a is not b for a, b in zip(cache[key][0], vq_modules)):
         cache[key] = (vq_modules, GraphedFunction(fn, example))
     return cache[key][1]
 
 
-def _next_seed(decoded, pre, start_trans, paper_protocol, vq, prev_seed):
+def _next_seed(decoded, pre, start_trans, paper_protocol, vq, prev_seed, leak=0.0):
     """The last `pre` decoded frames of a window as the next window's seed (6D pose, translation, contacts)."""
     lower = decoded["lower"]
     legs6d = orthonormalise_6d(lower[..., :54])
@@ -329,15 +366,14 @@ def _next_seed(decoded, pre, start_trans, paper_protocol, vq, prev_seed):
         z = integrate(lower[..., 56], start_trans[:, 2])
         trans = torch.stack([x, lower[..., 55], z], dim=-1)
     else:
-        # the global-motion model's root velocity, integrated on from where the previous seed stood
+        # the global-motion model's root velocity, integrated on from where the previous seed ended (frame `pre-1` of
+        # this window), pulled towards the sequence's start when leak > 0
         to_global = torch.cat([legs6d, torch.zeros_like(lower[..., 54:57]), contacts], dim=-1)
-        rec_global = vq["global_motion"](to_global)["rec_pose"]
+        rec_global = global_motion(vq, to_global, GLOBAL_PAD)[:, pre - 1:]
         x0, z0 = prev_seed[:, pre - 1, 330], prev_seed[:, pre - 1, 332]
-        x = integrate(rec_global[..., 54], x0)
-        z = integrate(rec_global[..., 56], z0)
-        # frame `pre-1` of this window is where the previous seed ended; shift so positions continue from there
-        x = x - x[:, pre - 1:pre] + x0[:, None]
-        z = z - z[:, pre - 1:pre] + z0[:, None]
+        x = integrate(rec_global[..., 54], x0, leak, start_trans[:, 0])
+        z = integrate(rec_global[..., 56], z0, leak, start_trans[:, 2])
         trans = torch.stack([x, rec_global[..., 55], z], dim=-1)
+        pose6d, contacts = pose6d[:, pre - 1:], contacts[:, pre - 1:]
     seed = torch.cat([pose6d, trans, contacts], dim=-1)
     return seed[:, -pre:]

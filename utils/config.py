@@ -149,8 +149,11 @@ DEFAULTS = {
     "paper_protocol": False,
     # Choice of each window's VQ codes from the generator's logits (trainers/generate.py choose_codes): temperature 0
     # = argmax (the published test; --paper_protocol always uses it), > 0 = sampled, from the top_k codes (0 = all).
-    "code_temperature": 0.0,
+    "code_temperature": 1.0,
     "code_top_k": 0,
+    # Default protocol only: the root's floor position is pulled back towards where the sequence started with this
+    # time constant (s), so that a bias of the predicted root velocity does not add up to a walk (0 = off).
+    "root_anchor_seconds": 1.5,
     "metric_compat": True,        # test.py: the published metric quirks (spec §10.3 #2-#5); false = corrected metrics
     "eval_period": 1,             # evaluate on eval_split every N epochs
     "pretrained_vq_dir": "",      # "" -> data_path_1 + "pretrained_vq/"
