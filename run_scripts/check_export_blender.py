@@ -1,6 +1,6 @@
 """Check export.py's files in a real animation tool: Blender, as a Python module, headless.
 
-    pip install bpy==5.0.1          # Python 3.11 only; a 374 MB wheel; not in requirements (see README)
+    pip install --no-deps bpy==5.0.1    # Python 3.11 only; a 374 MB wheel; not in requirements (see README)
     python run_scripts/check_export_blender.py --npy_path ../shared/beat2_sample/smplxflame_30/2_scott_0_1_1.npz
 
 Exports the npz to BVH and glb (utils/export_motion.py) in a temporary folder, imports each file with Blender's
