@@ -180,6 +180,25 @@ def test_glb_expression_morph_targets(body, tmp_path):
         assert validate_glb(path)["numErrors"] == 0
 
 
+def test_joints_moved_by_expressions(body, tmp_path):
+    """The real SMPL-X's expression blend shapes move its face joints a little per frame; the files carry that as
+    position channels / translation keys. The stand-in has no such shapes: give jaw and eyes some."""
+    import copy
+    face = copy.deepcopy(body)
+    rng = np.random.default_rng(3)
+    face.joint_dirs[22:25, :, 300:] = torch.from_numpy(5e-4 * rng.standard_normal((3, 3, 100))).float()
+    n = 30
+    npz = tmp_path / "faces.npz"
+    np.savez(npz, poses=0.3 * rng.standard_normal((n, 165)).astype(np.float32), trans=np.zeros((n, 3), np.float32),
+             betas=np.zeros(300, np.float32), expressions=rng.standard_normal((n, 100)).astype(np.float32))
+    want = body_joints(face, npz)
+    assert np.linalg.norm(want - body_joints(body, npz), axis=-1).max() > 5 * MM  # the shapes matter
+    bvh, glb = export_motion(npz, ["bvh", "glb"], tmp_path, face)
+    assert bvh.read_text().count("CHANNELS 6") == 4  # the root, the jaw and both eyes
+    assert np.linalg.norm(bvh_world_joints(bvh) - want, axis=-1).max() < MM
+    assert np.linalg.norm(glb_world_joints(glb)[0] - want, axis=-1).max() < MM
+
+
 def test_euler_zxy_round_trip():
     rng = np.random.default_rng(1)
     aa = torch.from_numpy(rng.standard_normal((500, 3)) * 1.5)

@@ -13,9 +13,10 @@ Axes and units: those of BEAT2's capture frame and of SMPL-X, which are glTF's: 
     time so that no angle jumps by 360 degrees between frames. The root has position channels (the pelvis's world
     position) and OFFSET 0 so that readers that add OFFSET to the position channels and readers that do not agree.
 
-What a file cannot hold: expression blend shapes move SMPL-X's face joints (jaw, eyes) slightly per frame, and its
-pose-corrective blend shapes move the skin; the skeleton of both files uses the neutral-expression rest joints and
-the glb mesh is skinned by linear blend skinning only (the stand-in body has neither kind of blend shape).
+SMPL-X's expression blend shapes also move its face joints (jaw, eyes) a little per frame: the rest skeleton uses
+the neutral expression and those joints get position channels (BVH, replacing OFFSET as Blender and bvhio read them)
+or translation keys (glb). Not held: SMPL-X's pose-corrective blend shapes (the glb mesh is skinned by linear blend
+skinning only); the stand-in body has none.
 """
 import io
 import logging
@@ -68,45 +69,43 @@ def source_fps(path):
     return rate if np.isfinite(rate) and rate > 0 else DEFAULT_FPS
 
 
+def local_offsets(joints):
+    """(..., 55, 3) joint positions -> each joint's position relative to its parent (the root's: itself)."""
+    out = joints - joints[..., [max(p, 0) for p in PARENTS], :]
+    out[..., 0, :] = joints[..., 0, :]
+    return out
+
+
 @torch.no_grad()
 def build_rig(motion, body, translation=True):
     """Everything both writers need, float64 numpy, metres:
-    rest_joints (55,3) for the motion's betas, local rotations rot (N,55,3,3), root_pos (N,3) = the pelvis's world
-    position (rest pelvis + trans; without translation it stays at the first frame's place, as render.py shows it),
-    expressions (N,100), and the rest mesh (vertices for the betas, faces, skin weights, expression directions)."""
+    rest_joints (55,3) for the motion's betas and a neutral expression; offsets (N,55,3) each joint's place in its
+    parent's frame per frame, which differs from the rest offset only where expression blend shapes move joints (the
+    real SMPL-X's face joints; `moving` lists those joints); local rotations rot (N,55,3,3); root_pos (N,3) = the
+    pelvis's world position (+ trans; without translation it stays at the first frame's place, as render.py shows
+    it); expressions (N,100); and the rest mesh (vertices for the betas, faces, skin weights, expression directions).
+    """
     sm = body.smplx
     betas = torch.as_tensor(motion["betas"], dtype=torch.float32)[None]
     n_betas = betas.shape[1]
-    rest = (body.rest_joints + torch.einsum("bl,jcl->bjc", betas, body.joint_dirs[..., :n_betas]))[0]
+    rest = (body.rest_joints + torch.einsum("bl,jcl->bjc", betas, body.joint_dirs[..., :n_betas]))[0].double()
+    expressions = torch.as_tensor(motion["expressions"], dtype=torch.float64)
+    joints = rest + torch.einsum("nl,jcl->njc", expressions, body.joint_dirs[..., n_betas:].double())  # (N,55,3)
+    rest, offsets = rest.numpy(), local_offsets(joints.numpy())
+    moving = [k for k in range(1, NUM_JOINTS) if np.abs(offsets[:, k] - local_offsets(rest)[k]).max() > 1e-7]
     poses = torch.as_tensor(motion["poses"], dtype=torch.float64) + sm.pose_mean.double()  # SMPL-X hand mean pose
     rot = axis_angle_to_matrix(poses.view(-1, NUM_JOINTS, 3))
     trans = np.asarray(motion["trans"], np.float64)
     if not translation:
         trans = np.broadcast_to(trans[:1], trans.shape)
-    rest = rest.double().numpy()
     verts = body.shaped_vertices(betas, torch.zeros(1, sm.expr_dirs.shape[-1]))[0]
     expr_dirs = sm.expr_dirs.numpy() if body.has_expression_shapes else None
     return {
-        "rest_joints": rest, "rot": rot.numpy(), "root_pos": rest[0] + trans,
-        "expressions": np.asarray(motion["expressions"], np.float64),
+        "rest_joints": rest, "offsets": offsets, "moving": moving, "rot": rot.numpy(), "root_pos": offsets[:, 0] + trans,
+        "expressions": expressions.numpy(),
         "vertices": verts.double().numpy(), "faces": np.asarray(body.faces), "weights": sm.lbs_weights.numpy(),
         "expr_dirs": expr_dirs, "body": body.description,
     }
-
-
-def world_joints(rig):
-    """(N,55,3) joint world positions of the rig by forward kinematics (the same as the body model's joints)."""
-    n = rig["rot"].shape[0]
-    g_rot = np.empty_like(rig["rot"])
-    pos = np.empty((n, NUM_JOINTS, 3))
-    rest = rig["rest_joints"]
-    for k, p in enumerate(PARENTS):
-        if p < 0:
-            g_rot[:, k], pos[:, k] = rig["rot"][:, k], rig["root_pos"]
-        else:
-            g_rot[:, k] = g_rot[:, p] @ rig["rot"][:, k]
-            pos[:, k] = pos[:, p] + g_rot[:, p] @ (rest[k] - rest[p])
-    return pos
 
 
 # ---------------------------------------------------------------------------------------------- BVH
@@ -128,34 +127,38 @@ def bvh_text(rig, fps, units="cm"):
     if units not in BVH_UNITS:
         raise ValueError(f"BVH units must be one of {list(BVH_UNITS)}, got '{units}'")
     scale = BVH_UNITS[units]
-    rest, kids = rig["rest_joints"] * scale, children_of(PARENTS)
+    rest, kids = local_offsets(rig["rest_joints"]) * scale, children_of(PARENTS)
+    rest[0] = 0.0  # the root's position channels hold its whole position
+    positioned = {0, *rig["moving"]}
     lines = ["HIERARCHY"]
 
     def emit(k, depth):
         pad = "  " * depth
-        if PARENTS[k] < 0:
-            lines.extend([f"{pad}ROOT {JOINT_NAMES[k]}", pad + "{", f"{pad}  OFFSET 0.000000 0.000000 0.000000",
-                      f"{pad}  CHANNELS 6 Xposition Yposition Zposition Zrotation Xrotation Yrotation"])
-        else:
-            off = rest[k] - rest[PARENTS[k]]
-            lines.extend([f"{pad}JOINT {JOINT_NAMES[k]}", pad + "{", f"{pad}  OFFSET {off[0]:.6f} {off[1]:.6f} {off[2]:.6f}",
-                      f"{pad}  CHANNELS 3 Zrotation Xrotation Yrotation"])
+        lines.extend([f"{pad}{'JOINT' if PARENTS[k] >= 0 else 'ROOT'} {JOINT_NAMES[k]}", pad + "{",
+                      f"{pad}  OFFSET {rest[k, 0]:.6f} {rest[k, 1]:.6f} {rest[k, 2]:.6f}",
+                      f"{pad}  CHANNELS 6 Xposition Yposition Zposition Zrotation Xrotation Yrotation" if k in positioned
+                      else f"{pad}  CHANNELS 3 Zrotation Xrotation Yrotation"])
         for c in kids[k]:
             emit(c, depth + 1)
         if not kids[k]:  # a leaf ends in an End Site half its own bone further on (it only sets the bone's length)
-            tip = 0.5 * (rest[k] - rest[PARENTS[k]])
+            tip = 0.5 * rest[k]
             lines.extend([f"{pad}  End Site", f"{pad}  {{", f"{pad}    OFFSET {tip[0]:.6f} {tip[1]:.6f} {tip[2]:.6f}",
-                      f"{pad}  }}"])
+                          f"{pad}  }}"])
         lines.append(pad + "}")
 
     emit(PARENTS.index(-1), 0)
-    order = depth_first(PARENTS)
     n = rig["rot"].shape[0]
-    euler = np.degrees(np.unwrap(matrix_to_euler_zxy(rig["rot"][:, order]), axis=0))  # (N, 55, 3)
-    frames = np.concatenate([rig["root_pos"] * scale, euler.reshape(n, -1)], axis=1)
+    euler = np.degrees(np.unwrap(matrix_to_euler_zxy(rig["rot"]), axis=0))  # (N, 55, 3)
+    # position channels replace OFFSET (as Blender and bvhio read them): the root's world position, a moving
+    # joint's place in its parent's frame
+    columns = []
+    for k in depth_first(PARENTS):
+        if k in positioned:
+            columns.append(scale * (rig["root_pos"] if k == 0 else rig["offsets"][:, k]))
+        columns.append(euler[:, k])
     lines += ["MOTION", f"Frames: {n}", f"Frame Time: {1.0 / fps:.8f}"]
     body = io.StringIO()
-    np.savetxt(body, frames, fmt="%.6f")
+    np.savetxt(body, np.concatenate(columns, axis=1), fmt="%.6f")
     return "\n".join(lines) + "\n" + body.getvalue()
 
 
@@ -232,8 +235,7 @@ def glb_bytes(rig, fps):
     rest, n = rig["rest_joints"], rig["rot"].shape[0]
 
     # skeleton: node k is joint k, rest translation relative to its parent, rest rotation the identity
-    for k, name in enumerate(JOINT_NAMES):
-        t = rest[k] if PARENTS[k] < 0 else rest[k] - rest[PARENTS[k]]
+    for k, (name, t) in enumerate(zip(JOINT_NAMES, local_offsets(rest))):
         g.nodes.append(pygltflib.Node(name=name, translation=t.tolist(), children=children_of(PARENTS)[k]))
     inverse_bind = np.tile(np.eye(4), (NUM_JOINTS, 1, 1))
     inverse_bind[:, :3, 3] = -rest
@@ -278,6 +280,8 @@ def glb_bytes(rig, fps):
                                                         target=pygltflib.AnimationChannelTarget(node=node, path=path)))
 
     channel(0, "translation", b.accessor(rig["root_pos"].astype(np.float32), pygltflib.VEC3))
+    for k in rig["moving"]:
+        channel(k, "translation", b.accessor(np.ascontiguousarray(rig["offsets"][:, k], np.float32), pygltflib.VEC3))
     quat = matrix_to_quaternion(torch.from_numpy(rig["rot"])).numpy()  # (N, 55, 4) w, x, y, z
     quat = quat[..., [1, 2, 3, 0]]  # glTF: x, y, z, w
     # neighbouring frames on the same hemisphere, so that interpolation between them takes the short way
