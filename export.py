@@ -22,7 +22,8 @@ def parse_args(argv=None):
     parser.add_argument("--smplx_model_dir", default="./pretrained/smplx_models/",
                         help="folder holding smplx/SMPLX_NEUTRAL_2020.npz; without it the stand-in body is used")
     parser.add_argument("--translation", action=argparse.BooleanOptionalAction, default=True,
-                        help="move the root as the npz's trans does (--no-translation: stay at the first frame's place)")
+                        help="move the root as the npz's trans does (--no-translation: stay at the first frame's "
+                             "place)")
     parser.add_argument("--fps", type=float, default=None,
                         help="frame rate of the motion (default: the npz's mocap_frame_rate, else 30); frames are "
                              "written one for one, not resampled")

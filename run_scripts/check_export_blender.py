@@ -92,7 +92,8 @@ def main(argv=None):
         good = count == n and err.max() < args.tolerance
         ok &= good
         print(f"BVH: Blender {bpy.app.version_string} imported {count} frames (npz {n}) at {scene.render.fps} fps; "
-              f"head/wrists max error {1000 * err.max():.3f} mm over {len(frames)} frames -> {'ok' if good else 'FAIL'}")
+              f"head/wrists max error {1000 * err.max():.3f} mm over {len(frames)} frames -> "
+              f"{'ok' if good else 'FAIL'}")
 
         bpy.ops.wm.read_factory_settings(use_empty=True)
         bpy.context.scene.render.fps = int(round(fps))  # the importer turns key times into frames at the scene rate
@@ -113,7 +114,8 @@ def main(argv=None):
         ok &= good
         print(f"glb: Blender imported {count} frames (npz {n}), {len(arm.pose.bones)} bones; head/wrists max error "
               f"{1000 * err.max():.3f} mm over {len(frames)} frames; skinned mesh at frame {mid}: max vertex error "
-              f"{1000 * mesh_err:.3f} mm ({len(match)} vertices, matched within {1000 * match_dist.max():.3f} mm) -> {'ok' if good else 'FAIL'}")
+              f"{1000 * mesh_err:.3f} mm ({len(match)} vertices, matched within {1000 * match_dist.max():.3f} mm) -> "
+              f"{'ok' if good else 'FAIL'}")
     return 0 if ok else 1
 
 

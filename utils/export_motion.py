@@ -101,7 +101,8 @@ def build_rig(motion, body, translation=True):
     verts = body.shaped_vertices(betas, torch.zeros(1, sm.expr_dirs.shape[-1]))[0]
     expr_dirs = sm.expr_dirs.numpy() if body.has_expression_shapes else None
     return {
-        "rest_joints": rest, "offsets": offsets, "moving": moving, "rot": rot.numpy(), "root_pos": offsets[:, 0] + trans,
+        "rest_joints": rest, "offsets": offsets, "moving": moving, "rot": rot.numpy(),
+        "root_pos": offsets[:, 0] + trans,
         "expressions": expressions.numpy(),
         "vertices": verts.double().numpy(), "faces": np.asarray(body.faces), "weights": sm.lbs_weights.numpy(),
         "expr_dirs": expr_dirs, "body": body.description,
@@ -130,14 +131,14 @@ def bvh_text(rig, fps, units="cm"):
     rest, kids = local_offsets(rig["rest_joints"]) * scale, children_of(PARENTS)
     rest[0] = 0.0  # the root's position channels hold its whole position
     positioned = {0, *rig["moving"]}
+    with_position = "CHANNELS 6 Xposition Yposition Zposition Zrotation Xrotation Yrotation"
     lines = ["HIERARCHY"]
 
     def emit(k, depth):
         pad = "  " * depth
         lines.extend([f"{pad}{'JOINT' if PARENTS[k] >= 0 else 'ROOT'} {JOINT_NAMES[k]}", pad + "{",
                       f"{pad}  OFFSET {rest[k, 0]:.6f} {rest[k, 1]:.6f} {rest[k, 2]:.6f}",
-                      f"{pad}  CHANNELS 6 Xposition Yposition Zposition Zrotation Xrotation Yrotation" if k in positioned
-                      else f"{pad}  CHANNELS 3 Zrotation Xrotation Yrotation"])
+                      f"{pad}  {with_position if k in positioned else 'CHANNELS 3 Zrotation Xrotation Yrotation'}"])
         for c in kids[k]:
             emit(c, depth + 1)
         if not kids[k]:  # a leaf ends in an End Site half its own bone further on (it only sets the bone's length)
