@@ -268,6 +268,26 @@ def test_bad_input_names_file_and_writes_nothing(body, tmp_path, capsys):
     assert not out.exists() or not any(out.iterdir())
 
 
+def test_full_disk_leaves_nothing(body, tmp_path, capsys):
+    """A real write failure, not a mock: a file-size limit (RLIMIT_FSIZE) that the small BVH fits under and the glb
+    does not; the BVH already written by this call is taken back and the error names the file."""
+    import resource
+    import signal
+    npz = crafted(tmp_path, "short.npz")
+    out = tmp_path / "out"
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, limit[1]))
+    try:
+        with pytest.raises(OSError, match=r"short\.glb: cannot write .*no file written"):
+            export_motion(npz, ["bvh", "glb"], out, body)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert out.is_dir() and not any(out.iterdir())
+    assert [p.name for p in export_motion(npz, ["bvh"], out, body)] == ["short.bvh"]  # it fits
+
+
 def test_infer_exports_beside_result(setup, tmp_path, body):
     """`infer.py --export bvh glb` with the generation tests' tiny randomly initialised model: the files land beside
     the result, and the BVH is exact for this generated motion too."""

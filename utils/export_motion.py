@@ -305,7 +305,7 @@ def export_motion(npy_path, formats, out_dir, body, translation=True, fps=None, 
     """Write `<out_dir>/<npz stem>.<format>` for each format; returns the paths.
 
     The input is read and checked and every file built in memory before anything is written; each file is written
-    atomically, so a failure leaves no partial file in `out_dir`."""
+    atomically, and when one cannot be written the others of this call are removed: all or nothing in `out_dir`."""
     formats = list(dict.fromkeys(formats))
     bad = [f for f in formats if f not in FORMATS]
     if bad or not formats:
@@ -327,8 +327,14 @@ def export_motion(npy_path, formats, out_dir, body, translation=True, fps=None, 
     paths = []
     for fmt, data in payloads.items():
         path = out_dir / f"{npy_path.stem}.{fmt}"
-        with atomic_write(path) as tmp:
-            tmp.write_bytes(data)
+        try:
+            with atomic_write(path) as tmp:
+                tmp.write_bytes(data)
+        except OSError as e:  # e.g. the disk is full: take back this call's other files too
+            for done in paths:
+                done.unlink(missing_ok=True)
+            raise OSError(f"{path}: cannot write ({e.strerror or e}); no file written") from None
         paths.append(path)
+    for path in paths:
         logger.info(f"wrote {path}: {len(motion['poses'])} frames at {fps:g} fps ({rig['body']})")
     return paths
