@@ -21,8 +21,10 @@ from models.mambatalk import MambaTalk
 from trainers.base import resolve_device
 from trainers.generate import Sequence, generate, neutral_seed
 from trainers.mambatalk import load_frozen_models
+from utils.body_model import load_body_model
 from utils.checkpoint import load_weights
 from utils.config import parse_args
+from utils.export_motion import FORMATS, export_motion
 from utils.log import get_logger, run_cli, setup_logging
 from utils.rotation import axis_angle_to_rot6d
 from utils.skeleton import speaker_index
@@ -40,6 +42,8 @@ def parse(argv=None):
     p.add_argument("--seed_pose", default="", help="npz whose first frames seed the first window (optional)")
     p.add_argument("--ckpt", default="", help="MambaTalk weights (default: the config's test_ckpt)")
     p.add_argument("--config", "-c", default="configs/mambatalk.yaml")
+    p.add_argument("--export", nargs="+", default=[], choices=FORMATS,
+                   help="also write the result as these animation files beside it (see export.py)")
     own, rest = p.parse_known_args(argv)
     args = parse_args(["--config", own.config] + rest)
     return own, args
@@ -113,6 +117,8 @@ def main(argv=None):
     result = generate(model, vq, [sequence], args)[0]
     write_motion(own.out, betas, result["poses"].numpy(), result["expressions"].numpy(), result["trans"].numpy())
     get_logger().info(f"wrote {own.out}: {result['poses'].shape[0]} frames ({result['poses'].shape[0] / FPS:.2f} s)")
+    if own.export:
+        export_motion(own.out, own.export, out_dir, load_body_model(args))
     return own.out
 
 
