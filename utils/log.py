@@ -38,6 +38,9 @@ def run_cli(main):
     except (FileNotFoundError, ValueError, CheckpointMismatchError, FloatingPointError, OSError) as err:
         if os.environ.get("MAMBATALK_DEBUG"):
             raise
-        get_logger().error(f"error: {err}")
-        print(f"error: {err}", file=sys.stderr)
+        logger = get_logger()
+        if logger.handlers:  # console (stderr) and the run's log file: printing it as well would show it twice
+            logger.error(f"error: {err}")
+        else:
+            print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2)
