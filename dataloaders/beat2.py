@@ -69,7 +69,7 @@ def read_motion(path):
 def write_motion(path, betas, poses, expressions, trans):
     """Write a BEAT2-format motion npz (the keys read_motion and BEAT2 tools read), atomically."""
     from utils.checkpoint import atomic_write
-    with atomic_write(path) as tmp:
+    with atomic_write(path, "motion file") as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, betas=np.asarray(betas, np.float32), poses=np.asarray(poses, np.float32),
                      expressions=np.asarray(expressions, np.float32), trans=np.asarray(trans, np.float32),
