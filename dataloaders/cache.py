@@ -154,7 +154,7 @@ class _ArrayFile:
     def __init__(self, path, shape, dtype):
         self.path, self.shape, self.dtype = path, shape, np.dtype(dtype)
         self.rows = 0
-        self.file = open(path, "wb")
+        self.file = open(path, "wb", buffering=0)  # whole arrays per write: nothing left to fail when closing
         header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": shape}
         np.lib.format.write_array_header_1_0(self.file, header)
 
@@ -162,11 +162,13 @@ class _ArrayFile:
         rows = np.ascontiguousarray(rows, dtype=self.dtype)
         if rows.shape[1:] != self.shape[1:] or self.rows + len(rows) > self.shape[0]:
             raise RuntimeError(f"{self.path}: rows of shape {rows.shape} do not fit the layout {self.shape}")
-        self.file.write(rows.data)
+        data = memoryview(rows).cast("B")
+        while data:  # an unbuffered write may take fewer bytes (the next one then raises ENOSPC)
+            data = data[self.file.write(data):]
         self.rows += len(rows)
 
     def close(self):
-        self.file.close()  # the last buffered bytes are written here: a full disk can still show up
+        self.file.close()
         if self.rows != self.shape[0]:
             raise RuntimeError(f"{self.path}: {self.rows} rows written, the layout has {self.shape[0]}")
 
@@ -232,7 +234,8 @@ def _build(args, loader_type, files, with_contacts, speaker_id, vocab, ctc, fing
             shutil.rmtree(tmp, ignore_errors=True)  # another process has just put the same cache in place
     except BaseException:
         for a in arrays.values():
-            a.file.close()
+            with contextlib.suppress(OSError):
+                a.file.close()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
