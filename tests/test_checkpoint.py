@@ -218,3 +218,23 @@ def test_cli_error_is_printed_once(capfd, with_log):
             logger.removeHandler(h)
         for h in handlers:
             logger.addHandler(h)
+
+
+def test_full_disk_under_the_log_file_is_one_warning(tmpfs, capfd):
+    disk = tmpfs("64k")
+    logger = logging.getLogger("mambatalk")
+    handlers = list(logger.handlers)
+    try:
+        log = setup_logging(disk / "run.txt")
+        fill(disk)
+        for i in range(3):
+            log.info(f"line {i} " + "x" * 8192)
+        err = capfd.readouterr().err
+        assert err.count(f"warning: cannot write the log file {disk}/run.txt (No space left on device)") == 1
+        assert "Logging error" not in err and "Traceback" not in err and err.count("line ") == 3
+    finally:
+        for h in list(logger.handlers):
+            logger.removeHandler(h)
+            h.close()
+        for h in handlers:
+            logger.addHandler(h)
