@@ -394,6 +394,8 @@ class Trainer:
             raise ValueError(f"{path} was trained with batch_size {state['batch_size']}: a resume continues its epoch "
                              f"where it stopped and cannot change it (got --batch_size {self.args.batch_size}). Keep "
                              f"{state['batch_size']}, or start a new run from its weights with --resume <run>/last_N.bin")
+        if not isinstance(state["model"], dict) or not all(torch.is_tensor(v) for v in state["model"].values()):
+            raise CheckpointMismatchError(f"{path}: its 'model' entry is not a state dict of tensors")
         check_state_dict(self.raw_model, state["model"], path)  # another config: the keys and shapes that differ
         try:
             self.raw_model.load_state_dict(state["model"], strict=True)

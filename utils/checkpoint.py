@@ -114,8 +114,9 @@ def load_torch_file(path, what):
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL (\S+)", str(e))
         detail = f"it references {found.group(1)}" if found else (str(e).strip().splitlines() or ["?"])[0]
-        raise CheckpointMismatchError(f"{path}: refused to load as a {what}: {detail}, which a {what} never holds "
-                                      "(unpickling it could run code)") from None
+        raise CheckpointMismatchError(f"{path}: refused to load as a {what}: {detail}, which a {what} of this code "
+                                      "never holds (a crafted file, or one written by an older version; unpickling "
+                                      "it could run code)") from None
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise CheckpointMismatchError(f"{path}: cannot be read as a {what} (truncated, or not a PyTorch file: "
