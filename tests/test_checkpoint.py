@@ -142,7 +142,8 @@ def test_training_state_never_runs_code(tmp_path):
     """A crafted train_state.pt (a pickle that creates a file when loaded) is refused with a message naming the file
     and what it references; the marker never appears. A weights file gets the same treatment."""
     marker = tmp_path / "pwned"
-    for name, loader in (("train_state.pt", load_training_state), ("last_0.bin", lambda p: load_weights(small_model(), p))):
+    loaders = {"train_state.pt": load_training_state, "last_0.bin": lambda p: load_weights(small_model(), p)}
+    for name, loader in loaders.items():
         path = tmp_path / name
         torch.save({"model": small_model().state_dict(), "epoch": 1, "rng": Hostile(marker)}, path)
         with pytest.raises(CheckpointMismatchError, match=rf"{name}: refused to load .*io\.open.*could run code"):
@@ -166,8 +167,8 @@ def test_dead_writers_temp_files_are_removed(tmp_path):
     """A writer killed mid-write leaves `<file>.tmp-<pid>`; the next write of that file removes it once that process is
     gone, and leaves a running writer's temporary file alone."""
     path = tmp_path / "train_state.pt"
-    dead = subprocess.run([sys.executable, "-c", f"import os; open('{path}.tmp-' + str(os.getpid()), 'w').write('half')"],
-                          check=True)
+    code = f"import os; open('{path}.tmp-' + str(os.getpid()), 'w').write('half')"
+    dead = subprocess.run([sys.executable, "-c", code], check=True)
     leftovers = list(tmp_path.glob("train_state.pt.tmp-*"))
     assert len(leftovers) == 1 and dead.returncode == 0
     running = tmp_path / f"train_state.pt.tmp-{os.getppid()}"  # pytest's parent process: alive

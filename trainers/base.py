@@ -102,8 +102,8 @@ def seed_everything(seed):
 def rng_state():
     """Every random stream, as tensors and plain values (a training state loads with weights_only=True)."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
-             "torch": torch.get_rng_state()}
+    numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -393,7 +393,8 @@ class Trainer:
         if state.get("batch_size", self.args.batch_size) != self.args.batch_size:
             raise ValueError(f"{path} was trained with batch_size {state['batch_size']}: a resume continues its epoch "
                              f"where it stopped and cannot change it (got --batch_size {self.args.batch_size}). Keep "
-                             f"{state['batch_size']}, or start a new run from its weights with --resume <run>/last_N.bin")
+                             f"{state['batch_size']}, or start a new run from its weights with "
+                             "--resume <run>/last_N.bin")
         if not isinstance(state["model"], dict) or not all(torch.is_tensor(v) for v in state["model"].values()):
             raise CheckpointMismatchError(f"{path}: its 'model' entry is not a state dict of tensors")
         check_state_dict(self.raw_model, state["model"], path)  # another config: the keys and shapes that differ

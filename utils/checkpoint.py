@@ -3,6 +3,7 @@ training-state files for resuming, and the two helpers every file in the repo go
 write path) and `load_torch_file` (the one place a torch file is unpickled, never running code from it)."""
 import contextlib
 import errno
+import glob
 import os
 import pickle
 import re
@@ -42,7 +43,7 @@ def remove_dead_temps(path, tags=("tmp",)):
     """Delete `<path>.<tag>-<pid>` files or folders whose writer process no longer runs (killed mid-write)."""
     path = Path(path)
     for tag in tags:
-        for tmp in path.parent.glob(f"{glob_escape(path.name)}.{tag}-*"):
+        for tmp in path.parent.glob(f"{glob.escape(path.name)}.{tag}-*"):
             pid = tmp.name.rsplit("-", 1)[1]
             if not pid.isdigit() or pid_is_running(int(pid)):
                 continue
@@ -51,10 +52,6 @@ def remove_dead_temps(path, tags=("tmp",)):
             else:
                 with contextlib.suppress(FileNotFoundError):
                     tmp.unlink()
-
-
-def glob_escape(name):
-    return re.sub(r"([*?\[])", r"[\1]", name)
 
 
 def free_bytes(folder):
@@ -75,7 +72,8 @@ def write_failure(err, path, what="file", consequence=""):
         reason += f" ({free / 2**20:.1f} MiB free in {folder})" if free is not None else ""
     else:
         reason = err.strerror or str(err)
-    return WriteError(code or errno.EIO, f"could not write the {what} {path}: {reason}" + (f". {consequence}" if consequence else ""))
+    message = f"could not write the {what} {path}: {reason}" + (f". {consequence}" if consequence else "")
+    return WriteError(code or errno.EIO, message)
 
 
 @contextlib.contextmanager
@@ -111,13 +109,12 @@ def load_torch_file(path, what):
         raise FileNotFoundError(f"{what} not found: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL (\S+)", str(e))
-        detail = f"it references {found.group(1)}" if found else (str(e).strip().splitlines() or ["?"])[0]
-        raise CheckpointMismatchError(f"{path}: refused to load as a {what}: {detail}, which a {what} of this code "
-                                      "never holds (a crafted file, or one written by an older version; unpickling "
-                                      "it could run code)") from None
     except Exception as e:
+        found = re.search(r"GLOBAL (\S+)", str(e)) if isinstance(e, pickle.UnpicklingError) else None
+        if found:
+            raise CheckpointMismatchError(f"{path}: refused to load as a {what}: it references {found.group(1)}, "
+                                          f"which a {what} of this code never holds (a crafted file, or one saved "
+                                          "with other Python objects; unpickling it could run code)") from None
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise CheckpointMismatchError(f"{path}: cannot be read as a {what} (truncated, or not a PyTorch file: "
                                       f"{first[:200]})") from None
