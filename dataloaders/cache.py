@@ -162,7 +162,7 @@ class _ArrayFile:
         rows = np.ascontiguousarray(rows, dtype=self.dtype)
         if rows.shape[1:] != self.shape[1:] or self.rows + len(rows) > self.shape[0]:
             raise RuntimeError(f"{self.path}: rows of shape {rows.shape} do not fit the layout {self.shape}")
-        data = memoryview(rows).cast("B")
+        data = memoryview(rows.reshape(-1)).cast("B")  # flat: a view with a zero in its shape cannot be cast
         while data:  # an unbuffered write may take fewer bytes (the next one then raises ENOSPC)
             data = data[self.file.write(data):]
         self.rows += len(rows)

@@ -7,6 +7,7 @@ gradient is wanted.
 import logging
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +54,7 @@ def read_smplx_arrays(path):
                 except ValueError:  # numpy refuses object arrays without allow_pickle
                     raise ValueError(f"'{key}' is a pickled object array, not numbers (refused: unpickling it could "
                                      "run code)") from None
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
         raise ValueError(f"{path}: cannot be used as an SMPL-X model: {e}") from None
     sizes = {}
     for key, expected in SMPLX_ARRAYS.items():
