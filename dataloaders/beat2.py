@@ -69,7 +69,7 @@ def read_motion(path):
 def write_motion(path, betas, poses, expressions, trans):
     """Write a BEAT2-format motion npz (the keys read_motion and BEAT2 tools read), atomically."""
     from utils.checkpoint import atomic_write
-    with atomic_write(path) as tmp:
+    with atomic_write(path, "motion file") as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, betas=np.asarray(betas, np.float32), poses=np.asarray(poses, np.float32),
                      expressions=np.asarray(expressions, np.float32), trans=np.asarray(trans, np.float32),
@@ -122,8 +122,11 @@ def read_words(path):
         raise FileNotFoundError(f"TextGrid not found: {path}")
     try:
         grid = textgrid.TextGrid.fromFile(str(path))
-    except Exception as e:
-        raise ValueError(f"{path}: cannot be parsed as a TextGrid ({e})") from None
+    except (textgrid.exceptions.TextGridError, EOFError, UnicodeError) as e:  # the parser's own, readable messages
+        raise ValueError(f"{path}: cannot be parsed as a Praat TextGrid ({str(e).strip()[:200]})") from None
+    except Exception:  # the parser met a line it did not expect; its internal error would mean nothing to a user
+        raise ValueError(f"{path}: malformed TextGrid: its tiers and intervals do not follow Praat's long or short "
+                         "text format (xmin/xmax/intervals lines, quoted texts)") from None
     names = [tier.name for tier in grid.tiers]
     if "words" not in names:
         raise ValueError(f"{path}: no tier named 'words' (tiers found: {names})")

@@ -7,6 +7,7 @@ mtimes, settings, vocabulary, CTC model, body model, CACHE_VERSION). The publish
 cache; here a changed fingerprint rebuilds it. A build writes into a temporary directory, manifest last, and renames
 it into place, so a build killed half way leaves nothing that a later run trusts.
 """
+import contextlib
 import hashlib
 import json
 import math
@@ -21,7 +22,7 @@ from tqdm import tqdm
 from dataloaders import beat2
 from utils import standin_body
 from utils.body_model import load_body_model, smplx_npz_path
-from utils.checkpoint import atomic_write
+from utils.checkpoint import atomic_write, remove_dead_temps, write_failure
 from utils.log import get_logger
 from utils.skeleton import joint_mask
 
@@ -146,23 +147,39 @@ def _features(args, entry, seconds, mask, body, vocab, ctc):
     return out
 
 
-def _remove_stale_builds(target):
-    """Temporary dirs of builds whose process no longer runs (killed before it finished)."""
-    for tmp in [*target.parent.glob(f"{target.name}.tmp-*"), *target.parent.glob(f"{target.name}.old-*")]:
-        try:
-            os.kill(int(tmp.name.rsplit("-", 1)[1]), 0)
-        except (ValueError, ProcessLookupError):
-            shutil.rmtree(tmp, ignore_errors=True)
-        except PermissionError:
-            pass  # alive, another user's
+class _ArrayFile:
+    """One cache array written front to back as a .npy file. Not a memory map: a sparse memory-mapped file that runs
+    out of disk kills the process with SIGBUS, where an ordinary write raises OSError (a full disk, with a message)."""
+
+    def __init__(self, path, shape, dtype):
+        self.path, self.shape, self.dtype = path, shape, np.dtype(dtype)
+        self.rows = 0
+        self.file = open(path, "wb", buffering=0)  # whole arrays per write: nothing left to fail when closing
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": shape}
+        np.lib.format.write_array_header_1_0(self.file, header)
+
+    def append(self, rows):
+        rows = np.ascontiguousarray(rows, dtype=self.dtype)
+        if rows.shape[1:] != self.shape[1:] or self.rows + len(rows) > self.shape[0]:
+            raise RuntimeError(f"{self.path}: rows of shape {rows.shape} do not fit the layout {self.shape}")
+        data = memoryview(rows.reshape(-1)).cast("B")  # flat: a view with a zero in its shape cannot be cast
+        while data:  # an unbuffered write may take fewer bytes (the next one then raises ENOSPC)
+            data = data[self.file.write(data):]
+        self.rows += len(rows)
+
+    def close(self):
+        self.file.close()
+        if self.rows != self.shape[0]:
+            raise RuntimeError(f"{self.path}: {self.rows} rows written, the layout has {self.shape[0]}")
 
 
 def _build(args, loader_type, files, with_contacts, speaker_id, vocab, ctc, fingerprint, target):
     target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_builds(target)
+    remove_dead_temps(target, tags=("tmp", "old"))
     tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    arrays = {}
     try:
         seconds = [_plan(args, e) for e in files]
         kept = [(e, s) for e, s in zip(files, seconds) if s > 0]
@@ -180,30 +197,31 @@ def _build(args, loader_type, files, with_contacts, speaker_id, vocab, ctc, fing
             layout["word"] = ((frames,), np.int32)
         if args.audio_rep:
             layout["audio"] = ((samples, 3), np.float32)
-        arrays = {k: np.lib.format.open_memmap(tmp / f"{k}.npy", mode="w+", dtype=dtype, shape=shape)
-                  for k, (shape, dtype) in layout.items()}
+        size = sum(math.prod(shape) * np.dtype(dtype).itemsize for shape, dtype in layout.values())
+        with _writing(target, size):
+            arrays = {k: _ArrayFile(tmp / f"{k}.npy", shape, dtype) for k, (shape, dtype) in layout.items()}
         betas = np.zeros((len(kept), beat2.N_BETAS), dtype=np.float32)
         body = load_body_model(args) if with_contacts else None
         records, frame_at, sample_at = [], 0, 0
         for i, (entry, sec) in enumerate(tqdm(kept, desc=f"caching {loader_type} features", unit="file")):
             feats = _features(args, entry, sec, mask, body, vocab, ctc)
-            for k, a in arrays.items():
-                start = sample_at if k == "audio" else frame_at
-                a[start:start + len(feats[k])] = feats[k]
+            with _writing(target, size):
+                for k, a in arrays.items():
+                    a.append(feats[k])
             betas[i] = feats["betas"]
             records.append({"id": entry["id"], "speaker_id": speaker_id(entry["speaker"]), "seconds": sec,
                             "frame_offset": frame_at, "n_frames": n_frames[i],
                             "audio_offset": sample_at, "n_samples": n_samples[i]})
             frame_at += n_frames[i]
             sample_at += n_samples[i]
-        for a in arrays.values():
-            a.flush()
-        del arrays
-        np.save(tmp / "betas.npy", betas)
         manifest = {"fingerprint": fingerprint, "files": records,
-                    "arrays": {p.stem: list(np.load(p, mmap_mode="r").shape) for p in tmp.glob("*.npy")}}
-        with open(tmp / "manifest.json", "w") as f:  # written last
-            json.dump(manifest, f)
+                    "arrays": {k: list(shape) for k, (shape, _) in layout.items()} | {"betas": list(betas.shape)}}
+        with _writing(target, size):
+            for a in arrays.values():
+                a.close()
+            np.save(tmp / "betas.npy", betas)
+            with open(tmp / "manifest.json", "w") as f:  # written last
+                json.dump(manifest, f)
         if target.exists():  # a directory rename cannot replace a non-empty directory: move the old one aside
             old = target.with_name(f"{target.name}.old-{os.getpid()}")
             os.replace(target, old)
@@ -215,8 +233,21 @@ def _build(args, loader_type, files, with_contacts, speaker_id, vocab, ctc, fing
                 raise
             shutil.rmtree(tmp, ignore_errors=True)  # another process has just put the same cache in place
     except BaseException:
+        for a in arrays.values():
+            with contextlib.suppress(OSError):
+                a.file.close()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def _writing(target, size):
+    """A failed write of the cache becomes a message naming the cache folder, its size and the way out."""
+    try:
+        yield
+    except OSError as e:
+        raise write_failure(e, target, "feature cache", f"It needs {size / 2**20:.1f} MiB; nothing was kept. Free "
+                                                        "space there or point cache_path at a disk with room") from e
 
 
 def _open(target, fingerprint):
@@ -297,7 +328,7 @@ def load_mean_velocity(args):
                                return_vertices=False)["joints"][:, :55].numpy())
     vel = beat2.mean_velocity(joints, args.pose_fps)
     computed.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(computed) as tmp, open(tmp, "wb") as f:
+    with atomic_write(computed, "mean velocity file") as tmp, open(tmp, "wb") as f:
         np.save(f, vel)
     log.info(f"no {shipped}: mean joint velocity computed over {len(npzs)} files, saved to {computed}")
     return vel
@@ -330,7 +361,7 @@ def _start_frames(args):
     mean = np.concatenate([np.concatenate([m["poses"][:args.pre_frames], m["trans"][:args.pre_frames]], axis=1)
                            for m in motions]).mean(0).astype(np.float32)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(path) as tmp, open(tmp, "wb") as f:
+    with atomic_write(path, "start pose file") as tmp, open(tmp, "wb") as f:
         np.save(f, mean)
     return mean
 

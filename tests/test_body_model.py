@@ -258,3 +258,54 @@ def test_real_sample_gives_finite_joints_on_the_floor(body, beat2_sample):
     torch.testing.assert_close(full["joints"][:, :55], joints[:64], rtol=0, atol=1e-5)
     # BEAT2 translations put the stand-in's feet on a floor near y = 0
     assert joints[:, [10, 11], 1].min().abs() < 0.1
+
+
+class Hostile:
+    """Unpickling this creates `marker`: the proof that a loader ran code from a file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def smplx_dir(tmp_path, arrays):
+    model_dir = tmp_path / "smplx_models"
+    (model_dir / "smplx").mkdir(parents=True)
+    np.savez(model_dir / "smplx" / "SMPLX_NEUTRAL_2020.npz", **arrays)  # object arrays are pickled into the file
+    return model_dir, model_dir / "smplx" / "SMPLX_NEUTRAL_2020.npz"
+
+
+def test_smplx_file_is_never_unpickled(tmp_path, npz, body, cache_dir):
+    """The real SMPL-X npz carries object arrays (name tables) next to the numeric ones. A crafted table must not run:
+    the numeric arrays load without pickle (same body as before), and a needed array that is a pickle is refused."""
+    marker = tmp_path / "pwned"
+    table = np.empty((), dtype=object)
+    table[()] = Hostile(marker)
+    model_dir, path = smplx_dir(tmp_path / "a", dict(npz, joint2num=table))
+    with_table = BodyModel(str(model_dir))
+    assert not marker.exists() and not with_table.is_standin
+    poses = random_poses(3)
+    torch.testing.assert_close(with_table(poses)["vertices"], body(poses)["vertices"], rtol=0, atol=0)
+    model_dir, path = smplx_dir(tmp_path / "b", dict(npz, v_template=table))
+    with pytest.raises(ValueError, match=rf"{path}: cannot be used as an SMPL-X model: 'v_template' is a pickled "
+                                         r"object array, not numbers \(refused"):
+        BodyModel(str(model_dir))
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing", "shape"])
+def test_malformed_smplx_file_is_a_message(tmp_path, npz, cache_dir, damage):
+    arrays = dict(npz)
+    if damage == "missing":
+        del arrays["J_regressor"]
+    if damage == "shape":
+        arrays["weights"] = arrays["weights"][:, :20]
+    model_dir, path = smplx_dir(tmp_path, arrays)
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:100_000])
+    expected = {"truncated": "", "missing": r"missing array\(s\) \['J_regressor'\]",
+                "shape": r"'weights' has shape \(\d+, 20\) .*expected numbers of shape \('V', 55\)"}[damage]
+    with pytest.raises(ValueError, match=rf"{path}: cannot be used as an SMPL-X model: {expected}"):
+        BodyModel(str(model_dir))

@@ -1,10 +1,27 @@
+import logging
 import os
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
 
+from conftest import fill
+from dataloaders.beat2 import write_motion
 from utils.checkpoint import (CheckpointMismatchError, atomic_write, load_training_state, load_weights,
                               save_training_state, save_weights)
+from utils.log import run_cli, setup_logging
+
+
+class Hostile:
+    """Unpickling this creates `marker`: the proof that a loader ran code from a file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
 
 
 def small_model(width=4):
@@ -119,3 +136,106 @@ def test_training_state_round_trip(tmp_path):
     opt2 = torch.optim.Adam(small_model().parameters())
     opt2.load_state_dict(back["optimizer"])
     assert opt2.state_dict()["state"][0]["step"] == 1
+
+
+def test_training_state_never_runs_code(tmp_path):
+    """A crafted train_state.pt (a pickle that creates a file when loaded) is refused with a message naming the file
+    and what it references; the marker never appears. A weights file gets the same treatment."""
+    marker = tmp_path / "pwned"
+    loaders = {"train_state.pt": load_training_state, "last_0.bin": lambda p: load_weights(small_model(), p)}
+    for name, loader in loaders.items():
+        path = tmp_path / name
+        torch.save({"model": small_model().state_dict(), "epoch": 1, "rng": Hostile(marker)}, path)
+        with pytest.raises(CheckpointMismatchError, match=rf"{name}: refused to load .*io\.open.*could run code"):
+            loader(path)
+        assert not marker.exists()
+
+
+def test_truncated_or_foreign_training_state_is_a_message(tmp_path):
+    good = tmp_path / "train_state.pt"
+    save_training_state(good, {"model": small_model().state_dict(), "epoch": 1})
+    cut = tmp_path / "cut" / "train_state.pt"
+    cut.parent.mkdir()
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(CheckpointMismatchError, match=rf"{cut}: cannot be read as a training state \(truncated"):
+        load_training_state(cut)
+    with pytest.raises(CheckpointMismatchError, match=r"not a training state of this code: missing \['optimizer'\]"):
+        load_training_state(good, required=("model", "optimizer"))
+
+
+def test_dead_writers_temp_files_are_removed(tmp_path):
+    """A writer killed mid-write leaves `<file>.tmp-<pid>`; the next write of that file removes it once that process is
+    gone, and leaves a running writer's temporary file alone."""
+    path = tmp_path / "train_state.pt"
+    code = f"import os; open('{path}.tmp-' + str(os.getpid()), 'w').write('half')"
+    dead = subprocess.run([sys.executable, "-c", code], check=True)
+    leftovers = list(tmp_path.glob("train_state.pt.tmp-*"))
+    assert len(leftovers) == 1 and dead.returncode == 0
+    running = tmp_path / f"train_state.pt.tmp-{os.getppid()}"  # pytest's parent process: alive
+    running.write_bytes(b"in progress")
+    save_training_state(path, {"epoch": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["train_state.pt", running.name])
+    assert load_training_state(path)["epoch"] == 1
+
+
+def test_full_disk_is_a_message_naming_the_file(tmpfs):
+    """A real full filesystem: torch.save (RuntimeError inside torch) and numpy writes (OSError) both become one
+    message naming the file; the previous file is intact and no partial file is left."""
+    disk = tmpfs("256k")
+    state, motion = disk / "train_state.pt", disk / "res_1.npz"
+    save_training_state(state, {"epoch": 1})
+    before = state.read_bytes()
+    fill(disk)
+    with pytest.raises(OSError, match=rf"could not write the training state {state}: the disk is full") as err:
+        save_training_state(state, {"epoch": 2, "weights": torch.zeros(100_000)})
+    assert err.value.errno == 28 and "Nothing was replaced" in str(err.value)
+    with pytest.raises(OSError, match=rf"could not write the motion file {motion}: the disk is full"):
+        write_motion(motion, np.zeros(300), np.zeros((900, 165)), np.zeros((900, 100)), np.zeros((900, 3)))
+    assert state.read_bytes() == before
+    assert sorted(p.name for p in disk.iterdir()) == ["filler", "train_state.pt"]
+
+
+@pytest.mark.parametrize("with_log", [False, True])
+def test_cli_error_is_printed_once(capfd, with_log):
+    logger = logging.getLogger("mambatalk")
+    handlers = list(logger.handlers)
+    try:
+        if with_log:
+            setup_logging()
+        else:
+            for h in list(logger.handlers):
+                logger.removeHandler(h)
+
+        def main():
+            raise ValueError("/data/x.TextGrid: malformed")
+
+        with pytest.raises(SystemExit) as code:
+            run_cli(main)
+        assert code.value.code == 2
+        err = capfd.readouterr().err
+        assert err.count("error: /data/x.TextGrid: malformed") == 1
+    finally:
+        for h in list(logger.handlers):
+            logger.removeHandler(h)
+        for h in handlers:
+            logger.addHandler(h)
+
+
+def test_full_disk_under_the_log_file_is_one_warning(tmpfs, capfd):
+    disk = tmpfs("64k")
+    logger = logging.getLogger("mambatalk")
+    handlers = list(logger.handlers)
+    try:
+        log = setup_logging(disk / "run.txt")
+        fill(disk)
+        for i in range(3):
+            log.info(f"line {i} " + "x" * 8192)
+        err = capfd.readouterr().err
+        assert err.count(f"warning: cannot write the log file {disk}/run.txt (No space left on device)") == 1
+        assert "Logging error" not in err and "Traceback" not in err and err.count("line ") == 3
+    finally:
+        for h in list(logger.handlers):
+            logger.removeHandler(h)
+            h.close()
+        for h in handlers:
+            logger.addHandler(h)

@@ -161,3 +161,12 @@ def test_derived_name(tmp_path):
     path = write_yaml(tmp_path, "is_train: True\n", "my_exp.yaml")
     assert re.fullmatch(r"\d{4}_\d{6}_my_exp", load_config(path).name)
     assert load_config(path, {"is_train": False}).name == "my_exp"
+
+
+def test_yaml_python_tags_never_run(tmp_path):
+    """A config is read with safe_load: a python/object tag is an error naming the file, and nothing runs."""
+    marker = tmp_path / "pwned"
+    path = write_yaml(tmp_path, f"lr_base: !!python/object/apply:builtins.open ['{marker}', 'w']\n")
+    with pytest.raises(ValueError, match=rf"{path}: invalid YAML: could not determine a constructor"):
+        load_config(path)
+    assert not marker.exists()

@@ -3,6 +3,7 @@ import json
 import logging
 import os
 import pickle
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -437,3 +438,31 @@ def test_cache_root_joins_like_published_but_keeps_absolute_paths():
     assert cache.cache_root(ns(root_path="./", cache_path="datasets/beat_cache/")) == Path("datasets/beat_cache")
     assert cache.cache_root(ns(root_path="/data/", cache_path="cache/")) == Path("/data/cache")
     assert cache.cache_root(ns(root_path="./", cache_path="/tmp/c/")) == Path("/tmp/c")  # published: .//tmp/c
+
+
+def test_full_disk_during_cache_build_is_a_message(beat2_sample, tmp_path, tmpfs):
+    """A real full filesystem under cache_path: the cache arrays used to be sparse memory maps, and writing past the
+    free space killed train.py with SIGBUS (exit 135) and no word. Now: one message naming the cache, exit 2."""
+    data = make_dataset_dir(beat2_sample, tmp_path / "data", [(SAMPLE_ID, "train"), (SAMPLE_ID, "val")])
+    disk = tmpfs("64k")
+    cli = ["--config", "configs/demo/cnn_vqvae_lower_30.yaml", "--data_path", f"{data}/", "--root_path", "",
+           "--cache_path", f"{disk}/", "--out_path", f"{tmp_path}/runs/", "--device", "cpu", "--stat", "none"]
+    r = subprocess.run([sys.executable, "train.py", *cli], cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"))
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and r.stderr.count("error:") == 1
+    assert f"error: could not write the feature cache {disk}/train: the disk is full" in r.stderr
+    assert "nothing was kept" in r.stderr and list(disk.iterdir()) == []
+
+
+def test_malformed_textgrid_is_a_message(beat2_sample, tmp_path):
+    """A TextGrid damaged inside a tier made the parser fail with its internals ('NoneType' object has no attribute
+    'groups'); the message now names the file and says what is wrong in the user's terms."""
+    grid = tmp_path / f"{SAMPLE_ID}.TextGrid"
+    text = (beat2_sample / "textgrid" / f"{SAMPLE_ID}.TextGrid").read_text()
+    head, tail = text.split("intervals [1]:", 1)
+    grid.write_text(head + "intervals [1]:" + tail.replace("xmin = ", "xmin ", 1))
+    with pytest.raises(ValueError) as err:
+        beat2.read_words(grid)
+    msg = str(err.value)
+    assert msg.startswith(f"{grid}: malformed TextGrid") and "NoneType" not in msg and "groups" not in msg

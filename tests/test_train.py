@@ -2,10 +2,14 @@
 load strictly, MambaTalk's loss falls, resume is exact, a 2-process gloo DDP run keeps the ranks identical, and bad
 input (missing data or stage-1 files, NaN batches, a full disk) fails with a clear message and no corrupt file."""
 import errno
+import json
+import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +22,8 @@ from models.motion_representation import STAGE1_FILES
 from trainers import build_trainer
 from trainers.base import EpochSampler
 from trainers.mambatalk import mask_ratio
-from utils.checkpoint import load_weights
+from conftest import fill
+from utils.checkpoint import CheckpointMismatchError, load_weights
 from utils.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -245,7 +250,7 @@ def test_resume_is_exact(lab):
     resumed.fit()
     assert resumed.global_step == 8 and resumed.epoch == straight.epoch
     assert state_dicts_equal(resumed.raw_model.state_dict(), straight.raw_model.state_dict())
-    a, b = torch.load(run / "train_state.pt", weights_only=False), straight.optimizer.state_dict()
+    a, b = torch.load(run / "train_state.pt", weights_only=True), straight.optimizer.state_dict()
     assert all(torch.equal(a["optimizer"]["state"][k]["exp_avg_sq"], b["state"][k]["exp_avg_sq"]) for k in b["state"])
 
 
@@ -282,7 +287,7 @@ def test_ddp_two_processes_keep_identical_weights(lab, tmp_path):
     runs = list((lab.tmp / "ddp" / "custom").iterdir())
     assert len(runs) == 1  # one run folder, rank 0's
     run = runs[0]
-    saved = torch.load(run / "train_state.pt", weights_only=False)["model"]
+    saved = torch.load(run / "train_state.pt", weights_only=True)["model"]
     assert state_dicts_equal(saved, sd0)  # rank 0 wrote the state
     assert (run / "fid.bin").is_file() and (run / "last_0.bin").is_file()
 
@@ -313,25 +318,159 @@ def test_nan_batch_names_the_step(lab):
         trainer.train_step(batch)
 
 
-def test_full_disk_keeps_previous_checkpoint(lab, monkeypatch):
+def test_full_disk_keeps_previous_checkpoint(lab, tmpfs):
+    """A real full filesystem: torch.save fails with a RuntimeError of its own, which used to escape as a traceback.
+    Now one message names the file, the previous checkpoint and state are intact and no partial file is left."""
     trainer = lab.trainers["aelowerfoot"]
-    run = Path(trainer.run_dir)
-    before = {name: (run / name).read_bytes() for name in ("last_0.bin", "train_state.pt")}
+    files = ("last_0.bin", "train_state.pt")
+    src = Path(trainer.run_dir)
+    disk = tmpfs(sum((src / name).stat().st_size for name in files) + (256 << 10))
+    for name in files:
+        (disk / name).write_bytes((src / name).read_bytes())
+    fill(disk)
+    before = {name: (disk / name).read_bytes() for name in files}
+    trainer.run_dir = str(disk)
+    try:
+        full = "the disk is full"
+        with pytest.raises(OSError, match=rf"could not write the checkpoint {disk}/last_0.bin: {full}") as err:
+            trainer.save_weights("last_0.bin")
+        assert err.value.errno == errno.ENOSPC and "Nothing was replaced" in str(err.value)
+        with pytest.raises(OSError, match=rf"could not write the training state {disk}/train_state.pt: {full}"):
+            trainer.save_state()
+    finally:
+        trainer.run_dir = str(src)
+    assert {name: (disk / name).read_bytes() for name in files} == before
+    assert sorted(p.name for p in disk.iterdir()) == ["filler", *files]
+    load_weights(getattr(motion_representation, trainer.args.g_name)(trainer.args), disk / "last_0.bin")
 
-    def full_disk(obj, path, *args, **kwargs):
-        Path(path).write_bytes(b"half a checkpoint")  # a partial write, then the error
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(OSError, match="disk is full") as err:
-        trainer.save_weights("last_0.bin")
-    assert str(run / "last_0.bin") in str(err.value) and err.value.errno == errno.ENOSPC
-    with pytest.raises(OSError, match="training state .*train_state.pt: the disk is full"):
-        trainer.save_state()
-    monkeypatch.undo()
-    assert {name: (run / name).read_bytes() for name in before} == before
-    assert not [p.name for p in run.iterdir() if ".tmp-" in p.name]
-    load_weights(getattr(motion_representation, trainer.args.g_name)(trainer.args), run / "last_0.bin")
+def copied_state(lab, tmp_path, key="aelowerfoot"):
+    """A copy of a stage-1 run's train_state.pt in its own folder (a resume writes into the state's folder)."""
+    path = tmp_path / "run" / "train_state.pt"
+    path.parent.mkdir()
+    path.write_bytes((lab.runs[key] / "train_state.pt").read_bytes())
+    return path
+
+
+class Hostile:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_resume_refuses_crafted_truncated_or_foreign_states(lab, tmp_path):
+    """--resume reads train_state.pt without unpickling objects: a crafted state is refused before it can run code,
+    a truncated one or one of another config is a message naming the file, never a raw traceback."""
+    path = copied_state(lab, tmp_path)
+    good = path.read_bytes()
+    marker = tmp_path / "pwned"
+    state = torch.load(path, weights_only=True)
+    torch.save(state | {"rng": Hostile(marker)}, path)
+    with pytest.raises(CheckpointMismatchError, match=rf"{path}: refused to load as a training state: it references"):
+        build_trainer(lab.config("cnn_vqvae_lower_foot_30", resume=str(path)))
+    assert not marker.exists()
+    path.write_bytes(good[:len(good) // 3])
+    with pytest.raises(CheckpointMismatchError, match=rf"{path}: cannot be read as a training state \(truncated"):
+        build_trainer(lab.config("cnn_vqvae_lower_foot_30", resume=str(path)))
+    path.write_bytes(good)
+    with pytest.raises(CheckpointMismatchError, match=rf"{path}: checkpoint does not match .*\n  mis-shaped keys"):
+        build_trainer(lab.config("cnn_vqvae_lower_foot_30", resume=str(path), vae_length=2 * WIDTH,
+                                 vae_codebook_size=2 * WIDTH))
+    with pytest.raises(ValueError, match=rf"{path} was trained with batch_size 2: .*cannot change it"):
+        build_trainer(lab.config("cnn_vqvae_lower_foot_30", resume=str(path), batch_size=4))
+
+
+def test_resume_applies_a_new_learning_rate(lab, tmp_path, caplog):
+    """--lr_base with --resume used to be dropped silently (the optimiser state brought the old rate back) while the
+    run's YAML recorded the new value; it is applied, with a log line, and the schedule continues from it."""
+    path = copied_state(lab, tmp_path)
+    old = build_trainer(lab.config("cnn_vqvae_lower_foot_30", resume=str(path)))
+    old.release_run_dir()
+    old_lr = old.optimizer.param_groups[0]["lr"]
+    trainer = build_trainer(lab.config("cnn_vqvae_lower_foot_30", resume=str(path), lr_base=10 * old.args.lr_base,
+                                       weight_decay=0.01))
+    trainer.release_run_dir()
+    group = trainer.optimizer.param_groups[0]
+    assert group["lr"] == pytest.approx(10 * old_lr) and group["weight_decay"] == 0.01
+    assert trainer.scheduler.base_lrs == [pytest.approx(10 * old.scheduler.base_lrs[0])]
+    log = (path.parent / f"{trainer.args.name}.txt").read_text()
+    assert "resume: settings that differ from the saved run are applied: lr_base" in log and "weight_decay 0.01" in log
+
+
+RACE_SCRIPT = textwrap.dedent("""
+    import json, logging, os, sys, time
+    sys.path.insert(0, {root!r})
+    import train  # the slow imports happen before the start line
+    from utils.log import run_cli
+
+    def run(argv):
+        logging.getLogger("mambatalk").handlers.clear()  # each phase is a fresh run, as in a new process
+        try:
+            run_cli(lambda: train.main(argv))
+            return 0
+        except SystemExit as e:
+            return e.code
+
+    for phase, argv in enumerate(json.loads(sys.argv[2])):
+        go = sys.argv[1] + str(phase)
+        open(go + ".ready-" + str(os.getpid()), "w").close()
+        while not os.path.exists(go):
+            time.sleep(0.002)
+        start = float(open(go).read())
+        while time.time() < start:
+            time.sleep(0.001)
+        print("phase", phase, "exit", run(argv), file=sys.stderr, flush=True)
+""")
+
+
+def start_together(tmp_path, phases):
+    """Two train.py processes run each command line of `phases` in turn, both released at the same instant just after
+    a new second begins (so new runs get the same timestamped name). Returns each process's stderr per phase."""
+    script = tmp_path / "race.py"
+    script.write_text(RACE_SCRIPT.format(root=str(ROOT)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    logs = [tmp_path / f"race{i}.err" for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path / "go"), json.dumps(phases)], cwd=ROOT,
+                              env=env, stdout=subprocess.DEVNULL, stderr=open(log, "w")) for log in logs]
+    for phase in range(len(phases)):
+        deadline = time.time() + 120
+        while len(list(tmp_path.glob(f"go{phase}.ready-*"))) < 2 and time.time() < deadline:
+            assert all(p.poll() is None for p in procs), [log.read_text()[-2000:] for log in logs]
+            time.sleep(0.01)
+        (tmp_path / "go.tmp").write_text(str(math.floor(time.time()) + 1.05))
+        os.replace(tmp_path / "go.tmp", tmp_path / f"go{phase}")
+    for p in procs:
+        p.wait(timeout=300)
+    return [[part for part in re.split(r"phase \d+ exit", log.read_text())] for log in logs], \
+        [[int(c) for c in re.findall(r"phase \d+ exit (\d+)", log.read_text())] for log in logs]
+
+
+def test_two_runs_started_together_never_share_a_folder(lab, tmp_path):
+    """Two real train.py processes with the same config started in the same second used to share one run folder
+    (interleaved log, one run's YAML next to the other's checkpoints). Now each gets its own folder; and two resumes
+    of one state do not both write into its folder: the second is refused with a message."""
+    args = lab.config("cnn_vqvae_lower_30", out="race", max_steps=1, eval_split="")
+    cli = ["--config", str(ROOT / "configs/demo/cnn_vqvae_lower_30.yaml")]
+    for key in ("data_path", "root_path", "cache_path", "out_path", "data_path_1", "device", "stat", "vae_length",
+                "vae_codebook_size", "batch_size", "eval_split", "max_steps"):
+        cli += [f"--{key}", str(getattr(args, key))]
+    state = copied_state(lab, tmp_path, "aelower")  # 2 steps of the same config
+    outputs, codes = start_together(tmp_path, [cli, cli[:-2] + ["--max_steps", "3", "--resume", str(state)]])
+    assert [c[0] for c in codes] == [0, 0], [out[0][-2000:] for out in outputs]
+    runs = sorted((lab.tmp / "race" / "custom").iterdir())
+    assert len(runs) == 2 and runs[1].name == runs[0].name + "_2"
+    for run in runs:
+        logs, yamls = list(run.glob("*.txt")), list(run.glob("*.yaml"))
+        assert len(logs) == 1 and len(yamls) == 1 and (run / "train_state.pt").is_file()
+        assert logs[0].read_text().count("run folder") == 1 and f"run folder {run} " in logs[0].read_text()
+
+    assert sorted(c[1] for c in codes) == [0, 2], [out[-1][-2000:] for out in outputs]
+    refused = next(out[1] for out, c in zip(outputs, codes) if c[1] == 2)
+    assert f"error: run folder {state.parent} is in use by another training process" in refused
+    assert "Traceback" not in refused and refused.count("error:") == 1
+    assert torch.load(state, weights_only=True)["global_step"] == 3
 
 
 def test_training_on_a_gpu_turns_cudnn_attention_off():

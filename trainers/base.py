@@ -15,8 +15,9 @@ takes batch_size / N windows, so the learning rate and the results match one pro
 """
 import contextlib
 import datetime
-import errno
+import fcntl
 import importlib
+import itertools
 import math
 import os
 import random
@@ -29,7 +30,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from utils.checkpoint import load_training_state, load_weights, save_training_state, save_weights
+from utils.checkpoint import (TRAINING_STATE_KEYS, CheckpointMismatchError, check_state_dict, load_training_state,
+                              load_weights, save_training_state, save_weights)
 from utils.config import save_config
 from utils.log import setup_logging
 
@@ -98,7 +100,10 @@ def seed_everything(seed):
 
 
 def rng_state():
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every random stream, as tensors and plain values (a training state loads with weights_only=True)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -106,7 +111,8 @@ def rng_state():
 
 def set_rng_state(state):
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -185,10 +191,35 @@ def check_finite(batch, where):
                                      "(a corrupted data cache? rebuild it with --new_cache true)")
 
 
-def describe_write_error(err, path, what):
-    reason = "the disk is full" if err.errno == errno.ENOSPC else (err.strerror or str(err))
-    return OSError(err.errno, f"could not write the {what} {path}: {reason}. Nothing was replaced: the previous "
-                              f"{os.path.basename(path)} (if any) is intact and no partial file was left")
+def claim_run_dir(path, existing):
+    """Make (or, when resuming, reuse) the run folder and hold `<run>/.run.lock` until release: two runs never share
+    a folder. A new run whose name is taken (two runs started in the same second) gets `<path>_2`, `_3` ...;
+    resuming a folder another process holds is refused. Returns (folder, lock file object)."""
+    if existing:
+        folder = path
+    else:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        for k in itertools.count(1):
+            folder = path if k == 1 else f"{path}_{k}"
+            try:
+                os.mkdir(folder)  # exclusive: of two processes asking for one name, one gets FileExistsError
+                break
+            except FileExistsError:
+                continue
+    lock = open(os.path.join(folder, ".run.lock"), "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released by the kernel if the process dies
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "?"
+        lock.close()
+        raise ValueError(f"run folder {folder} is in use by another training process (pid {holder}); two runs "
+                         "writing one folder would mix their logs and checkpoints. Wait for it to finish, or resume "
+                         "from a copy of its train_state.pt in another folder") from None
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return folder, lock
 
 
 class Trainer:
@@ -202,9 +233,16 @@ class Trainer:
         check_data_path(args)
         self.check_inputs()  # before anything is written: a bad config leaves no empty run folder behind
         self.is_main = self.rank == 0
-        self.run_dir = self._run_dir()  # only rank 0 writes there (other ranks' names may carry another timestamp)
+        self.run_dir, self.run_lock = self._run_dir(), None  # only rank 0 writes there (other ranks' names may differ)
         if self.is_main:
-            os.makedirs(self.run_dir, exist_ok=True)
+            self.run_dir, self.run_lock = claim_run_dir(self.run_dir, existing=self._resumes_run())
+        try:
+            self._setup(args)
+        except BaseException:
+            self.release_run_dir()
+            raise
+
+    def _setup(self, args):
         self.log = setup_logging(os.path.join(self.run_dir, f"{args.name}.txt"), self.rank)
         if self.is_main:
             save_config(args, os.path.join(self.run_dir, f"{args.name}.yaml"))
@@ -277,10 +315,21 @@ class Trainer:
         """Called on rank 0 with a saved weights file at the published test epochs and for the best checkpoint."""
 
     # ---- set-up helpers -------------------------------------------------------------------------------------------
+    def _resumes_run(self):
+        return bool(self.args.resume) and os.path.basename(self.args.resume).startswith("train_state")
+
     def _run_dir(self):
-        if self.args.resume and os.path.basename(self.args.resume).startswith("train_state"):
+        if self._resumes_run():
+            if not os.path.isfile(self.args.resume):
+                raise FileNotFoundError(f"--resume {self.args.resume}: no such file")
             return os.path.dirname(os.path.abspath(self.args.resume))
         return os.path.join(self.args.out_path, "custom", self.args.name + self.args.notes)
+
+    def release_run_dir(self):
+        """Let another process resume this run folder (fit() calls it at its end)."""
+        if self.run_lock is not None:
+            self.run_lock.close()
+            self.run_lock = None
 
     def build_optimizer(self):
         args = self.args
@@ -315,10 +364,7 @@ class Trainer:
         """Rank 0 writes `<run>/<filename>` in the published format; returns its path."""
         path = os.path.join(self.run_dir, filename)
         if self.is_main:
-            try:
-                save_weights(self.raw_model, path)
-            except OSError as e:
-                raise describe_write_error(e, path, "checkpoint") from e
+            save_weights(self.raw_model, path)
             self.log.info(f"saved {path}")
         return path
 
@@ -330,13 +376,9 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
             "epoch": self.epoch, "global_step": self.global_step, "batch_in_epoch": self.batch_in_epoch,
             "best_value": self.best_value, "best_epoch": self.best_epoch, "rng": rng_state(),
-            "trainer": self.args.trainer, "world_size": self.world_size,
+            "trainer": self.args.trainer, "world_size": self.world_size, "batch_size": self.args.batch_size,
         }
-        path = os.path.join(self.run_dir, "train_state.pt")
-        try:
-            save_training_state(path, state)
-        except OSError as e:
-            raise describe_write_error(e, path, "training state") from e
+        save_training_state(os.path.join(self.run_dir, "train_state.pt"), state)
 
     def resume(self, path):
         if not os.path.isfile(path):
@@ -345,13 +387,27 @@ class Trainer:
             load_weights(self.raw_model, path)  # a published-format weights file: weights only, as the published code
             self.log.info(f"loaded weights from {path} (no optimiser state: training restarts at epoch 0)")
             return
-        state = load_training_state(path)
-        if state.get("trainer") != self.args.trainer:
-            raise ValueError(f"{path} is a training state of trainer '{state.get('trainer')}', not '{self.args.trainer}'")
-        self.raw_model.load_state_dict(state["model"], strict=True)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        state = load_training_state(path, TRAINING_STATE_KEYS)
+        if state["trainer"] != self.args.trainer:
+            raise ValueError(f"{path} is a training state of trainer '{state['trainer']}', not '{self.args.trainer}'")
+        if state.get("batch_size", self.args.batch_size) != self.args.batch_size:
+            raise ValueError(f"{path} was trained with batch_size {state['batch_size']}: a resume continues its epoch "
+                             f"where it stopped and cannot change it (got --batch_size {self.args.batch_size}). Keep "
+                             f"{state['batch_size']}, or start a new run from its weights with "
+                             "--resume <run>/last_N.bin")
+        if not isinstance(state["model"], dict) or not all(torch.is_tensor(v) for v in state["model"].values()):
+            raise CheckpointMismatchError(f"{path}: its 'model' entry is not a state dict of tensors")
+        check_state_dict(self.raw_model, state["model"], path)  # another config: the keys and shapes that differ
+        try:
+            self.raw_model.load_state_dict(state["model"], strict=True)
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise CheckpointMismatchError(f"{path}: optimiser or scheduler state does not match this config "
+                                          f"({first})") from None
+        self.apply_resumed_settings(state)
         self.epoch, self.global_step, self.batch_in_epoch = state["epoch"], state["global_step"], state["batch_in_epoch"]
         self.best_value, self.best_epoch = state["best_value"], state["best_epoch"]
         if state.get("world_size", 1) == self.world_size:
@@ -360,6 +416,36 @@ class Trainer:
             self.log.warning(f"{path} was written by {state.get('world_size')} processes, resuming on {self.world_size}: "
                              "random streams restart")
         self.log.info(f"resumed {path} at epoch {self.epoch}, step {self.global_step}")
+
+    def apply_resumed_settings(self, state):
+        """Loading the optimiser and scheduler states brings back the saved run's learning rate, betas, weight decay
+        and decay schedule; settings given now (they are what the run's YAML records) replace them, with a log line.
+        Unchanged settings leave the loaded values untouched, so a plain resume stays bit-exact."""
+        args, groups, sched = self.args, self.optimizer.param_groups, self.scheduler
+        changes = []
+        lr = args.lr_base * args.batch_size / 128
+        if sched.base_lrs[0] != lr:  # rescale the decayed rate: the step schedule continues from the new base
+            ratio = lr / sched.base_lrs[0]
+            for group in groups:
+                group["lr"] *= ratio
+                group["initial_lr"] = lr
+            sched.base_lrs = [lr] * len(groups)
+            sched._last_lr = [group["lr"] for group in groups]
+            changes.append(f"lr_base {args.lr_base:g} (learning rate now {groups[0]['lr']:.3e})")
+        betas = tuple(args.opt_betas)
+        if tuple(groups[0]["betas"]) != betas:
+            for group in groups:
+                group["betas"] = betas
+            changes.append(f"opt_betas {list(betas)}")
+        if groups[0]["weight_decay"] != args.weight_decay:
+            for group in groups:
+                group["weight_decay"] = args.weight_decay
+            changes.append(f"weight_decay {args.weight_decay:g}")
+        if (sched.step_size, sched.gamma) != (args.decay_epochs, args.decay_rate):
+            sched.step_size, sched.gamma = args.decay_epochs, args.decay_rate
+            changes.append(f"decay_epochs {args.decay_epochs}, decay_rate {args.decay_rate:g} (from the next epoch)")
+        if changes:
+            self.log.info("resume: settings that differ from the saved run are applied: " + "; ".join(changes))
 
     # ---- the loop -------------------------------------------------------------------------------------------------
     def train_step(self, batch):
@@ -438,7 +524,13 @@ class Trainer:
 
     def fit(self):
         """Train until `epochs` (or `max_steps`), evaluating, checkpointing and saving the resume state as it goes.
-        Returns the run folder."""
+        Returns the run folder, released for a later --resume."""
+        try:
+            return self._fit()
+        finally:
+            self.release_run_dir()
+
+    def _fit(self):
         with logging_redirect_tqdm(loggers=[self.log]):
             if self.global_step == 0:
                 with preserved_rng():

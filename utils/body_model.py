@@ -5,6 +5,9 @@ Forward is differentiable (stage-1 losses back-propagate through it); wrap calls
 gradient is wanted.
 """
 import logging
+import tempfile
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +25,67 @@ NUM_BETAS, NUM_EXPRESSIONS = 300, 100
 
 def smplx_npz_path(model_dir):
     return Path(model_dir) / "smplx" / standin_body.NPZ_NAME
+
+
+# The arrays smplx.SMPLX reads (use_pca=False, no face contour) and the shape each must have: V vertices, F faces.
+SMPLX_ARRAYS = {
+    "v_template": ("V", 3), "f": ("F", 3), "shapedirs": ("V", 3, None), "posedirs": ("V", 3, 9 * 54),
+    "J_regressor": (55, "V"), "weights": ("V", 55), "kintree_table": (2, 55),
+    "hands_componentsl": (None, 45), "hands_componentsr": (None, 45), "hands_meanl": (45,), "hands_meanr": (45,),
+    "lmk_faces_idx": (None,), "lmk_bary_coords": (None, 3),
+}
+
+
+def read_smplx_arrays(path):
+    """The numeric arrays smplx needs from an SMPL-X npz, read with allow_pickle=False key by key.
+
+    The real SMPLX_NEUTRAL_2020.npz also holds object arrays (name tables such as joint2num) that smplx would unpickle
+    (it loads with allow_pickle=True), and a pickle can run code; those are never read. Raises ValueError naming the
+    file and the problem."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = [k for k in SMPLX_ARRAYS if k not in npz.files]
+            if missing:
+                raise ValueError(f"missing array(s) {missing}")
+            arrays = {}
+            for key in SMPLX_ARRAYS:
+                try:
+                    arrays[key] = npz[key]
+                except ValueError:  # numpy refuses object arrays without allow_pickle
+                    raise ValueError(f"'{key}' is a pickled object array, not numbers (refused: unpickling it could "
+                                     "run code)") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise ValueError(f"{path}: cannot be used as an SMPL-X model: {e}") from None
+    sizes = {}
+    for key, expected in SMPLX_ARRAYS.items():
+        a = arrays[key]
+        ok = a.dtype.kind in "biuf" and a.ndim == len(expected)
+        for dim, want in zip(a.shape, expected) if ok else ():
+            if isinstance(want, str):
+                want = sizes.setdefault(want, dim)
+            ok = ok and dim > 0 and (want is None or dim == want)
+        if not ok:
+            raise ValueError(f"{path}: cannot be used as an SMPL-X model: '{key}' has shape {a.shape} and dtype "
+                             f"{a.dtype}, expected numbers of shape {expected}")
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            raise ValueError(f"{path}: cannot be used as an SMPL-X model: '{key}' contains NaN or infinite values")
+    return arrays
+
+
+def create_smplx(npz_path):
+    """smplx.create(...) as the published code calls it, on a copy of the file holding only its numeric arrays."""
+    arrays = read_smplx_arrays(npz_path)
+    with tempfile.TemporaryDirectory(prefix="mambatalk_smplx_") as root:
+        (Path(root) / "smplx").mkdir()
+        # float32: smplx turns every float array into float32 buffers anyway; halves the copy
+        np.savez(Path(root) / "smplx" / standin_body.NPZ_NAME,
+                 **{k: a.astype(np.float32) if a.dtype.kind == "f" else a for k, a in arrays.items()})
+        try:
+            return smplx.create(root, model_type="smplx", gender="NEUTRAL_2020", num_betas=NUM_BETAS,
+                                num_expression_coeffs=NUM_EXPRESSIONS, ext="npz", use_pca=False,
+                                use_face_contour=False)
+        except (ValueError, IndexError, RuntimeError, TypeError) as e:
+            raise ValueError(f"{npz_path}: cannot be used as an SMPL-X model: smplx failed with {e}") from None
 
 
 def as_tensor(x, name, device):
@@ -57,9 +121,7 @@ class BodyModel(torch.nn.Module):
             if model_dir:
                 logger.info("no SMPL-X model at %s", smplx_npz_path(model_dir))
         logger.info("body model: %s", self.description)
-        self.smplx = smplx.create(str(root), model_type="smplx", gender="NEUTRAL_2020", num_betas=NUM_BETAS,
-                                  num_expression_coeffs=NUM_EXPRESSIONS, ext="npz", use_pca=False,
-                                  use_face_contour=False)
+        self.smplx = create_smplx(smplx_npz_path(root))
         self.smplx.requires_grad_(False)  # its default pose/shape parameters are never used
         sm = self.smplx
         self.faces = np.asarray(sm.faces, dtype=np.int64)

@@ -9,6 +9,18 @@ def get_logger():
     return logging.getLogger(LOGGER_NAME)
 
 
+class LogFile(logging.FileHandler):
+    """The run's log file. A failed write (a full disk) is reported once and the file is dropped, where logging would
+    print a traceback for every later line; the console keeps logging."""
+
+    def handleError(self, record):
+        err = sys.exc_info()[1]
+        get_logger().removeHandler(self)  # the last handler: the console has already shown this record
+        self.close()
+        print(f"warning: cannot write the log file {self.baseFilename} ({getattr(err, 'strerror', None) or err}); "
+              "logging to the console only", file=sys.stderr)
+
+
 def setup_logging(log_file=None, rank=0, level=logging.INFO):
     """Attach console (and optional file) handlers to the project logger. Other ranks only log warnings."""
     logger = get_logger()
@@ -22,7 +34,7 @@ def setup_logging(log_file=None, rank=0, level=logging.INFO):
     console.setFormatter(fmt)
     logger.addHandler(console)
     if log_file is not None and rank == 0:
-        file_handler = logging.FileHandler(log_file)
+        file_handler = LogFile(log_file)
         file_handler.setFormatter(fmt)
         logger.addHandler(file_handler)
     return logger
@@ -38,6 +50,9 @@ def run_cli(main):
     except (FileNotFoundError, ValueError, CheckpointMismatchError, FloatingPointError, OSError) as err:
         if os.environ.get("MAMBATALK_DEBUG"):
             raise
-        get_logger().error(f"error: {err}")
-        print(f"error: {err}", file=sys.stderr)
+        logger = get_logger()
+        if logger.handlers:  # console (stderr) and the run's log file: printing it as well would show it twice
+            logger.error(f"error: {err}")
+        else:
+            print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2)
