@@ -174,6 +174,27 @@ def chunk_bounds(y, max_seconds=None):
     return bounds
 
 
+def word_gap_bounds(bounds, heard, y):
+    """Move each cut of chunk_bounds into a gap between recognised words in the quarter-chunk before it, the
+    quietest such gap first, then the widest: a transcript cannot be force-aligned across a cut that falls inside a
+    word, and fluent speech can run for seconds without a pause. Chunks may then exceed CHUNK_SECONDS by a quarter."""
+    if len(bounds) == 1 or len(heard) < 2:
+        return bounds
+    energy = frame_energy(y)
+    reach = CHUNK_SECONDS / 4
+    cuts = []
+    for _, cut in bounds[:-1]:
+        c, candidates = cut / SR, []
+        for (_, s, _), (e, _, _) in zip(heard[:-1], heard[1:]):
+            m = (s + e) / 2
+            if c - reach <= m <= c + 0.5 and (not cuts or m * SR > cuts[-1] + SR):
+                f0, f1 = int(s * 100), max(int(s * 100) + 1, int(e * 100))
+                candidates.append((-float(energy[f0:f1].min(initial=np.inf)), e - s, m))
+        cuts.append(int(max(candidates)[2] * 100) * FRAME if candidates else cut)
+    edges = [0] + cuts + [len(y)]
+    return [(edges[i], edges[i + 1]) for i in range(len(edges) - 1)]
+
+
 def has_speech(y):
     return len(y) > 0 and float(np.abs(y).max()) >= SILENCE_PEAK
 
@@ -212,6 +233,8 @@ class PocketSphinx:
         # sample, at ~0.3 s of compute per second of audio
         self.recogniser = pocketsphinx.Decoder(loglevel="FATAL", beam=1e-60, wbeam=1e-40, pbeam=1e-60)
         self.aligner = pocketsphinx.Decoder(loglevel="FATAL")
+        self.initial_cmn = self.recogniser.get_cmn()
+        self.cmn_at = {}  # chunk start sample -> cepstral mean when the recogniser reached it
         self.guessed = {}  # word -> phones added to the aligner's dictionary
 
     def _decode(self, decoder, pcm):
@@ -221,10 +244,15 @@ class PocketSphinx:
         return decoder.hyp()
 
     def recognise(self, y):
+        # the cepstral mean adapts from chunk to chunk; a new recording starts afresh, so that its words do not
+        # depend on what was decoded before it
+        self.recogniser.set_cmn(self.initial_cmn)
+        self.cmn_at = {}
         words = []
         for a, b in chunk_bounds(y):
             if not has_speech(y[a:b]):
                 continue
+            self.cmn_at[a] = self.recogniser.get_cmn()
             if self._decode(self.recogniser, _pcm16(y[a:b])) is None:
                 continue
             self.recogniser.get_prob()  # computes the lattice posteriors that seg().prob then holds
@@ -248,12 +276,14 @@ class PocketSphinx:
         self.guessed[word] = phones
         log.info(f"'{word}' is not in the pronunciation dictionary; guessed /{phones}/")
 
-    def align_chunk(self, y, words):
-        """Force-align `words` to audio y; None when the aligner finds no path through them."""
+    def align_chunk(self, y, words, start=0):
+        """Force-align `words` to audio y (which starts at sample `start` of the recording last recognised); None
+        when the aligner finds no path through them."""
         if not words:
             return []
         for w in set(words):
             self.pronounce(w)
+        self.aligner.set_cmn(self.cmn_at.get(start, self.initial_cmn))  # as the recogniser had it there
         try:
             self.aligner.set_align_text(" ".join(words))
             hyp = self._decode(self.aligner, _pcm16(y))
@@ -306,7 +336,7 @@ class Whisper:
                     words += spread_words(spoken, a / SR + w.start, a / SR + max(w.end, w.start + 0.01))
         return words
 
-    def align_chunk(self, y, words):
+    def align_chunk(self, y, words, start=0):
         return None  # no forced alignment: the transcript is placed on the recognised words' times (align_words)
 
 
@@ -410,7 +440,7 @@ def _force_align(y, transcript, heard, engine, name, warnings):
         warnings.append(f"{name}: the transcript does not seem to match the audio: the recogniser heard only "
                         f"{agreement:.0%} of its {len(transcript)} words (alignment score {agreement:.2f}); "
                         "check the word times")
-    bounds = chunk_bounds(y)
+    bounds = word_gap_bounds(chunk_bounds(y), heard, y)
     owner = np.searchsorted([b for _, b in bounds[:-1]], [s * SR for s, _, _ in anchored], side="right")
     splits = [int(np.searchsorted(owner, k, side="right")) for k in range(len(bounds))]  # end index per chunk
     words, failed, first = [], 0, 0
@@ -418,7 +448,7 @@ def _force_align(y, transcript, heard, engine, name, warnings):
         last = k == len(bounds) - 1
         tries = [len(transcript)] if last else [splits[k] + d for d in (0, -1, 1, -2, 2)]
         for end in [e for e in tries if first <= e <= len(transcript)]:
-            placed = engine.align_chunk(y[a:b], transcript[first:end]) if end > first else []
+            placed = engine.align_chunk(y[a:b], transcript[first:end], a) if end > first else []
             if placed is not None:
                 words += [(s + a / SR, e + a / SR, w) for s, e, w in placed]
                 first = end

