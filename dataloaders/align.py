@@ -231,11 +231,14 @@ class PocketSphinx:
         self._ps = pocketsphinx
         # wider beams than the defaults: onset recall@0.2 s 0.64 -> 0.70 and precision 0.71 -> 0.77 on the BEAT2
         # sample, at ~0.3 s of compute per second of audio
-        self.recogniser = pocketsphinx.Decoder(loglevel="FATAL", beam=1e-60, wbeam=1e-40, pbeam=1e-60)
+        self.recogniser = self._new_recogniser()
         self.aligner = pocketsphinx.Decoder(loglevel="FATAL")
         self.initial_cmn = self.recogniser.get_cmn()
         self.cmn_at = {}  # chunk start sample -> cepstral mean when the recogniser reached it
         self.guessed = {}  # word -> phones added to the aligner's dictionary
+
+    def _new_recogniser(self):
+        return self._ps.Decoder(loglevel="FATAL", beam=1e-60, wbeam=1e-40, pbeam=1e-60)
 
     def _decode(self, decoder, pcm):
         decoder.start_utt()
@@ -246,7 +249,9 @@ class PocketSphinx:
     def recognise(self, y):
         # the cepstral mean adapts from chunk to chunk; a new recording starts afresh, so that its words do not
         # depend on what was decoded before it
-        self.recogniser.set_cmn(self.initial_cmn)
+        # a fresh decoder for each recording (0.3 s): a reused one carries state over (the cepstral mean and
+        # more), so a recording's words would depend on what was decoded before it
+        self.recogniser = self._new_recogniser()
         self.cmn_at = {}
         words = []
         for a, b in chunk_bounds(y):
