@@ -43,6 +43,7 @@ def parse(argv=None):
     p.add_argument("--transcript", default="", help="text of the speech: force-align these words (optional)")
     p.add_argument("--align_engine", default="auto", choices=("auto", "pocketsphinx", "whisper"),
                    help="aligner for --words auto (see dataloaders/align.py)")
+    p.add_argument("--whisper_model", default="base.en", help="faster-whisper model folder or hub name")
     p.add_argument("--speaker", type=int, default=2, help="BEAT2 speaker number whose style to use (default 2, scott)")
     p.add_argument("--seed_pose", default="", help="npz whose first frames seed the first window (optional)")
     p.add_argument("--ckpt", default="", help="MambaTalk weights (default: the config's test_ckpt)")
@@ -61,7 +62,7 @@ def auto_words(own, y, n_frames, vocab, log):
     in own.alignment and written beside the result once generation has succeeded."""
     from dataloaders.align import align_audio, load_engine, read_transcript
     transcript = read_transcript(own.transcript) if own.transcript else None
-    result = align_audio(y, transcript, load_engine(own.align_engine), name=own.audio)
+    result = align_audio(y, transcript, load_engine(own.align_engine, own.whisper_model), name=own.audio)
     own.alignment = result
     spoken = [w for _, _, w in result.words]
     how = "force-aligned to the transcript" if transcript is not None else "recognised"

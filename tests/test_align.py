@@ -155,6 +155,15 @@ def test_cli_unreadable_file_writes_nothing(tmp_path):
         align.read_transcript(tmp_path / "missing.txt")
 
 
+def test_whisper_absent():
+    import importlib.util
+    if importlib.util.find_spec("faster_whisper") is not None:
+        pytest.skip("faster-whisper is installed")
+    with pytest.raises(ValueError, match="pip install faster-whisper"):
+        align.load_engine("whisper")
+    assert isinstance(align.load_engine("auto"), align.PocketSphinx)
+
+
 # ------------------------------------------------------------------------------------------------ custom dataset
 
 SMALL = {"hidden_size": 32, "audio_f": 32, "motion_f": 32, "vae_codebook_size": 16, "device": "cpu",
