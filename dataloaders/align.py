@@ -1,7 +1,7 @@
 """Word timings from the audio alone, in the TextGrid layout the Montreal Forced Aligner writes (spec §3.5 input).
 
     python -m dataloaders.align AUDIO [AUDIO ...] --out_dir DIR [--transcript TXT ...] [--engine auto|pocketsphinx|whisper]
-    python -m dataloaders.align --dataset ROOT        # ROOT/textgrid/<id>.TextGrid for every ROOT/wave16k/<id>.wav lacking one
+    python -m dataloaders.align --dataset ROOT    # ROOT/textgrid/<id>.TextGrid for each ROOT/wave16k/<id>.wav lacking one
 
 Without a transcript the words are recognised; with one (plain text, or a TextGrid whose words are taken) exactly
 those words are force-aligned. Engines: pocketsphinx (the pip wheel ships an English acoustic model, dictionary and
@@ -54,7 +54,7 @@ _SYMBOLS = {"%": "percent", "&": "and", "+": "plus", "@": "at", "$": "dollars", 
 
 
 def number_words(n):
-    """Non-negative integer -> English words: 21 -> ['twenty', 'one'], 1300 -> ['one', 'thousand', 'three', 'hundred']."""
+    """Non-negative integer -> English words: 21 -> [twenty, one], 1300 -> [one, thousand, three, hundred]."""
     if n < 20:
         return [_ONES[n]]
     if n < 100:

@@ -17,6 +17,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dataloaders import align  # noqa: E402
 from dataloaders.align import align_audio, load_engine  # noqa: E402
 from dataloaders.beat2 import read_audio, read_words  # noqa: E402
 from utils.log import setup_logging  # noqa: E402
@@ -75,9 +76,9 @@ def evaluate(wav, reference_path, engine_name="pocketsphinx", modes=("recognise"
         t0, w0 = time.process_time(), time.perf_counter()
         result = align_audio(y, transcript, engine, name=str(wav))
         cpu, wall = time.process_time() - t0, time.perf_counter() - w0
-        rows[mode] = {**onset_scores(reference, result.words), "frames": frame_agreement(reference, result.words,
-                                                                                             duration),
-                      "cpu_s_per_s": cpu / duration, "wall_s_per_s": wall / duration, "n_words": len(result.words), "agreement": result.agreement}
+        rows[mode] = {**onset_scores(reference, result.words),
+                      "frames": frame_agreement(reference, result.words, duration),
+                      "cpu_s_per_s": cpu / duration, "wall_s_per_s": wall / duration, "n_words": len(result.words)}
     return rows, duration
 
 
@@ -86,22 +87,22 @@ def main():
     p.add_argument("--wav", default=str(SAMPLE / "wave16k" / "2_scott_0_1_1.wav"))
     p.add_argument("--reference", default=str(SAMPLE / "textgrid" / "2_scott_0_1_1.TextGrid"))
     p.add_argument("--engine", default="pocketsphinx")
-    p.add_argument("--chunk_seconds", type=float, default=0, help="override align.CHUNK_SECONDS (longest decoded piece)")
+    p.add_argument("--chunk_seconds", type=float, default=0, help="longest decoded piece (default align.CHUNK_SECONDS)")
     p.add_argument("--mode", default="both", choices=("both", "recognise", "transcript"))
     a = p.parse_args()
     setup_logging()
     if a.chunk_seconds:
-        import dataloaders.align
-        dataloaders.align.CHUNK_SECONDS = a.chunk_seconds
+        align.CHUNK_SECONDS = a.chunk_seconds
     modes = ("recognise", "transcript") if a.mode == "both" else (a.mode,)
     rows, duration = evaluate(a.wav, a.reference, a.engine, modes)
-    print(f"{a.wav}: {duration:.1f} s, engine {a.engine}, chunks <= {__import__('dataloaders.align').align.CHUNK_SECONDS:g} s, {os.cpu_count()} CPUs visible, "
-          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
+    print(f"{a.wav}: {duration:.1f} s, engine {a.engine}, chunks <= {align.CHUNK_SECONDS:g} s, "
+          f"{os.cpu_count()} CPUs visible, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
     print(f"{'mode':<11} {'words':>5} {'rec@0.1':>8} {'rec@0.2':>8} {'prec@0.1':>8} {'prec@0.2':>8} {'frames':>7} "
           f"{'cpu s/s':>8} {'wall s/s':>8}")
     for mode, r in rows.items():
-        print(f"{mode:<11} {r['n_words']:>5} {r['recall@0.1']:>8.3f} {r['recall@0.2']:>8.3f} {r['precision@0.1']:>8.3f} "
-              f"{r['precision@0.2']:>8.3f} {r['frames']:>7.3f} {r['cpu_s_per_s']:>8.3f} {r['wall_s_per_s']:>8.3f}")
+        print(f"{mode:<11} {r['n_words']:>5} {r['recall@0.1']:>8.3f} {r['recall@0.2']:>8.3f} "
+              f"{r['precision@0.1']:>8.3f} {r['precision@0.2']:>8.3f} {r['frames']:>7.3f} "
+              f"{r['cpu_s_per_s']:>8.3f} {r['wall_s_per_s']:>8.3f}")
 
 
 if __name__ == "__main__":

@@ -71,7 +71,8 @@ def test_long_audio_in_chunks(sample, engine, monkeypatch):
     y = y[:20 * 16000]
     bounds = align.chunk_bounds(y)
     assert len(bounds) >= 3 and bounds[0][0] == 0 and bounds[-1][1] == len(y)
-    assert all(b - a <= 8 * 16000 for a, b in bounds) and all(bounds[i][1] == bounds[i + 1][0] for i in range(len(bounds) - 1))
+    assert all(b - a <= 8 * 16000 for a, b in bounds)
+    assert all(bounds[i][1] == bounds[i + 1][0] for i in range(len(bounds) - 1))
     ref = [r for r in reference if r[1] <= 19.95]
     result = align.align_audio(y, [w for _, _, w in ref if w], engine)
     assert [w for _, _, w in result.words] == [w for _, _, w in ref if w] and not result.warnings
@@ -193,7 +194,8 @@ def custom_dataset(beat2_sample, tmp_path_factory):
                      motion["expressions"][f], motion["trans"][f])
         clip = resample_poly(y[t0 * 16000:(t0 + 10) * 16000], 441, 160)
         sf.write(data / "wave16k" / f"{fid}.wav", np.stack([clip, clip], 1), 44100, subtype="PCM_16")
-    (data / "weights" / "mean_vel_smplxflame_30.npy").symlink_to(beat2_sample / "weights" / "mean_vel_smplxflame_30.npy")
+    mean_vel = "mean_vel_smplxflame_30.npy"
+    (data / "weights" / mean_vel).symlink_to(beat2_sample / "weights" / mean_vel)
     (data / "train_test_split.csv").write_text("id,type\n" + "".join(f"{i},{t}\n" for i, t, _ in rows))
     r = run_module("--dataset", data, "--engine", "pocketsphinx")
     assert r.returncode == 0, r.stderr
