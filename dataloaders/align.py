@@ -394,9 +394,9 @@ def anchor_times(transcript, heard, duration):
 
 
 def tidy(words, duration, min_len=0.01):
-    """Sorted, inside [0, duration], non-overlapping, each at least min_len long (squeezed words push their
-    neighbours aside rather than vanish: no word is ever dropped), times to the millisecond."""
-    words = sorted(words, key=lambda x: x[0])
+    """Words in the order given (the spoken order), made inside [0, duration], non-overlapping and each at least
+    min_len long: squeezed words push their neighbours aside rather than vanish, no word is ever dropped or
+    reordered. Times to the millisecond."""
     if not words:
         return []
     min_len = min(min_len, duration / len(words))

@@ -120,7 +120,7 @@ def test_letter_to_sound_gives_known_phones(engine):
 def test_tidy_keeps_every_word():
     words = [(1.0, 1.0, "a"), (0.9, 1.2, "b"), (1.1, 1.1, "c"), (2.99, 3.5, "d")]
     out = align.tidy(words, 3.0)
-    assert [w for _, _, w in out] == ["b", "a", "c", "d"]
+    assert [w for _, _, w in out] == ["a", "b", "c", "d"]
     assert all(e > s for s, e, _ in out) and all(out[i][1] <= out[i + 1][0] for i in range(len(out) - 1))
     assert out[-1][1] <= 3.0 and out[0][0] >= 0.0
 
