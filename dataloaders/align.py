@@ -232,7 +232,7 @@ class PocketSphinx:
         # wider beams than the defaults: onset recall@0.2 s 0.64 -> 0.70 and precision 0.71 -> 0.77 on the BEAT2
         # sample, at ~0.3 s of compute per second of audio
         self.recogniser = self._new_recogniser()
-        self.aligner = pocketsphinx.Decoder(loglevel="FATAL")
+        self.aligner = pocketsphinx.Decoder(loglevel="FATAL", lm=None)  # forced alignment needs no language model
         self.initial_cmn = self.recogniser.get_cmn()
         self.cmn_at = {}  # chunk start sample -> cepstral mean when the recogniser reached it
         self.guessed = {}  # word -> phones added to the aligner's dictionary

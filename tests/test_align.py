@@ -64,19 +64,20 @@ def test_forced_alignment_against_mfa(sample, sample_run):
     assert sample_run.agreement > 0.6 and not sample_run.warnings
 
 
-def test_long_audio_in_chunks(sample, engine, monkeypatch):
-    """20 s decoded in pieces of at most 8 s: the transcript is split across the cuts and still aligned."""
+def test_long_audio_in_chunks(sample, sample_run, engine, monkeypatch):
+    """Decoded in pieces of at most 20 s: the cuts fall in pauses, and the transcript, split across them by the
+    recognised words, is still aligned as well (the recognition of the shared run is reused)."""
     y, reference = sample
-    monkeypatch.setattr(align, "CHUNK_SECONDS", 8.0)
-    y = y[:20 * 16000]
+    monkeypatch.setattr(align, "CHUNK_SECONDS", 20.0)
     bounds = align.chunk_bounds(y)
-    assert len(bounds) >= 3 and bounds[0][0] == 0 and bounds[-1][1] == len(y)
-    assert all(b - a <= 8 * 16000 for a, b in bounds)
+    assert len(bounds) >= 4 and bounds[0][0] == 0 and bounds[-1][1] == len(y)
+    assert all(b - a <= 20 * 16000 for a, b in bounds)
     assert all(bounds[i][1] == bounds[i + 1][0] for i in range(len(bounds) - 1))
-    ref = [r for r in reference if r[1] <= 19.95]
-    result = align.align_audio(y, [w for _, _, w in ref if w], engine)
-    assert [w for _, _, w in result.words] == [w for _, _, w in ref if w] and not result.warnings
-    assert onset_scores(ref, result.words)["recall@0.1"] >= 0.85
+    words = [w for _, _, w in reference if w]
+    warnings = []
+    placed, _ = align._force_align(y, words, sample_run.heard, engine, "sample", warnings)
+    assert [w for _, _, w in placed] == words and not warnings
+    assert onset_scores(reference, placed)["recall@0.1"] >= 0.92
 
 
 def test_numbers_and_unknown_words_are_placed(sample, engine):
@@ -173,7 +174,7 @@ SMALL = {"hidden_size": 32, "audio_f": 32, "motion_f": 32, "vae_codebook_size": 
 
 @pytest.fixture(scope="module")
 def custom_dataset(beat2_sample, tmp_path_factory):
-    """Two 10-s recordings (motion + 16-bit PCM wav at 44.1 kHz stereo) and a csv, no TextGrids, filled by
+    """Two 6-s recordings (motion + 16-bit PCM wav at 44.1 kHz stereo) and a csv, no TextGrids, filled by
     `python -m dataloaders.align --dataset`; random stage-1, FGD and MambaTalk weights to run test.py with."""
     from models.mambatalk import MambaTalk
     from models.motion_representation import STAGE1_FILES, VAESKConv, build_stage1_models
@@ -189,10 +190,10 @@ def custom_dataset(beat2_sample, tmp_path_factory):
     from scipy.signal import resample_poly
     rows = [("2_scott_0_91_91", "train", 0), ("2_scott_0_92_92", "test", 10)]
     for fid, _, t0 in rows:
-        f = slice(t0 * 30, (t0 + 10) * 30)
+        f = slice(t0 * 30, (t0 + 6) * 30)
         write_motion(data / "smplxflame_30" / f"{fid}.npz", motion["betas"], motion["poses"][f],
                      motion["expressions"][f], motion["trans"][f])
-        clip = resample_poly(y[t0 * 16000:(t0 + 10) * 16000], 441, 160)
+        clip = resample_poly(y[t0 * 16000:(t0 + 6) * 16000], 441, 160)
         sf.write(data / "wave16k" / f"{fid}.wav", np.stack([clip, clip], 1), 44100, subtype="PCM_16")
     mean_vel = "mean_vel_smplxflame_30.npy"
     (data / "weights" / mean_vel).symlink_to(beat2_sample / "weights" / mean_vel)
@@ -218,14 +219,14 @@ def test_dataset_filled_then_tested(custom_dataset, beat2_sample):
     grids = sorted((data / "textgrid").glob("*"))
     assert [g.name for g in grids] == ["2_scott_0_91_91.TextGrid", "2_scott_0_92_92.TextGrid"]
     reference = [(s - 10, e - 10, w) for s, e, w in read_words(beat2_sample / "textgrid" / f"{SAMPLE_ID}.TextGrid")
-                 if 10 <= s and e <= 20]
+                 if 10 <= s and e <= 16]
     words = read_words(grids[1])
-    assert words[0][0] == 0.0 and abs(words[-1][1] - 10.0) < 1e-3
-    assert onset_scores(reference, words)["recall@0.2"] >= 0.5
+    assert words[0][0] == 0.0 and abs(words[-1][1] - 6.0) < 1e-3
+    assert onset_scores(reference, words)["recall@0.2"] >= 0.35  # 6 s starting mid-sentence: measured 0.47
     assert align.fill_dataset(data) == []  # nothing left to do: the TextGrids are kept
     report, out_dir = run_test(args, out_dir=str(tmp / "test_out"))
     poses = np.load(Path(out_dir) / "res_2_scott_0_92_92.npz")["poses"]
-    assert poses.shape == (300, 165) and np.isfinite(poses).all()
+    assert poses.shape == (180, 165) and np.isfinite(poses).all()
     assert np.isfinite(report["metrics"]["fgd"])
 
 
@@ -238,8 +239,8 @@ def test_infer_aligns_words(custom_dataset, tmp_path):
         cmd += [f"--{k}", str(getattr(args, k))]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert np.load(out)["poses"].shape == (300, 165)
+    assert np.load(out)["poses"].shape == (180, 165)
     words = read_words(tmp_path / "res.TextGrid")
     n = len([w for _, _, w in words if w])
-    assert n > 10 and f"of {n} spoken words are in the model's vocabulary" in r.stderr
+    assert n > 5 and f"of {n} spoken words are in the model's vocabulary" in r.stderr
     assert read_words(tmp_path / "res.TextGrid") == read_words(data / "textgrid" / "2_scott_0_92_92.TextGrid")
