@@ -7,8 +7,9 @@
 Any wav format, sample rate and channel count (resampled to 16 kHz mono). Word timings come from --textgrid (a
 Montreal Forced Aligner `words` tier) when given; otherwise (`--words auto`) they are made from the audio by
 dataloaders/align.py (recognised, or force-aligned to --transcript) and written next to the result as
-<out>.TextGrid; `--words none` gives every frame the token a silence gets in training. Generation runs the same
-windowed code as test.py, seeded like it with how the training recordings start when the config's dataset is at hand (else the skeleton's rest pose), or with the
+<out>.TextGrid; `--words none` gives every frame the token a silence gets in training.
+Generation runs the same windowed code as test.py, seeded like it with
+how the training recordings start when the config's dataset is at hand (else the skeleton's rest pose), or with the
 first frames of --seed_pose, and is deterministic.
 """
 import argparse
