@@ -557,9 +557,9 @@ def main(argv=None):
     stems = [Path(a).stem for a in args.audio]
     if len(set(stems)) != len(stems):
         raise ValueError(f"two recordings share a name, their TextGrids would overwrite each other: {stems}")
+    engine = load_engine(args.engine, args.whisper_model)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    engine = load_engine(args.engine, args.whisper_model)
     written = []
     for audio, words, stem in zip(args.audio, transcripts, stems):
         result = align_audio(read_audio(audio), words, engine, name=audio)
