@@ -61,9 +61,9 @@ def textgrid_path(out):
 def auto_words(own, y, n_frames, vocab, log):
     """Word timings made from the audio (dataloaders/align.py) -> per-frame vocabulary indices; the TextGrid is kept
     in own.alignment and written beside the result once generation has succeeded."""
-    from dataloaders.align import align_audio, load_engine, read_transcript
+    from dataloaders.align import align_audio, read_transcript
     transcript = read_transcript(own.transcript) if own.transcript else None
-    result = align_audio(y, transcript, load_engine(own.align_engine, own.whisper_model), name=own.audio)
+    result = align_audio(y, transcript, own.align_engine, name=own.audio, whisper_model=own.whisper_model)
     own.alignment = result
     spoken = [w for _, _, w in result.words]
     how = "force-aligned to the transcript" if transcript is not None else "recognised"

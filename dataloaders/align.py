@@ -413,16 +413,19 @@ def tidy(words, duration, min_len=0.01):
     return [(float(s), float(e), w) for s, e, (_, _, w) in zip(starts, ends, words) if e > s]
 
 
-def align_audio(y, transcript=None, engine=None, name="audio"):
-    """Words of a 16 kHz mono wave. transcript: list of words (normalised) or None to recognise.
+def align_audio(y, transcript=None, engine="auto", name="audio", whisper_model=WHISPER_MODEL):
+    """Words of a 16 kHz mono wave. transcript: list of words (normalised) or None to recognise. engine: a loaded
+    engine, or its name (then loaded only when there is sound to decode).
     Warnings (no speech, a transcript that does not match) are logged and kept in the result."""
-    engine = engine or load_engine()
     duration = len(y) / SR
-    result = Alignment([], duration, engine.name)
+    result = Alignment([], duration, engine if isinstance(engine, str) else engine.name)
     if not has_speech(y):
         result.warnings.append(f"{name}: no speech found (the audio is silent); the words tier is empty"
                                + (" and the transcript is not used" if transcript else ""))
     else:
+        if isinstance(engine, str):
+            engine = load_engine(engine, whisper_model)
+            result.engine = engine.name
         heard = result.heard = engine.recognise(y)
         if transcript is None:
             result.words = heard
@@ -501,7 +504,7 @@ def write_textgrid(path, words, duration):
     return path
 
 
-def align_file(audio, out, transcript=None, engine=None):
+def align_file(audio, out, transcript=None, engine="auto"):
     """Align one recording and write its TextGrid; returns the Alignment."""
     y = read_audio(audio)
     words = read_transcript(transcript) if transcript else None
