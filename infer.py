@@ -1,11 +1,14 @@
 """Motion from a speech recording alone.
 
-    python infer.py --audio speech.wav [--textgrid words.TextGrid] [--speaker 2] [--seed_pose pose.npz] \
-        --out result.npz [--config configs/mambatalk.yaml] [--ckpt pretrained/mambatalk_100.bin] [--key value ...]
+    python infer.py --audio speech.wav [--textgrid words.TextGrid | --transcript words.txt | --words none] \
+        [--speaker 2] [--seed_pose pose.npz] --out result.npz [--config configs/mambatalk.yaml] \
+        [--ckpt pretrained/mambatalk_100.bin] [--key value ...]
 
-Any wav format, sample rate and channel count (resampled to 16 kHz mono). The TextGrid (a Montreal Forced Aligner
-`words` tier) is optional: without it every frame gets the token a silence gets in training, so the model gestures
-from the audio alone and loses the word cue. Generation runs the same windowed code as test.py, seeded like it with
+Any wav format, sample rate and channel count (resampled to 16 kHz mono). Word timings come from --textgrid (a
+Montreal Forced Aligner `words` tier) when given; otherwise (`--words auto`) they are made from the audio by
+dataloaders/align.py (recognised, or force-aligned to --transcript) and written next to the result as
+<out>.TextGrid; `--words none` gives every frame the token a silence gets in training.
+Generation runs the same windowed code as test.py, seeded like it with
 how the training recordings start when the config's dataset is at hand (else the skeleton's rest pose), or with the
 first frames of --seed_pose, and is deterministic.
 """
@@ -38,6 +41,12 @@ def parse(argv=None):
     p.add_argument("--audio", required=True, help="speech recording (wav, any rate/channels)")
     p.add_argument("--out", required=True, help="result npz (BEAT2 format)")
     p.add_argument("--textgrid", default="", help="word alignment with a 'words' tier (optional)")
+    p.add_argument("--words", default="auto", choices=("auto", "none"),
+                   help="without --textgrid: auto = align the audio (default), none = silence token on every frame")
+    p.add_argument("--transcript", default="", help="text of the speech: force-align these words (optional)")
+    p.add_argument("--align_engine", default="auto", choices=("auto", "pocketsphinx", "whisper"),
+                   help="aligner for --words auto (see dataloaders/align.py)")
+    p.add_argument("--whisper_model", default="base.en", help="faster-whisper model folder or hub name")
     p.add_argument("--speaker", type=int, default=2, help="BEAT2 speaker number whose style to use (default 2, scott)")
     p.add_argument("--seed_pose", default="", help="npz whose first frames seed the first window (optional)")
     p.add_argument("--ckpt", default="", help="MambaTalk weights (default: the config's test_ckpt)")
@@ -47,6 +56,30 @@ def parse(argv=None):
     own, rest = p.parse_known_args(argv)
     args = parse_args(["--config", own.config] + rest)
     return own, args
+
+
+def textgrid_path(out):
+    return os.path.splitext(out)[0] + ".TextGrid"
+
+
+def auto_words(own, y, n_frames, vocab, log):
+    """Word timings made from the audio (dataloaders/align.py) -> per-frame vocabulary indices; the TextGrid is kept
+    in own.alignment and written beside the result once generation has succeeded."""
+    from dataloaders.align import align_audio, read_transcript
+    transcript = read_transcript(own.transcript) if own.transcript else None
+    result = align_audio(y, transcript, own.align_engine, name=own.audio, whisper_model=own.whisper_model)
+    own.alignment = result
+    spoken = [w for _, _, w in result.words]
+    how = "force-aligned to the transcript" if transcript is not None else "recognised"
+    log.info(f"words ({result.engine}, {how}): {len(spoken)} found: {' '.join(spoken[:12])}"
+             f"{' ...' if len(spoken) > 12 else ''}")
+    if vocab is None:
+        log.warning("no vocabulary (data_path/weights/vocab.pkl or TextGrids) to map the words to: every frame gets "
+                    "the silence token")
+        return np.full(n_frames, UNK)
+    known = sum(w in vocab.word2index for w in spoken)
+    log.info(f"{known} of {len(spoken)} spoken words are in the model's vocabulary")
+    return word_indices(result.words, n_frames, vocab)
 
 
 def load_inputs(own, args, vocab, log):
@@ -70,6 +103,8 @@ def load_inputs(own, args, vocab, log):
             log.warning(f"{own.textgrid}: words run to {end:.2f} s but the audio lasts {seconds:.2f} s; "
                         "words past the end of the audio are ignored")
         word = torch.from_numpy(word_indices(words, n_frames, vocab).astype(np.int64))
+    elif own.words == "auto":
+        word = torch.from_numpy(auto_words(own, y, n_frames, vocab, log).astype(np.int64))
     else:
         word = torch.full((n_frames,), UNK, dtype=torch.long)
     seed, start_trans, betas = None, None, np.zeros(300, np.float32)
@@ -103,6 +138,9 @@ def main(argv=None):
     out_dir = os.path.dirname(os.path.abspath(own.out))
     if not os.access(out_dir, os.W_OK):
         raise ValueError(f"cannot write {own.out}: folder {out_dir} is missing or not writable")
+    if own.transcript and (own.textgrid or own.words == "none"):
+        raise ValueError("--transcript is used to align the audio: it goes with --words auto and no --textgrid")
+    own.alignment = None
     try:
         vocab = get_vocab(args)
     except FileNotFoundError:
@@ -116,6 +154,10 @@ def main(argv=None):
     vq = load_frozen_models(args, device)
     result = generate(model, vq, [sequence], args)[0]
     write_motion(own.out, betas, result["poses"].numpy(), result["expressions"].numpy(), result["trans"].numpy())
+    if own.alignment is not None:
+        from dataloaders.align import write_textgrid
+        write_textgrid(textgrid_path(own.out), own.alignment.words, own.alignment.duration)
+        get_logger().info(f"wrote {textgrid_path(own.out)}: the words used")
     get_logger().info(f"wrote {own.out}: {result['poses'].shape[0]} frames ({result['poses'].shape[0] / FPS:.2f} s)")
     if own.export:
         export_motion(own.out, own.export, out_dir, load_body_model(args))

@@ -117,7 +117,8 @@ def test_infer_on_real_wav(setup, beat2_sample, tmp_path):
     wav = beat2_sample / "wave16k" / "2_scott_0_1_1.wav"
     seconds = sf.info(str(wav)).frames / sf.info(str(wav)).samplerate
     outs = []
-    for extra in ([], ["--textgrid", str(beat2_sample / "textgrid" / "2_scott_0_1_1.TextGrid")], []):
+    none = ["--words", "none"]  # automatic words are tested in tests/test_align.py
+    for extra in (none, ["--textgrid", str(beat2_sample / "textgrid" / "2_scott_0_1_1.TextGrid")], none):
         out = tmp_path / f"res_{len(outs)}.npz"
         r = run_infer(args, "--audio", str(wav), "--out", str(out), *extra)
         assert r.returncode == 0, r.stderr
