@@ -77,9 +77,15 @@ def auto_words(own, y, n_frames, vocab, log):
         log.warning("no vocabulary (data_path/weights/vocab.pkl or TextGrids) to map the words to: every frame gets "
                     "the silence token")
         return np.full(n_frames, UNK)
-    known = sum(w in vocab.word2index for w in spoken)
-    log.info(f"{known} of {len(spoken)} spoken words are in the model's vocabulary")
+    log_vocabulary_coverage(spoken, vocab, log)
     return word_indices(result.words, n_frames, vocab)
+
+
+def log_vocabulary_coverage(spoken, vocab, log):
+    """How many of the recording's words the model knows: unknown words reach it as the unknown-word token."""
+    known = sum(w in vocab.word2index for w in spoken)
+    log.info(f"{known} of {len(spoken)} spoken words are in the model's vocabulary"
+             + (" (the others reach it as one unknown-word token)" if known < len(spoken) else ""))
 
 
 def load_inputs(own, args, vocab, log):
@@ -102,6 +108,7 @@ def load_inputs(own, args, vocab, log):
         if end > seconds + 0.5:
             log.warning(f"{own.textgrid}: words run to {end:.2f} s but the audio lasts {seconds:.2f} s; "
                         "words past the end of the audio are ignored")
+        log_vocabulary_coverage([w for _, _, w in words if w.strip()], vocab, log)
         word = torch.from_numpy(word_indices(words, n_frames, vocab).astype(np.int64))
     elif own.words == "auto":
         word = torch.from_numpy(auto_words(own, y, n_frames, vocab, log).astype(np.int64))
