@@ -302,15 +302,14 @@ def load_or_build(args, loader_type, with_contacts, speaker_id, vocab):
 
 def load_mean_velocity(args):
     """(55,) mean joint speed (§3.9): data_path/weights/mean_vel_<pose_rep>.npy, else computed over every npz of
-    the dataset, keyed by its inputs, and saved beside the dataset (data_path/weights/) so that every config using it
-    computes it once; in the cache root when the dataset dir is read-only."""
+    the dataset, keyed by its inputs, and saved beside the per-config cache folders (the parent of the cache root)
+    so that every config on the same data computes it once; the dataset dir may be read-only."""
     name = f"mean_vel_{args.pose_rep}"
     shipped = Path(args.data_path) / "weights" / f"{name}.npy"
     npzs = [] if shipped.is_file() else sorted((Path(args.data_path) / args.pose_rep).glob("*.npz"))
     key = _sha([_file_signature(p) for p in npzs] + [_body_identity(args)])[:16]
-    beside = Path(args.data_path) / "weights" / f"{name}_{key}.npy"
-    in_cache = cache_root(args) / f"{name}_{key}.npy"
-    for path in (shipped, beside, in_cache):
+    computed = cache_root(args).parent / f"{name}_{key}.npy"
+    for path in (shipped, computed):
         if path.is_file():
             vel = np.load(path)
             if vel.shape != (55,):
@@ -318,7 +317,6 @@ def load_mean_velocity(args):
             return vel.astype(np.float32)
     if not npzs:
         raise FileNotFoundError(f"no {shipped} and no npz files in {Path(args.data_path) / args.pose_rep}")
-    computed = beside if os.access(Path(args.data_path), os.W_OK) else in_cache
     body = load_body_model(args)
     joints = []
     for p in tqdm(npzs, desc="mean joint velocity", unit="file"):

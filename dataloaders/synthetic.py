@@ -448,8 +448,7 @@ def write_demo_dataset(out_dir, seed=0, preset="demo", force=False):
             if old.stem not in keep:
                 old.unlink()
     # The mean joint velocity is derived from the npz files by the loader: drop a stale one.
-    for stale in (out_dir / "weights").glob("mean_vel_smplxflame_30*.npy"):
-        stale.unlink()
+    (out_dir / "weights" / "mean_vel_smplxflame_30.npy").unlink(missing_ok=True)
 
     for index, (seq_id, _, speaker, seconds) in enumerate(plan):
         write_sequence(out_dir, seq_id, speaker, seconds, seed, index)
