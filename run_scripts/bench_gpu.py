@@ -15,6 +15,10 @@ code and the fast configuration, with peak GPU memory, then the agreement betwee
   clip     a 60-s clip (30 windows, one after another), codes decoded to motion. published: the per-window loop of
            the published test (full forward per window, inputs sliced on the host). fast: trainers.generate.
   testset  15 sequences, 956 s of speech in all (BEAT2 speaker 2's test split), batched across sequences.
+  model    (with --published_repo PATH, a fetched copy of the published repository, imported at run time and never
+           part of this project) the generator alone: forward of the three passes + six losses + backward + clipping
+           + Adam at batch x 64 frames, same weights and inputs: the published class (fp32, bf16 autocast) against
+           ours (three separate passes; shared conditioning and batched passes).
   scan     one Mamba layer (d_model 256/512/768, 64 frames, batch 64), forward+backward: mamba-ssm's kernel (cuda)
            against the torch backend (Triton kernels on GPUs) and the torch backend's PyTorch loop.
 Weights are random (speed only); data are random tensors already on the device (the loader is timed elsewhere).
@@ -44,7 +48,7 @@ from utils.cuda_graph import GraphedFunction  # noqa: E402
 
 TINY = dict(hidden_size=64, audio_f=64, motion_f=32, vae_codebook_size=32, word_index_num=40, word_dims=16,
             batch_size=2, pose_length=32)
-SECTIONS = ("train", "window", "clip", "testset", "scan")
+SECTIONS = ("train", "model", "window", "clip", "testset", "scan")
 # training configurations: label, shared conditioning, amp, fused Adam, torch.compile mode, ssm backend, batched passes.
 # Backend "cuda" is mamba-ssm's kernel where it is built (the published code's), else auto; auto trains on the torch
 # backend's Triton kernels on GPUs. "compile-ro" is what the trainer runs with `compile: true` on one GPU.
@@ -296,6 +300,116 @@ def bench_train(table, args, device, opts):
     ssm.set_ssm_backend("auto")
 
 
+def published_class(repo, args, device):
+    """The published MambaTalk class from a fetched copy of the published repository (`repo`), imported under the
+    package name `published_models` (its top-level names clash with ours). Its vocabulary-building module imports
+    lmdb, fasttext and loguru, which the model does not use: stand-ins are registered when they are missing. The
+    class reads `data_path/weights/vocab.pkl`; a temporary one with random word vectors is written."""
+    import importlib
+    import importlib.util
+    import pickle
+    import tempfile
+    import types
+
+    import numpy as np
+    for name in ("lmdb", "fasttext", "loguru", "pyarrow"):
+        if name not in sys.modules and importlib.util.find_spec(name) is None:
+            stub = types.ModuleType(name)
+            stub.logger = types.SimpleNamespace(info=print, warning=print)
+            sys.modules[name] = stub
+    pkg = types.ModuleType("published_models")
+    pkg.__path__ = [str(Path(repo) / "models")]
+    sys.modules["published_models"] = pkg
+    module = importlib.import_module("published_models.mambatalk")
+    data = Path(tempfile.mkdtemp()) / "weights"
+    data.mkdir()
+    words = np.random.default_rng(0).standard_normal((args.word_index_num, args.word_dims)).astype(np.float32)
+    with open(data / "vocab.pkl", "wb") as f:
+        pickle.dump(types.SimpleNamespace(word_embedding_weights=words), f)
+    a = copy.copy(args)
+    a.data_path = str(data.parent) + "/"
+    torch.manual_seed(0)
+    return module.MambaTalk(a).to(device)
+
+
+def bench_model(table, args, device, opts):
+    """The generator alone (no trainer): three passes, six losses, backward, clipping, Adam; same weights, inputs."""
+    if not opts.published_repo:
+        return
+    B, T, K = args.batch_size, args.pose_length, args.vae_codebook_size
+    g = torch.Generator().manual_seed(3)
+    audio = torch.randn(B, int(T / args.pose_fps * args.audio_sr), 3, generator=g).to(device)
+    word = torch.randint(0, args.word_index_num, (B, T), generator=g).to(device)
+    ids = torch.randint(0, 25, (B, T, 1), generator=g).to(device)
+    motion = torch.randn(B, T, args.pose_dims + 7, generator=g).to(device)
+    seeded = torch.ones_like(motion)
+    seeded[:, :args.pre_frames] = 0
+    masked = (torch.rand(motion.shape, generator=g) < 0.5).float().to(device)
+    latent = {p: torch.randn(B, T, K, generator=g).to(device) for p in gen.PARTS}
+    index = {p: torch.randint(0, K, (B, T), generator=g).to(device) for p in gen.PARTS}
+    cls_w = {"face": args.cf, "upper": args.cu, "hands": args.ch, "lower": args.cl}
+
+    def losses(out, weights):
+        lat = sum(3.0 * torch.nn.functional.mse_loss(out[f"rec_{p}"].float(), latent[p]) for p in gen.PARTS)
+        cls = sum(weights[p] * torch.nn.functional.cross_entropy(out[f"cls_{p}"].flatten(0, 1).float(),
+                                                                 index[p].flatten()) for p in gen.PARTS if weights[p])
+        return lat + cls
+
+    reference = {}
+
+    def run(name, model, amp, passes, fused):
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.Adam(params, lr=2.5e-4, fused=fused or None)
+        kw = dict(in_audio=audio, in_word=word, in_motion=motion, in_id=ids)
+
+        def step():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                if passes == "shared":
+                    outs = model(mask=[seeded, masked, masked], **kw)
+                elif passes == "published":
+                    outs = [model(mask=seeded, **kw), model(mask=masked, use_word=False, **kw),
+                            model(mask=masked, use_word=True, **kw)]
+                else:
+                    outs = [model(mask=m, **kw) for m in (seeded, masked, masked)]
+            total = losses(outs[0], cls_w) + sum(losses(o, dict.fromkeys(gen.PARTS, 1.0)) for o in outs[1:])
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            torch.nn.utils.clip_grad_norm_(params, args.grad_norm)
+            opt.step()
+            return total.detach()
+
+        torch.manual_seed(7)
+        first = float(step())
+        reset_peak(device)
+        t = median_seconds(step, device, opts.steps, warmup=opts.warmup)
+        table.add("generator alone", name, t * 1e3, "ms/step", reference.get("ms"), peak_gib(device))
+        reference.setdefault("ms", t * 1e3)
+        table.notes.append(f"generator alone / {name}: first-step loss {first:.6g}")
+        return t
+
+    def published(amp):
+        model = published_class(opts.published_repo, args, device)
+        weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        run(f"published class, {'bf16 autocast' if amp else 'fp32'}, Adam", model, amp, "published", False)
+        del model
+        return weights
+
+    weights = run_row(table, "generator alone", "published class", lambda: published(False))
+    run_row(table, "generator alone", "published class bf16", lambda: published(True))
+    for name, passes in (("ours, bf16, three passes, fused Adam", "separate"),
+                         ("ours, bf16, shared conditioning + batched passes, fused Adam", "shared")):
+        def ours(name=name, passes=passes):
+            model, _ = build_models(args, device)
+            if weights is not None:
+                missing = model.load_state_dict(weights, strict=False)
+                if missing.missing_keys or missing.unexpected_keys:
+                    table.notes.append(f"generator alone: published weights: {len(missing.missing_keys)} keys "
+                                       f"missing, {len(missing.unexpected_keys)} unexpected")
+            run(name, model, True, passes, device.type == "cuda")
+        run_row(table, "generator alone", name, ours)
+
+
 def window_inputs(args, device, batch=1):
     T, P = args.pose_length, args.pose_dims + 7
     samples = int(T / args.pose_fps * args.audio_sr)
@@ -478,6 +592,8 @@ def main():
     p.add_argument("--repeats", type=int, default=None, help="repeats of the window/scan timings (median)")
     p.add_argument("--compile", action="store_true",
                    help="add the training row the trainer runs with `compile: true` (compiles for minutes)")
+    p.add_argument("--published_repo", default=None,
+                   help="folder of a fetched copy of the published repository: adds the 'model' rows")
     p.add_argument("--profile", nargs="?", const="fast", choices=list(TRAIN_ROWS),
                    help="profile one training step of this configuration (default fast) and stop")
     p.add_argument("--train_rows", nargs="+", default=["published", "shared", "fp32", "fast-mamba", "fast"],
@@ -507,6 +623,8 @@ def main():
     table = Table()
     if "train" in opts.only:
         bench_train(table, args, device, opts)
+    if "model" in opts.only:
+        bench_model(table, args, device, opts)
     if "window" in opts.only:
         bench_window(table, args, device, opts)
     if "clip" in opts.only:
