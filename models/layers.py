@@ -101,12 +101,14 @@ class WavEncoder(nn.Module):
     small `audio_f` gives a small encoder while 512 reproduces the published keys and shapes.
     Three scales are concatenated: two extra branches re-downsample the 1/30 and 1/180 features to the frame rate.
 
-    `channels_last` (default: on CUDA tensors) runs the blocks on (B, C, 1, L) in channels-last memory: cuDNN's
-    NHWC tensor-core convolutions, with no layout transposes around each of the 28 convolutions (bf16 training on
-    an H200: see run_scripts/bench_gpu.py). Same parameters and maths; float32 results agree to rounding.
+    `channels_last` runs the blocks on (B, C, 1, L) in channels-last memory, the layout that the 16-bit
+    convolutions of cuDNN (tensor cores) and of oneDNN (AMX on CPUs) consume directly, with no layout transposes
+    around each of the 28 convolutions. By default it is used under bf16/fp16 autocast or for 16-bit inputs; float32
+    keeps the published (B, C, L) layout (on a CPU it is the faster one for float32). Same parameters and maths:
+    results agree to rounding (tests/test_speed.py).
     """
 
-    channels_last = None  # None: on CUDA tensors only; True/False: always/never
+    channels_last = None  # None: for 16-bit computation only; True/False: always/never
 
     def __init__(self, out_dim, audio_in=1):
         super().__init__()
@@ -133,7 +135,9 @@ class WavEncoder(nn.Module):
         if wav.dim() == 2:
             wav = wav.unsqueeze(-1)
         x = wav.transpose(1, 2)                       # (B, C, L)
-        nhwc = wav.is_cuda if self.channels_last is None else self.channels_last
+        nhwc = self.channels_last
+        if nhwc is None:
+            nhwc = wav.dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled(wav.device.type)
         if nhwc:  # (B, C, 1, L) with channel stride 1: (B, L, C) memory, as the input already is
             x = x.unsqueeze(2).contiguous(memory_format=torch.channels_last)
         fine = self.feat_extractor[:3](x)             # ~1/30 of the samples

@@ -9,12 +9,14 @@ import warnings
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from models import ssm
 from models.layers import MLP, PeriodicPositionalEncoding, WavEncoder
 from models.motion_representation import VQEncoderV6
 
 NUM_SPEAKERS = 25  # BEAT2 English speakers after the id remapping of dataloaders (spec §2)
+OUTPUT_KEYS = ("rec_face", "rec_upper", "rec_lower", "rec_hands", "cls_face", "cls_upper", "cls_lower", "cls_hands")
 
 
 def transformer_encoder(d_model, nhead, num_layers=1):
@@ -48,13 +50,15 @@ class GlobalScan(nn.Module):
         self.body_scan = ssm.MambaScan(M, M, n_layer=1, d_intermediate=H)
         self.out = nn.Linear(A + M, H)
 
-    def forward(self, in_motion, mask, spk_body, face_feat):
+    def forward(self, in_motion, mask, spk_body, face_feat, body_query=None):
         """face_feat = self.face_scan(fusion_face): it does not depend on the motion, so MambaTalk computes it once
-        with the rest of the conditioning."""
+        with the rest of the conditioning; so does generation with body_query = body_q_self_attn(spk_body)."""
         query = torch.where(mask == 1, self.learnable_query.expand_as(in_motion), in_motion)
         body_feat = self.motion_encoder(query)
         motion_feat = self.motion_proj2(self.motion_proj1(body_feat))
-        motion_feat = self.position_embeddings(self.body_q_self_attn(spk_body) + motion_feat)
+        if body_query is None:
+            body_query = self.body_q_self_attn(spk_body)
+        motion_feat = self.position_embeddings(body_query + motion_feat)
         global_motion = self.motion_self_encoder(motion_feat)
         global_features = self.out(torch.cat([face_feat, self.body_scan(body_feat)], dim=-1))
         return global_motion, global_features
@@ -92,23 +96,68 @@ class LocalScan(nn.Module):
 
     def forward(self, global_motion, global_features, spk_face, spk_body, memory):
         """memory = self.body_proj(fusion_body), computed once with MambaTalk's conditioning."""
+        upper, hands, lower = self.body_tokens(global_motion, memory)
+        face = self.face_outputs(global_features, spk_face)
+        body = self.part_outputs(upper, hands, lower, spk_body)
+        return {k: (face | body)[k] for k in OUTPUT_KEYS}
+
+    def body_tokens(self, global_motion, memory, memory_kv=None):
+        """Cross-attends the global motion tokens to the memory; -> upper, hands, lower tokens (B, T, H).
+        memory_kv (eval only): every layer's keys and values of the memory, from memory_keys_values."""
+        tgt = self.position_embeddings(global_motion)
+        if memory_kv is None:
+            g = global_motion + self.motion_cross_attn(tgt=tgt, memory=memory)
+        else:
+            g = global_motion + self._cross_attend(tgt, memory_kv)
+        return self.motion2latent_upper(g), self.motion2latent_hands(g), self.motion2latent_lower(g)
+
+    def face_outputs(self, global_features, spk_face):
+        dec_face = self.face_scan(self.face_proj(torch.cat([self.position_embeddings(spk_face), global_features], -1)))
+        rec_face = self.motion_down_face(dec_face)
+        return dict(rec_face=rec_face, cls_face=self.face_classifier(rec_face))
+
+    def part_outputs(self, upper, hands, lower, spk_body):
         pe = self.position_embeddings
-        g = global_motion + self.motion_cross_attn(tgt=pe(global_motion), memory=memory)
-        upper, hands, lower = self.motion2latent_upper(g), self.motion2latent_hands(g), self.motion2latent_lower(g)
-        dec_face = self.face_scan(self.face_proj(torch.cat([pe(spk_face), global_features], dim=-1)))
         # each body part sees its own tokens (with speaker and position) and the sum of the other two parts
         dec_upper = self.upper_scan(self.upper_proj(torch.cat([pe(upper + spk_body), hands + lower], dim=-1)))
         dec_hands = self.hands_scan(self.hands_proj(torch.cat([pe(hands + spk_body), upper + lower], dim=-1)))
         dec_lower = self.lower_scan(self.lower_proj(torch.cat([pe(lower + spk_body), upper + hands], dim=-1)))
-        rec_face = self.motion_down_face(dec_face)
         rec_upper = self.motion_down_upper(dec_upper + upper)
         rec_hands = self.motion_down_hands(dec_hands + hands)
         rec_lower = self.motion_down_lower(dec_lower + lower)
-        return dict(
-            rec_face=rec_face, rec_upper=rec_upper, rec_lower=rec_lower, rec_hands=rec_hands,
-            cls_face=self.face_classifier(rec_face), cls_upper=self.upper_classifier(rec_upper),
-            cls_lower=self.lower_classifier(rec_lower), cls_hands=self.hands_classifier(rec_hands),
-        )
+        return dict(rec_upper=rec_upper, rec_lower=rec_lower, rec_hands=rec_hands,
+                    cls_upper=self.upper_classifier(rec_upper), cls_lower=self.lower_classifier(rec_lower),
+                    cls_hands=self.hands_classifier(rec_hands))
+
+    def memory_keys_values(self, memory):
+        """Each cross-attention layer's key and value heads of the memory: (B, layers, 2, heads, T, head dim).
+        They do not depend on the motion, so generation computes them once for all windows."""
+        kv = []
+        for layer in self.motion_cross_attn.layers:
+            attn = layer.multihead_attn
+            E, h = attn.embed_dim, attn.num_heads
+            k, v = F.linear(memory, attn.in_proj_weight[E:], attn.in_proj_bias[E:]).chunk(2, dim=-1)
+            kv.append(torch.stack([_heads(k, h), _heads(v, h)], dim=1))
+        return torch.stack(kv, dim=1)
+
+    def _cross_attend(self, x, memory_kv):
+        """self.motion_cross_attn(tgt=x, memory) in eval mode (post-norm decoder layers, no dropout), with the
+        memory's keys and values given."""
+        for i, layer in enumerate(self.motion_cross_attn.layers):
+            attn = layer.multihead_attn
+            E, h = attn.embed_dim, attn.num_heads
+            x = layer.norm1(x + layer.self_attn(x, x, x, need_weights=False)[0])
+            q = _heads(F.linear(x, attn.in_proj_weight[:E], attn.in_proj_bias[:E]), h)
+            k, v = memory_kv[:, i, 0], memory_kv[:, i, 1]
+            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype))
+            x = layer.norm2(x + attn.out_proj(y.transpose(1, 2).flatten(2)))
+            x = layer.norm3(x + layer.linear2(layer.activation(layer.linear1(x))))
+        return x
+
+
+def _heads(x, h):
+    """(B, T, E) -> (B, h, T, E / h)."""
+    return x.unflatten(-1, (h, -1)).transpose(1, 2)
 
 
 def word_embedding_weights(args, vocab=None):
@@ -211,6 +260,25 @@ class MambaTalk(nn.Module):
         c = condition
         global_motion, global_features = self.global_scan(in_motion, mask, c["spk_body"], c["face_feat"])
         return self.local_scan(global_motion, global_features, c["spk_face"], c["spk_body"], c["memory"])
+
+    def generation_condition(self, condition):
+        """encode_condition's output plus what generation can also compute once for every window (eval mode: no
+        dropout): the speaker query tokens of GlobalScan and the cross-attention keys/values of the memory."""
+        return dict(condition, body_query=self.global_scan.body_q_self_attn(condition["spk_body"]),
+                    memory_kv=self.local_scan.memory_keys_values(condition["memory"]))
+
+    def predict_body(self, condition, mask, in_motion):
+        """predict() for the three body parts only, from generation_condition's output; also returns the
+        'global_features' that predict_face needs (the face codes do not feed the next window's seed, so generation
+        runs the face branch for all windows at once afterwards)."""
+        c = condition
+        global_motion, global_features = self.global_scan(in_motion, mask, c["spk_body"], c["face_feat"],
+                                                          c["body_query"])
+        upper, hands, lower = self.local_scan.body_tokens(global_motion, None, c["memory_kv"])
+        return self.local_scan.part_outputs(upper, hands, lower, c["spk_body"]) | dict(global_features=global_features)
+
+    def predict_face(self, spk_face, global_features):
+        return self.local_scan.face_outputs(global_features, spk_face)
 
     def _audio_batchnorms(self):
         encoders = (self.audio_pre_encoder_face, self.audio_pre_encoder_body)

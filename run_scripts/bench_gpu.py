@@ -459,7 +459,8 @@ def bench_window(table, args, device, opts):
 
     def step_only():  # the per-window work inside generate(): conditioning precomputed, codes, decoding, next seed
         with torch.no_grad():
-            cond = model.encode_condition(inputs[0], inputs[1], inputs[2], args.pose_length)
+            cond = model.generation_condition(model.encode_condition(inputs[0], inputs[1], inputs[2],
+                                                                     args.pose_length))
             kinds = {p: "index" if getattr(args, "c" + p[0]) != 0 else "latent" for p in gen.PARTS}
             seed = gen.neutral_seed(args.pre_frames, device)[None]
             example = [cond[k] for k in gen.CONDITION] + [seed, torch.zeros(1, 3, device=device)]

@@ -29,8 +29,11 @@ PARTS = ("face", "upper", "hands", "lower")
 # On a GPU the per-window step (generator, code choice, VQ decoding, next seed) replays as one CUDA graph per batch
 # size; False runs it eagerly (same results).
 CUDA_GRAPHS = True
-ENCODE_BATCH = 64  # windows per call of the audio/text encoders
-CONDITION = ("spk_face", "spk_body", "face_feat", "memory")  # MambaTalk.encode_condition's outputs, in window_step's order
+# Windows per call of the audio/text encoders: large batches on GPUs and under CPU bf16 (oneDNN's AMX kernels);
+# float32 on a CPU runs fastest window by window (a 64-frame window's activations stay in cache).
+ENCODE_BATCH = {"cuda": 64, "cpu-bf16": 8, "cpu": 1}
+# MambaTalk.generation_condition's outputs that window_step reads, in its argument order
+CONDITION = ("spk_body", "face_feat", "body_query", "memory_kv")
 
 
 @dataclass
@@ -81,10 +84,13 @@ def integrate(v, x0):
 
 
 def choose_codes(vq, out, cls_weights):
-    """Per part: argmax of the classifier when its loss weight is non-zero, else the nearest code of the regressed
-    latent (published: body parts argmax, face nearest). Returns {part: ('index', (B,T)) or ('latent', (B,T,C))}."""
+    """Per part of `out`: argmax of the classifier when its loss weight is non-zero, else the nearest code of the
+    regressed latent (published: body parts argmax, face nearest). Returns {part: ('index', (B,T)) or
+    ('latent', (B,T,C))}."""
     codes = {}
     for part in PARTS:
+        if f"rec_{part}" not in out:
+            continue
         if cls_weights[part] != 0:
             codes[part] = ("index", out[f"cls_{part}"].argmax(dim=-1))
         else:
@@ -192,18 +198,24 @@ def generate(model, vq, sequences, args, paper_protocol=False, batch_size=64, pr
         table = torch.tensor([[first[j] + min(w, n - 1) for w in range(n_windows[0])] for j, n in enumerate(n_windows)],
                              device=device)
         seed, start = torch.stack([seeds[i] for i in ids]), torch.stack([starts[i] for i in ids])
-        cond = [cond[k] for k in CONDITION]
-        step = _window_step(model, vq, kinds, pre, paper_protocol, amp, [v[table[:, 0]] for v in cond] + [seed, start])
+        inputs = [cond[k] for k in CONDITION]
+        step = _window_step(model, vq, kinds, pre, paper_protocol, amp, [v[table[:, 0]] for v in inputs] + [seed, start])
+        body_codes, features = [], []
         for w in range(n_windows[0]):
-            outs = step(*[v.index_select(0, table[:, w]) for v in cond], seed, start)
-            seed = outs[-1]
-            keep = slice(0, window) if w == 0 else slice(pre, window)
-            for j, i in enumerate(ids):
-                if w < n_windows[j]:
-                    codes[i].append({p: c[j:j + 1, keep] for p, c in zip(PARTS, outs)})
+            *part_codes, global_features, seed = step(*[v.index_select(0, table[:, w]) for v in inputs], seed, start)
+            body_codes.append(part_codes)
+            features.append(global_features)
             done_steps += 1
             if progress is not None:
                 progress(done_steps, total_steps)
+        # the face branch does not feed the seed: every window of the group at once
+        face = face_codes(model, vq, kinds, cond["spk_face"][table.T.flatten()], torch.cat(features), amp)
+        face = face.unflatten(0, (len(features), len(ids)))
+        for w, part_codes in enumerate(body_codes):
+            keep = slice(0, window) if w == 0 else slice(pre, window)
+            for j, i in enumerate(ids):
+                if w < n_windows[j]:
+                    codes[i].append({p: c[j:j + 1, keep] for p, c in zip(PARTS, [face[w]] + part_codes)})
     results = []
     for i, s in enumerate(sequences):
         merged = {p: (kinds[p], torch.cat([c[p] for c in codes[i]], dim=1)) for p in PARTS}
@@ -216,8 +228,12 @@ def generate(model, vq, sequences, args, paper_protocol=False, batch_size=64, pr
     return results
 
 
+def encode_batch(device, amp):
+    return ENCODE_BATCH["cuda" if device.type == "cuda" else "cpu-bf16" if amp else "cpu"]
+
+
 def encode_windows(model, sequences, plans, window, device, amp=False):
-    """MambaTalk.encode_condition for every window of `sequences`, batched: {name: (W, window, C)} over all
+    """MambaTalk.generation_condition for every window of `sequences`, batched: {name: (W, ...)} over all
     windows in sequence order, and the index of each sequence's first window."""
     audio, word, speaker, first = [], [], [], []
     for s, p in zip(sequences, plans):
@@ -229,30 +245,42 @@ def encode_windows(model, sequences, plans, window, device, amp=False):
         word += [t[f:f + window] for f in p.frame_starts]
         speaker += [s.speaker] * p.n_windows
     speaker = torch.tensor(speaker, device=device)[:, None, None].expand(-1, window, 1)
-    parts = []
-    for k in range(0, len(audio), ENCODE_BATCH):
+    parts, n = [], encode_batch(device, amp)
+    for k in range(0, len(audio), n):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            parts.append(model.encode_condition(torch.stack(audio[k:k + ENCODE_BATCH]),
-                                                torch.stack(word[k:k + ENCODE_BATCH]),
-                                                speaker[k:k + ENCODE_BATCH], window))
+            cond = model.encode_condition(torch.stack(audio[k:k + n]), torch.stack(word[k:k + n]),
+                                          speaker[k:k + n], window)
+            parts.append(model.generation_condition(cond))
     return {name: torch.cat([c[name] for c in parts]) for name in parts[0]}, first
 
 
-def window_step(model, vq, kinds, pre, paper_protocol, amp, spk_face, spk_body, face_feat, memory, seed, start):
-    """One window for a batch of sequences: codes of the four parts (PARTS order) and the next window's seed."""
-    condition = dict(spk_face=spk_face, spk_body=spk_body, face_feat=face_feat, memory=memory)
-    n, window = spk_face.shape[:2]
+def window_step(model, vq, kinds, pre, paper_protocol, amp, spk_body, face_feat, body_query, memory_kv, seed, start):
+    """One window for a batch of sequences: codes of the three body parts (PARTS order), the global features that
+    the face branch needs (face_codes), and the next window's seed."""
+    condition = dict(spk_body=spk_body, face_feat=face_feat, body_query=body_query, memory_kv=memory_kv)
+    n, window = spk_body.shape[:2]
     in_motion = seed.new_zeros(n, window, seed.shape[-1])
     in_motion[:, :pre] = seed
     mask = torch.ones_like(in_motion)
     mask[:, :pre] = 0
     with torch.autocast(seed.device.type, dtype=torch.bfloat16, enabled=amp):
-        out = model.predict(condition, mask, in_motion)
+        out = model.predict_body(condition, mask, in_motion)
     out = {k: v.float() for k, v in out.items()}
     window_codes = choose_codes(vq, out, {p: 1.0 if kinds[p] == "index" else 0.0 for p in PARTS})
-    decoded = decode_codes(vq, {k: window_codes[k] for k in ("upper", "hands", "lower")})
+    decoded = decode_codes(vq, window_codes)
     next_seed = _next_seed(decoded, pre, start, paper_protocol, vq, seed)
-    return tuple(window_codes[p][1] for p in PARTS) + (next_seed,)
+    return tuple(window_codes[p][1] for p in PARTS[1:]) + (out["global_features"], next_seed)
+
+
+def face_codes(model, vq, kinds, spk_face, global_features, amp):
+    """The face codes of windows whose global features the window steps returned (any number at once)."""
+    outs = []
+    for k in range(0, len(spk_face), 256):
+        with torch.autocast(spk_face.device.type, dtype=torch.bfloat16, enabled=amp):
+            out = model.predict_face(spk_face[k:k + 256], global_features[k:k + 256])
+        out = {name: v.float() for name, v in out.items()}
+        outs.append(choose_codes(vq, out, {"face": 1.0 if kinds["face"] == "index" else 0.0})["face"][1])
+    return torch.cat(outs)
 
 
 _graphs = weakref.WeakKeyDictionary()  # model -> {settings: (vq modules, GraphedFunction)}
@@ -276,8 +304,7 @@ def _next_seed(decoded, pre, start_trans, paper_protocol, vq, prev_seed):
     """The last `pre` decoded frames of a window as the next window's seed (6D pose, translation, contacts)."""
     lower = decoded["lower"]
     legs6d = orthonormalise_6d(lower[..., :54])
-    pose = assemble_pose(decoded["upper"], decoded["hands"], legs6d)  # jaw identity: the face is not in the seed
-    pose6d = axis_angle_to_rot6d(pose)
+    pose6d = seed_pose6d(decoded["upper"][:, -pre:], decoded["hands"][:, -pre:], legs6d[:, -pre:])
     contacts = lower[..., 57:61]
     if paper_protocol:
         # §10.3 #7: the lower VQ's translation channels, integrated from the sequence's first frame every window
@@ -295,5 +322,17 @@ def _next_seed(decoded, pre, start_trans, paper_protocol, vq, prev_seed):
         x = x - x[:, pre - 1:pre] + x0[:, None]
         z = z - z[:, pre - 1:pre] + z0[:, None]
         trans = torch.stack([x, rec_global[..., 55], z], dim=-1)
-    seed = torch.cat([pose6d, trans, contacts], dim=-1)
-    return seed[:, -pre:]
+    return torch.cat([pose6d, trans[:, -pre:], contacts[:, -pre:]], dim=-1)
+
+
+def seed_pose6d(upper6d, hands6d, legs6d):
+    """(..., 330) 6D pose of a seed: each part's 6D re-projected onto a rotation (what a round trip through
+    axis-angle, assemble_pose then axis_angle_to_rot6d, gives up to rounding, in a few kernels instead of ~100);
+    the joints of no part (jaw, eyes) at identity."""
+    first = upper6d
+    pose6d = first.new_zeros(*first.shape[:-1], 55, 6)
+    pose6d[..., 0] = 1  # identity: rows (1, 0, 0) and (0, 1, 0)
+    pose6d[..., 4] = 1
+    for table, d6 in (("beat_smplx_upper", upper6d), ("beat_smplx_hands", hands6d), ("beat_smplx_lower", legs6d)):
+        pose6d[..., _joint_index(table, first.device), :] = orthonormalise_6d(d6).unflatten(-1, (-1, 6))
+    return pose6d.flatten(-2)
