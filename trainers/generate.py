@@ -12,6 +12,7 @@ Two protocols:
     to 60*k + 4 frames, audio is sliced with 533 samples per frame, window 0 is seeded with ground truth and the seed
     translation of later windows integrates the lower VQ's unsupervised translation channels from the first frame.
 """
+import copy
 import functools
 import math
 import weakref
@@ -179,6 +180,8 @@ def generate(model, vq, sequences, args, paper_protocol=False, batch_size=64, pr
     cls_weights = {"face": args.cf, "upper": args.cu, "hands": args.ch, "lower": args.cl}
     amp = getattr(args, "amp", "none") == "bf16"
     model.eval()
+    if amp:
+        model = bf16_weights(model)
     plans = [WindowPlan(s.n_frames, s.audio.shape[0], window, pre, paper_protocol) for s in sequences]
     seeds, starts = [], []
     for s in sequences:
@@ -281,6 +284,30 @@ def face_codes(model, vq, kinds, spk_face, global_features, amp):
         out = {name: v.float() for name, v in out.items()}
         outs.append(choose_codes(vq, out, {"face": 1.0 if kinds["face"] == "index" else 0.0})["face"][1])
     return torch.cat(outs)
+
+
+_bf16_copies = weakref.WeakKeyDictionary()  # model -> (parameter versions, copy with bf16 weights)
+
+
+def bf16_weights(model):
+    """For bf16 generation: an eval copy of `model` whose linear, attention and convolution weights are stored in
+    bf16, the values autocast casts them to on every call. Outputs are autocast's up to kernel choice, without the
+    per-call casts (on a GPU a sixth of a batch-1 window step's kernels; on a CPU the float32 weights' memory traffic,
+    which bounds its batch-1 matrix products). Kept while the model's parameters are unchanged (version counters)."""
+    params = dict(model.named_parameters())
+    versions = tuple(p._version for p in params.values())
+    cached = _bf16_copies.get(model)
+    if cached is not None and cached[0] == versions:
+        return cached[1]
+    lower = {f"{name}.{p}" for name, m in model.named_modules()
+             if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.MultiheadAttention))
+             for p, _ in m.named_parameters(recurse=False)}
+    shadow = copy.deepcopy(model).eval()
+    for name, p in shadow.named_parameters():
+        if name in lower and not getattr(params[name], "_keep_float32", False):
+            p.data = p.data.to(torch.bfloat16)
+    _bf16_copies[model] = (versions, shadow)
+    return shadow
 
 
 _graphs = weakref.WeakKeyDictionary()  # model -> {settings: (vq modules, GraphedFunction)}
