@@ -233,7 +233,7 @@ def test_wav_encoder_channels_last_matches_published_layout():
     a.channels_last, b.channels_last = False, True
     x = torch.randn(2, 3000, 3)
     ya, yb = a(x), b(x)
-    assert float((yb - ya).norm() / ya.norm()) < 1e-5
+    assert float((yb - ya).norm() / ya.norm()) < 1e-4
     (ya ** 2).mean().backward()
     (yb ** 2).mean().backward()
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
@@ -244,7 +244,7 @@ def test_wav_encoder_channels_last_matches_published_layout():
         torch.testing.assert_close(bb, ba, rtol=1e-4, atol=1e-6, msg=name)
     a.eval(), b.eval()
     with torch.no_grad():
-        assert float((b(x) - a(x)).norm() / a(x).norm()) < 1e-5
+        assert float((b(x) - a(x)).norm() / a(x).norm()) < 1e-4
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the default under 16-bit autocast
         assert WavEncoder.channels_last is None
         a.channels_last = None
