@@ -129,6 +129,10 @@ def row_backend(name):
 def step_trainer(args, device, model, vq, share, amp, fused, compile_mode=None, batched=True):
     """A MambaTalkTrainer that runs its own train_step/compute_losses, without the data/logging set-up."""
     avoid_cudnn_attention(device)  # as Trainer.__init__
+    # cuDNN autotuning as MambaTalkTrainer sets it; the published code runs with benchmark and deterministic on
+    published = not share and amp == "none"
+    torch.backends.cudnn.benchmark = device.type == "cuda"
+    torch.backends.cudnn.deterministic = published and device.type == "cuda"
     model.batch_passes = batched
     args = copy.copy(args)
     args.amp, args.fused_adam = amp, fused
@@ -298,6 +302,7 @@ def bench_train(table, args, device, opts):
             why = " (other dropout draws)" if key != "shared" else ""
             table.notes.append(f"train step / {c[0]}: first-step losses within {gap:.1e} (relative) of published{why}")
     ssm.set_ssm_backend("auto")
+    torch.backends.cudnn.benchmark = torch.backends.cudnn.deterministic = False  # generation rows: infer.py's settings
 
 
 def published_class(repo, args, device):
@@ -359,6 +364,8 @@ def bench_model(table, args, device, opts):
 
     def run(name, model, amp, passes, fused):
         model.train()
+        torch.backends.cudnn.benchmark = device.type == "cuda"  # as in the published code and MambaTalkTrainer
+        torch.backends.cudnn.deterministic = passes == "published" and device.type == "cuda"
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.Adam(params, lr=2.5e-4, fused=fused or None)
         kw = dict(in_audio=audio, in_word=word, in_motion=motion, in_id=ids)
@@ -397,6 +404,7 @@ def bench_model(table, args, device, opts):
 
     weights = run_row(table, "generator alone", "published class", lambda: published(False))
     run_row(table, "generator alone", "published class bf16", lambda: published(True))
+    torch.backends.cudnn.deterministic = False
     for name, passes in (("ours, bf16, three passes, fused Adam", "separate"),
                          ("ours, bf16, shared conditioning + batched passes, fused Adam", "shared")):
         def ours(name=name, passes=passes):
@@ -408,6 +416,7 @@ def bench_model(table, args, device, opts):
                                        f"missing, {len(missing.unexpected_keys)} unexpected")
             run(name, model, True, passes, device.type == "cuda")
         run_row(table, "generator alone", name, ours)
+    torch.backends.cudnn.benchmark = torch.backends.cudnn.deterministic = False
 
 
 def window_inputs(args, device, batch=1):
