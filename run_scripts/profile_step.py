@@ -143,6 +143,9 @@ def profile_row(bg, args, device, row, steps):
     trainer.cls_loss = labelled(trainer.cls_loss, "losses")
     clip = torch.nn.utils.clip_grad_norm_
     torch.nn.utils.clip_grad_norm_ = labelled(clip, "optimiser (clip, Adam)")
+    import trainers.mambatalk as tm
+    targets = tm.prepare_targets
+    tm.prepare_targets = labelled(targets, "stage-1 VQ (targets)")
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     try:
@@ -151,6 +154,7 @@ def profile_row(bg, args, device, row, steps):
             bg.sync(device)
     finally:
         torch.nn.utils.clip_grad_norm_ = clip
+        tm.prepare_targets = targets
         for h in handles:
             h.remove()
     table, count = attribute(prof.events(), device.type == "cuda")
