@@ -434,8 +434,9 @@ def bench_window(table, args, device, opts):
     inputs = window_inputs(args, device)
 
     def full(audio, word, ids, motion, mask, amp=False):
+        net = gen.bf16_weights(model) if amp else model  # as generate() runs bf16
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            out = model(in_audio=audio, in_word=word, mask=mask, in_motion=motion, in_id=ids)
+            out = net(in_audio=audio, in_word=word, mask=mask, in_motion=motion, in_id=ids)
         return tuple(out[k].float() for k in sorted(out))
 
     base = {}
@@ -466,19 +467,23 @@ def bench_window(table, args, device, opts):
 
         run_row(table, "window, batch 1", name, graphed)
 
-    def step_only():  # the per-window work inside generate(): conditioning precomputed, codes, decoding, next seed
-        with torch.no_grad():
-            cond = model.generation_condition(model.encode_condition(inputs[0], inputs[1], inputs[2],
-                                                                     args.pose_length))
-            kinds = {p: "index" if getattr(args, "c" + p[0]) != 0 else "latent" for p in gen.PARTS}
-            seed = gen.neutral_seed(args.pre_frames, device)[None]
-            example = [cond[k] for k in gen.CONDITION] + [seed, torch.zeros(1, 3, device=device)]
-            step = gen._window_step(model, vq, kinds, args.pre_frames, False, False, example)
-            t = median_seconds(lambda: step(*example), device, opts.repeats, warmup=2)
-        table.add("window, batch 1", "fast: generate()'s step (graph, fp32)", t * 1e3, "ms", base.get("t"),
-                  peak_gib(device))
+    for amp in (False, True):
+        name = f"fast: generate()'s step (graph, {'bf16' if amp else 'fp32'})"
 
-    run_row(table, "window, batch 1", "fast: generate()'s step (graph, fp32)", step_only)
+        def step_only(amp=amp, name=name):
+            # the per-window work inside generate(): conditioning precomputed, body-part codes, decoding, next seed
+            net = gen.bf16_weights(model) if amp else model
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                cond = net.generation_condition(net.encode_condition(inputs[0], inputs[1], inputs[2], args.pose_length))
+            with torch.no_grad():
+                kinds = {p: "index" if getattr(args, "c" + p[0]) != 0 else "latent" for p in gen.PARTS}
+                seed = gen.neutral_seed(args.pre_frames, device)[None]
+                example = [cond[k] for k in gen.CONDITION] + [seed, torch.zeros(1, 3, device=device)]
+                step = gen._window_step(net, vq, kinds, args.pre_frames, False, amp, example)
+                t = median_seconds(lambda: step(*example), device, opts.repeats, warmup=2)
+            table.add("window, batch 1", name, t * 1e3, "ms", base.get("t"), peak_gib(device))
+
+        run_row(table, "window, batch 1", name, step_only)
 
 
 def bench_sequences(table, args, device, opts, target, seconds):
