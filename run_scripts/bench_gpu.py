@@ -129,10 +129,11 @@ def row_backend(name):
 def step_trainer(args, device, model, vq, share, amp, fused, compile_mode=None, batched=True):
     """A MambaTalkTrainer that runs its own train_step/compute_losses, without the data/logging set-up."""
     avoid_cudnn_attention(device)  # as Trainer.__init__
-    # cuDNN autotuning as MambaTalkTrainer sets it; the published code runs with benchmark and deterministic on
+    # the published code runs with cuDNN's benchmark and deterministic flags on
     published = not share and amp == "none"
-    torch.backends.cudnn.benchmark = device.type == "cuda"
-    torch.backends.cudnn.deterministic = published and device.type == "cuda"
+    torch.backends.cudnn.benchmark = torch.backends.cudnn.deterministic = published and device.type == "cuda"
+    for encoder in (model.audio_pre_encoder_face, model.audio_pre_encoder_body):
+        encoder.channels_last = False if published else None  # the published (B, C, L) layout
     model.batch_passes = batched
     args = copy.copy(args)
     args.amp, args.fused_adam = amp, fused
@@ -364,8 +365,9 @@ def bench_model(table, args, device, opts):
 
     def run(name, model, amp, passes, fused):
         model.train()
-        torch.backends.cudnn.benchmark = device.type == "cuda"  # as in the published code and MambaTalkTrainer
-        torch.backends.cudnn.deterministic = passes == "published" and device.type == "cuda"
+        # the published code runs with cuDNN's benchmark and deterministic flags on; ours with PyTorch's defaults
+        torch.backends.cudnn.benchmark = torch.backends.cudnn.deterministic = passes == "published" and \
+            device.type == "cuda"
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.Adam(params, lr=2.5e-4, fused=fused or None)
         kw = dict(in_audio=audio, in_word=word, in_motion=motion, in_id=ids)
@@ -404,7 +406,6 @@ def bench_model(table, args, device, opts):
 
     weights = run_row(table, "generator alone", "published class", lambda: published(False))
     run_row(table, "generator alone", "published class bf16", lambda: published(True))
-    torch.backends.cudnn.deterministic = False
     for name, passes in (("ours, bf16, three passes, fused Adam", "separate"),
                          ("ours, bf16, shared conditioning + batched passes, fused Adam", "shared")):
         def ours(name=name, passes=passes):

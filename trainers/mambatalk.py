@@ -114,10 +114,6 @@ class MambaTalkTrainer(Trainer):
         check_stage1_files(self.args)
 
     def build_model(self):
-        if self.device.type == "cuda":
-            # fixed-shape windows: cuDNN times its algorithms for the audio CNNs' convolutions once and keeps the
-            # fastest (the published code runs with `benchmark: true` too)
-            torch.backends.cudnn.benchmark = True
         self.vq = load_frozen_models(self.args, self.device)
         self.eval_model = load_eval_model(self.args, self.device) if self.is_main else None
         self.best_metric = "fid" if self.eval_model is not None else "latent"
