@@ -245,7 +245,7 @@ def test_wav_encoder_channels_last_matches_published_layout():
     a.eval(), b.eval()
     with torch.no_grad():
         assert float((b(x) - a(x)).norm() / a(x).norm()) < 1e-4
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # the default under 16-bit autocast
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # the default under 16-bit autocast
         assert WavEncoder.channels_last is None
         a.channels_last = None
         assert float((a(x).float() - b(x)).norm() / b(x).norm()) < 2e-2
