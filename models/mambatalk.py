@@ -9,7 +9,6 @@ import warnings
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from models import ssm
 from models.layers import MLP, PeriodicPositionalEncoding, WavEncoder
@@ -101,14 +100,9 @@ class LocalScan(nn.Module):
         body = self.part_outputs(upper, hands, lower, spk_body)
         return {k: (face | body)[k] for k in OUTPUT_KEYS}
 
-    def body_tokens(self, global_motion, memory, memory_kv=None):
-        """Cross-attends the global motion tokens to the memory; -> upper, hands, lower tokens (B, T, H).
-        memory_kv (eval only): every layer's keys and values of the memory, from memory_keys_values."""
-        tgt = self.position_embeddings(global_motion)
-        if memory_kv is None:
-            g = global_motion + self.motion_cross_attn(tgt=tgt, memory=memory)
-        else:
-            g = global_motion + self._cross_attend(tgt, memory_kv)
+    def body_tokens(self, global_motion, memory):
+        """Cross-attends the global motion tokens to the memory; -> upper, hands, lower tokens (B, T, H)."""
+        g = global_motion + self.motion_cross_attn(tgt=self.position_embeddings(global_motion), memory=memory)
         return self.motion2latent_upper(g), self.motion2latent_hands(g), self.motion2latent_lower(g)
 
     def face_outputs(self, global_features, spk_face):
@@ -128,36 +122,6 @@ class LocalScan(nn.Module):
         return dict(rec_upper=rec_upper, rec_lower=rec_lower, rec_hands=rec_hands,
                     cls_upper=self.upper_classifier(rec_upper), cls_lower=self.lower_classifier(rec_lower),
                     cls_hands=self.hands_classifier(rec_hands))
-
-    def memory_keys_values(self, memory):
-        """Each cross-attention layer's key and value heads of the memory: (B, layers, 2, heads, T, head dim).
-        They do not depend on the motion, so generation computes them once for all windows."""
-        kv = []
-        for layer in self.motion_cross_attn.layers:
-            attn = layer.multihead_attn
-            E, h = attn.embed_dim, attn.num_heads
-            k, v = F.linear(memory, attn.in_proj_weight[E:], attn.in_proj_bias[E:]).chunk(2, dim=-1)
-            kv.append(torch.stack([_heads(k, h), _heads(v, h)], dim=1))
-        return torch.stack(kv, dim=1)
-
-    def _cross_attend(self, x, memory_kv):
-        """self.motion_cross_attn(tgt=x, memory) in eval mode (post-norm decoder layers, no dropout), with the
-        memory's keys and values given."""
-        for i, layer in enumerate(self.motion_cross_attn.layers):
-            attn = layer.multihead_attn
-            E, h = attn.embed_dim, attn.num_heads
-            x = layer.norm1(x + layer.self_attn(x, x, x, need_weights=False)[0])
-            q = _heads(F.linear(x, attn.in_proj_weight[:E], attn.in_proj_bias[:E]), h)
-            k, v = memory_kv[:, i, 0], memory_kv[:, i, 1]
-            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype))
-            x = layer.norm2(x + attn.out_proj(y.transpose(1, 2).flatten(2)))
-            x = layer.norm3(x + layer.linear2(layer.activation(layer.linear1(x))))
-        return x
-
-
-def _heads(x, h):
-    """(B, T, E) -> (B, h, T, E / h)."""
-    return x.unflatten(-1, (h, -1)).transpose(1, 2)
 
 
 def word_embedding_weights(args, vocab=None):
@@ -263,9 +227,9 @@ class MambaTalk(nn.Module):
 
     def generation_condition(self, condition):
         """encode_condition's output plus what generation can also compute once for every window (eval mode: no
-        dropout): the speaker query tokens of GlobalScan and the cross-attention keys/values of the memory."""
-        return dict(condition, body_query=self.global_scan.body_q_self_attn(condition["spk_body"]),
-                    memory_kv=self.local_scan.memory_keys_values(condition["memory"]))
+        dropout): GlobalScan's speaker query tokens (a transformer layer). The cross-attention keys and values of
+        the memory could be too, but would hold 16x the memory's size for every window of a long recording."""
+        return dict(condition, body_query=self.global_scan.body_q_self_attn(condition["spk_body"]))
 
     def predict_body(self, condition, mask, in_motion):
         """predict() for the three body parts only, from generation_condition's output; also returns the
@@ -274,7 +238,7 @@ class MambaTalk(nn.Module):
         c = condition
         global_motion, global_features = self.global_scan(in_motion, mask, c["spk_body"], c["face_feat"],
                                                           c["body_query"])
-        upper, hands, lower = self.local_scan.body_tokens(global_motion, None, c["memory_kv"])
+        upper, hands, lower = self.local_scan.body_tokens(global_motion, c["memory"])
         return self.local_scan.part_outputs(upper, hands, lower, c["spk_body"]) | dict(global_features=global_features)
 
     def predict_face(self, spk_face, global_features):

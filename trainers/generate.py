@@ -34,7 +34,7 @@ CUDA_GRAPHS = True
 # float32 on a CPU runs fastest window by window (a 64-frame window's activations stay in cache).
 ENCODE_BATCH = {"cuda": 64, "cpu-bf16": 8, "cpu": 1}
 # MambaTalk.generation_condition's outputs that window_step reads, in its argument order
-CONDITION = ("spk_body", "face_feat", "body_query", "memory_kv")
+CONDITION = ("spk_body", "face_feat", "body_query", "memory")
 
 
 @dataclass
@@ -257,10 +257,10 @@ def encode_windows(model, sequences, plans, window, device, amp=False):
     return {name: torch.cat([c[name] for c in parts]) for name in parts[0]}, first
 
 
-def window_step(model, vq, kinds, pre, paper_protocol, amp, spk_body, face_feat, body_query, memory_kv, seed, start):
+def window_step(model, vq, kinds, pre, paper_protocol, amp, spk_body, face_feat, body_query, memory, seed, start):
     """One window for a batch of sequences: codes of the three body parts (PARTS order), the global features that
     the face branch needs (face_codes), and the next window's seed."""
-    condition = dict(spk_body=spk_body, face_feat=face_feat, body_query=body_query, memory_kv=memory_kv)
+    condition = dict(spk_body=spk_body, face_feat=face_feat, body_query=body_query, memory=memory)
     n, window = spk_body.shape[:2]
     in_motion = seed.new_zeros(n, window, seed.shape[-1])
     in_motion[:, :pre] = seed
