@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from models.layers import WavEncoder
 from utils.cuda_graph import GraphedFunction
 from utils.rotation import (axis_angle_to_rot6d, matrix_to_rotation_6d, rot6d_to_axis_angle, rotation_6d_to_matrix)
 from utils.skeleton import PART_JOINTS, REST_TRANS, rest_pose
@@ -306,6 +307,11 @@ def bf16_weights(model):
     for name, p in shadow.named_parameters():
         if name in lower and not getattr(params[name], "_keep_float32", False):
             p.data = p.data.to(torch.bfloat16)
+    for m in shadow.modules():  # the audio CNNs run channels-last: their kernels too, or every call converts them
+        if isinstance(m, WavEncoder):
+            for conv in m.modules():
+                if isinstance(conv, torch.nn.Conv1d):
+                    conv.weight.data = conv.weight.data.transpose(1, 2).contiguous().transpose(1, 2)
     _bf16_copies[model] = (versions, shadow)
     return shadow
 
