@@ -7,7 +7,7 @@
 #      with random stage-1 models (bf16, then float32 if that fails), and the checkpoint loaded on CPU;
 #   4. run_scripts/bench_gpu.py --compile at published sizes (the table) with whatever time is left of 585 s;
 #   5. the training step's GPU time by module (run_scripts/profile_step.py) for the published and fast rows, and the
-#      same for the checkout at commit $BEFORE (issue 17's "before" table) when that commit is given.
+#      same for the checkout $BEFORE (a folder, or a commit of the git history there: issue 17's "before" table).
 # The published class's rows ("generator alone") need a fetched copy of the published repository in .dev/published
 #   (here: git --git-dir=<fetched git dir> archive HEAD models | tar -x -C .dev/published); it is never committed.
 # Here first: the .whl/ wheels (soundfile cffi pycparser smplx TextGrid; the GPU image lacks them) and
@@ -127,9 +127,13 @@ if ! skip profile; then
   stamp "training step by module (published, fast)"
   timeout 60 $PY run_scripts/profile_step.py --rows published fast > "$OUT/profile.txt" 2>&1
   grep -v "^profile of" "$OUT/profile.txt" | tail -30
-  if [ -n "${BEFORE:-}" ] && mkdir -p /tmp/before && git archive "$BEFORE" | tar -x -C /tmp/before; then
-    stamp "the same at $BEFORE"
-    timeout 60 $PY run_scripts/profile_step.py --repo /tmp/before --rows published fast > "$OUT/profile_before.txt" 2>&1
+  before=${BEFORE:-}  # a checkout folder (e.g. .dev/before) or a commit of this repository's git history
+  if [ -n "$before" ] && [ ! -d "$before" ]; then
+    mkdir -p /tmp/before && git archive "$before" | tar -x -C /tmp/before && before=/tmp/before || before=
+  fi
+  if [ -n "$before" ]; then
+    stamp "the same at ${BEFORE}"
+    timeout 60 $PY run_scripts/profile_step.py --repo "$before" --rows published fast > "$OUT/profile_before.txt" 2>&1
     grep -v "^profile of" "$OUT/profile_before.txt" | tail -30
   fi
 fi
