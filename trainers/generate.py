@@ -202,11 +202,12 @@ def generate(model, vq, sequences, args, paper_protocol=False, batch_size=64, pr
         table = torch.tensor([[first[j] + min(w, n - 1) for w in range(n_windows[0])] for j, n in enumerate(n_windows)],
                              device=device)
         seed, start = torch.stack([seeds[i] for i in ids]), torch.stack([starts[i] for i in ids])
-        inputs = [cond[k] for k in CONDITION]
-        step = _window_step(model, vq, kinds, pre, paper_protocol, amp, [v[table[:, 0]] for v in inputs] + [seed, start])
+        # each step's conditioning as one slice: (windows, sequences, ...), gathered once for the group
+        inputs = [cond.pop(k)[table.T.flatten()].unflatten(0, table.T.shape) for k in CONDITION]
+        step = _window_step(model, vq, kinds, pre, paper_protocol, amp, [v[0] for v in inputs] + [seed, start])
         body_codes, features = [], []
         for w in range(n_windows[0]):
-            *part_codes, global_features, seed = step(*[v.index_select(0, table[:, w]) for v in inputs], seed, start)
+            *part_codes, global_features, seed = step(*[v[w] for v in inputs], seed, start)
             body_codes.append(part_codes)
             features.append(global_features)
             done_steps += 1
