@@ -309,3 +309,32 @@ def test_bf16_generate_runs_on_cpu():
     for o, r in zip(out, ref):
         for k in r:
             assert o[k].shape == r[k].shape and o[k].dtype == torch.float32 and torch.isfinite(o[k]).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_graphed_train_step_on_gpu_matches_eager():
+    """utils.cuda_graph.GraphedTrainStep replays the eager step: without dropout and with every canvas entry masked
+    (the last epoch's mask ratio), the same losses step after step (float32)."""
+    from utils.cuda_graph import GraphedTrainStep
+    args = small_args(batch_size=4)
+    device = torch.device("cuda")
+    trainers = []
+    for _ in range(2):
+        model, vq = bench_gpu.build_models(args, device)
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+            if isinstance(m, torch.nn.MultiheadAttention):
+                m.dropout = 0.0
+        t = bench_gpu.step_trainer(args, device, model, vq, True, "none", True, "graph", True)
+        t.epoch = args.epochs  # mask ratio 1: the masked passes' masks are all ones, no random draws
+        trainers.append(t)
+    eager, graphed = trainers
+    batch = bench_gpu.training_batch(args, device)
+    graphed.train_step = GraphedTrainStep(graphed, batch, warmup=3)
+    for _ in range(3):  # the graph's warm-up steps
+        eager.train_step(batch)
+    for _ in range(3):
+        a, b = eager.train_step(batch), graphed.train_step(batch)
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
