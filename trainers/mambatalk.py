@@ -5,6 +5,7 @@ from 0.05 to 1 over training; each pass is scored by latent regression (MSE to t
 classification (cross-entropy). Validation runs on the real val split (the published code scored the train loader,
 §10.3 #1) and reports FGD with the evaluation autoencoder when its weights exist.
 """
+import functools
 import importlib.util
 import os
 from pathlib import Path
@@ -80,8 +81,14 @@ def mask_ratio(epoch, epochs):
 
 def joints_6d(pose6d, table):
     """Slice the 6D columns of a joint table out of a full (..., 330) 6D pose."""
-    cols = [6 * j + c for j in PART_JOINTS[table] for c in range(6)]
-    return pose6d[..., cols]
+    return pose6d[..., _joint_columns(table, pose6d.device)]
+
+
+@functools.lru_cache(maxsize=None)
+def _joint_columns(table, device):
+    """joints_6d's column index, made once per device: indexing with a Python list copies it to the GPU on every
+    call, which a CUDA graph of the training step (utils.cuda_graph.GraphedTrainStep) cannot capture."""
+    return torch.tensor([6 * j + c for j in PART_JOINTS[table] for c in range(6)], device=device)
 
 
 def prepare_targets(batch, vq):
