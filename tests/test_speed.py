@@ -331,10 +331,24 @@ def test_graphed_train_step_on_gpu_matches_eager():
         trainers.append(t)
     eager, graphed = trainers
     batch = bench_gpu.training_batch(args, device)
-    graphed.train_step = GraphedTrainStep(graphed, batch, warmup=3)
-    for _ in range(3):  # the graph's warm-up steps
-        eager.train_step(batch)
+    graphed.train_step = GraphedTrainStep(graphed, batch, warmup=3)  # its warm-up steps are undone
     for _ in range(3):
         a, b = eager.train_step(batch), graphed.train_step(batch)
         for k in a:
             torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+
+
+def test_cuda_graph_option_trains_eagerly_without_a_gpu(caplog):
+    """`cuda_graph: true` where it cannot apply (here: no GPU) trains eagerly, with a warning, the same losses."""
+    args = small_args(batch_size=2, cuda_graph=True)
+    device = torch.device("cpu")
+    losses = []
+    for graph in (True, False):
+        model, vq = bench_gpu.build_models(args, device)
+        t = bench_gpu.step_trainer(args, device, model, vq, True, "none", False, None, True)
+        t.args.cuda_graph = graph
+        torch.manual_seed(0)
+        losses.append(t.train_step(bench_gpu.training_batch(args, device)))
+    assert "training eagerly" in caplog.text
+    for k in losses[1]:
+        torch.testing.assert_close(losses[0][k], losses[1][k])

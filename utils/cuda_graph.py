@@ -43,16 +43,22 @@ class GraphedTrainStep:
     CUDA graph and replayed for later batches of the same shapes: CUDA graphs without torch.compile (the launch
     cost of thousands of kernels per step goes; no minutes of compilation).
 
-    Needs: a capturable optimiser (torch.optim.Adam(..., capturable=True)); `trainer.compute_losses` free of host
+    Needs: a capturable Adam (torch.optim.Adam(..., capturable=True)); `trainer.compute_losses` free of host
     synchronisation; the batch shapes and the epoch (its mask ratio) fixed at capture (capture again when they
-    change). Unlike Trainer.train_step, the losses are checked for finiteness after the update (one graph): a
-    non-finite step raises FloatingPointError with the weights already updated.
+    change). The warm-up steps that capture requires run on `batch`; the weights, buffers and optimiser state are
+    then put back, so training is not changed (only its random streams). Unlike Trainer.train_step, the losses are
+    checked for finiteness after the update (one graph): a non-finite step raises FloatingPointError with the
+    weights already updated.
     """
 
     def __init__(self, trainer, batch, warmup=3):
-        self.batch = {k: v.clone() for k, v in batch.items()}
+        self.batch = {k: v.clone() if torch.is_tensor(v) else v for k, v in batch.items()}
         params = [p for p in trainer.raw_model.parameters() if p.requires_grad]
         optimizer, model, args = trainer.optimizer, trainer.model, trainer.args
+        saved = [(t, t.detach().clone()) for t in list(trainer.raw_model.parameters()) +
+                 list(trainer.raw_model.buffers())]
+        saved_state = {id(t): t.detach().clone() for state in optimizer.state.values() for t in state.values()
+                       if torch.is_tensor(t)}
 
         def step():
             losses = trainer.compute_losses(model, self.batch, trainer.epoch)
@@ -71,6 +77,15 @@ class GraphedTrainStep:
                 optimizer.zero_grad(set_to_none=True)
                 step()
         torch.cuda.current_stream().wait_stream(stream)
+        with torch.no_grad():  # undo the warm-up: weights, BatchNorm statistics, Adam's moments and step counts
+            for t, value in saved:
+                t.copy_(value)
+            for state in optimizer.state.values():
+                for t in state.values():
+                    if torch.is_tensor(t) and id(t) in saved_state:
+                        t.copy_(saved_state[id(t)])
+                    elif torch.is_tensor(t):
+                        t.zero_()  # state the warm-up created: Adam's initial value
         optimizer.zero_grad(set_to_none=True)  # backward in the graph writes fresh gradients on every replay
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
@@ -78,7 +93,8 @@ class GraphedTrainStep:
 
     def __call__(self, batch):
         for k, v in batch.items():
-            self.batch[k].copy_(v, non_blocking=True)
+            if torch.is_tensor(v):
+                self.batch[k].copy_(v, non_blocking=True)
         self.graph.replay()
         if not torch.isfinite(self.total):
             bad = [k for k, v in self.losses.items() if not torch.isfinite(v)]
