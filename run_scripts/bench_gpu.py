@@ -10,8 +10,11 @@ code and the fast configuration, with peak GPU memory, then the agreement betwee
   train    full MambaTalk training step (frozen VQ encoders, three passes, six losses, backward, clipping, Adam)
            at batch x 64 frames through the trainer's own train_step. published: fp32, three full passes, Adam,
            mamba-ssm's scan. fast: bf16 autocast, conditioning shared by the three passes, passes batched, fused Adam,
-           Triton scan (+ torch.compile with CUDA graphs, as the trainer's `compile: true`: --compile).
-  window   one 64-frame window at batch 1, the generator's forward. published: eager fp32. fast: CUDA graph.
+           Triton scan (+ torch.compile with CUDA graphs, as the trainer's `compile: true`: --compile; + the whole
+           eager step as one CUDA graph, as `cuda_graph: true`: the row "graph", run after every other section).
+           The published rows run with the published code's cuDNN flags (benchmark, deterministic).
+  window   one 64-frame window at batch 1, the generator's forward. published: eager fp32. fast: CUDA graph (bf16:
+           on bf16 weights, as generate() runs); and generate()'s per-window step alone.
   clip     a 60-s clip (30 windows, one after another), codes decoded to motion. published: the per-window loop of
            the published test (full forward per window, inputs sliced on the host). fast: trainers.generate.
   testset  15 sequences, 956 s of speech in all (BEAT2 speaker 2's test split), batched across sequences.
