@@ -134,7 +134,7 @@ def test_encode_condition_then_predict_equals_forward():
 def test_generate_equals_published_window_loop(monkeypatch):
     """Batched conditioning, length-sorted groups (batch_size 2 < 3 sequences), the fixed-shape window step and the
     face branch run afterwards in chunks (FACE_BATCH) give the published per-window loop's motion."""
-    monkeypatch.setattr(gen, "FACE_BATCH", 3)
+    monkeypatch.setitem(gen.FACE_BATCH, "cpu", 3)
     args = small_args()
     model = build(args).eval()
     torch.manual_seed(3)

@@ -34,7 +34,7 @@ CUDA_GRAPHS = True
 # Windows per call of the audio/text encoders: large batches on GPUs and under CPU bf16 (oneDNN's AMX kernels);
 # float32 on a CPU runs fastest window by window (a 64-frame window's activations stay in cache).
 ENCODE_BATCH = {"cuda": 64, "cpu-bf16": 8, "cpu": 1}
-FACE_BATCH = 256  # windows per call of the face branch, which runs after the window steps
+FACE_BATCH = {"cuda": 256, "cpu": 4}  # windows per call of the face branch (it runs behind the window steps)
 # MambaTalk.generation_condition's outputs that window_step reads, in its argument order
 CONDITION = ("spk_body", "face_feat", "body_query", "memory")
 
@@ -211,7 +211,8 @@ def generate(model, vq, sequences, args, paper_protocol=False, batch_size=64, pr
             *part_codes, global_features, seed = step(*[v[w] for v in inputs], seed, start)
             body_codes.append(part_codes)
             pending.append(global_features)
-            if len(pending) * len(ids) >= FACE_BATCH or w == n_windows[0] - 1:
+            if len(pending) * len(ids) >= FACE_BATCH["cuda" if device.type == "cuda" else "cpu"] or \
+                    w == n_windows[0] - 1:
                 # the face branch does not feed the seed: many windows at once
                 spk_face = cond["spk_face"][table.T[len(face):w + 1].flatten()]
                 codes_f = face_codes(model, vq, kinds, spk_face, torch.cat(pending), amp)
