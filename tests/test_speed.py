@@ -353,3 +353,27 @@ def test_cuda_graph_option_trains_eagerly_without_a_gpu(caplog):
     assert "training eagerly" in caplog.text
     for k in losses[1]:
         torch.testing.assert_close(losses[0][k], losses[1][k])
+
+
+def test_training_state_restore_undoes_steps():
+    """What GraphedTrainStep does after its warm-up steps: weights, BatchNorm statistics and Adam's state back to
+    before them, so the next step is the first step of a fresh trainer."""
+    from utils.cuda_graph import restore_training_state, training_state
+    args = small_args(batch_size=2)
+    device = torch.device("cpu")
+    trainers = []
+    for _ in range(2):
+        model, vq = bench_gpu.build_models(args, device)
+        trainers.append(bench_gpu.step_trainer(args, device, model, vq, True, "none", False, None, True))
+    warmed, fresh = trainers
+    batch = bench_gpu.training_batch(args, device)
+    saved = training_state(warmed.raw_model, warmed.optimizer)
+    for _ in range(2):
+        warmed.train_step(batch)
+    restore_training_state(saved, warmed.optimizer)
+    for t in trainers:
+        torch.manual_seed(4)
+        t.train_step(batch)
+    state_a, state_b = warmed.raw_model.state_dict(), fresh.raw_model.state_dict()
+    for k in state_b:
+        torch.testing.assert_close(state_a[k], state_b[k], rtol=1e-5, atol=1e-6, msg=k)

@@ -55,10 +55,7 @@ class GraphedTrainStep:
         self.batch = {k: v.clone() if torch.is_tensor(v) else v for k, v in batch.items()}
         params = [p for p in trainer.raw_model.parameters() if p.requires_grad]
         optimizer, model, args = trainer.optimizer, trainer.model, trainer.args
-        saved = [(t, t.detach().clone()) for t in list(trainer.raw_model.parameters()) +
-                 list(trainer.raw_model.buffers())]
-        saved_state = {id(t): t.detach().clone() for state in optimizer.state.values() for t in state.values()
-                       if torch.is_tensor(t)}
+        saved = training_state(trainer.raw_model, optimizer)
 
         def step():
             losses = trainer.compute_losses(model, self.batch, trainer.epoch)
@@ -77,15 +74,7 @@ class GraphedTrainStep:
                 optimizer.zero_grad(set_to_none=True)
                 step()
         torch.cuda.current_stream().wait_stream(stream)
-        with torch.no_grad():  # undo the warm-up: weights, BatchNorm statistics, Adam's moments and step counts
-            for t, value in saved:
-                t.copy_(value)
-            for state in optimizer.state.values():
-                for t in state.values():
-                    if torch.is_tensor(t) and id(t) in saved_state:
-                        t.copy_(saved_state[id(t)])
-                    elif torch.is_tensor(t):
-                        t.zero_()  # state the warm-up created: Adam's initial value
+        restore_training_state(saved, optimizer)  # undo the warm-up
         optimizer.zero_grad(set_to_none=True)  # backward in the graph writes fresh gradients on every replay
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
@@ -100,3 +89,25 @@ class GraphedTrainStep:
             bad = [k for k, v in self.losses.items() if not torch.isfinite(v)]
             raise FloatingPointError(f"non-finite loss {bad} in a graphed training step")
         return {k: v.detach().clone() for k, v in self.losses.items()} | {"total": self.total.detach().clone()}
+
+
+def training_state(model, optimizer):
+    """Copies of a model's parameters and buffers and of an optimiser's state tensors, for restore_training_state."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    state = {id(t): t.detach().clone() for st in optimizer.state.values() for t in st.values() if torch.is_tensor(t)}
+    return [(t, t.detach().clone()) for t in tensors], state
+
+
+@torch.no_grad()
+def restore_training_state(saved, optimizer):
+    """Put back what training_state copied, in place (the tensors keep their memory, as a captured graph needs);
+    optimiser state created since then is reset to Adam's initial value, zero (moments and step counts)."""
+    tensors, state = saved
+    for t, value in tensors:
+        t.copy_(value)
+    for st in optimizer.state.values():
+        for t in st.values():
+            if torch.is_tensor(t) and id(t) in state:
+                t.copy_(state[id(t)])
+            elif torch.is_tensor(t):
+                t.zero_()
