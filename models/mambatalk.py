@@ -15,6 +15,7 @@ from models.layers import MLP, PeriodicPositionalEncoding, WavEncoder
 from models.motion_representation import VQEncoderV6
 
 NUM_SPEAKERS = 25  # BEAT2 English speakers after the id remapping of dataloaders (spec §2)
+OUTPUT_KEYS = ("rec_face", "rec_upper", "rec_lower", "rec_hands", "cls_face", "cls_upper", "cls_lower", "cls_hands")
 
 
 def transformer_encoder(d_model, nhead, num_layers=1):
@@ -48,13 +49,15 @@ class GlobalScan(nn.Module):
         self.body_scan = ssm.MambaScan(M, M, n_layer=1, d_intermediate=H)
         self.out = nn.Linear(A + M, H)
 
-    def forward(self, in_motion, mask, spk_body, face_feat):
+    def forward(self, in_motion, mask, spk_body, face_feat, body_query=None):
         """face_feat = self.face_scan(fusion_face): it does not depend on the motion, so MambaTalk computes it once
-        with the rest of the conditioning."""
+        with the rest of the conditioning; so does generation with body_query = body_q_self_attn(spk_body)."""
         query = torch.where(mask == 1, self.learnable_query.expand_as(in_motion), in_motion)
         body_feat = self.motion_encoder(query)
         motion_feat = self.motion_proj2(self.motion_proj1(body_feat))
-        motion_feat = self.position_embeddings(self.body_q_self_attn(spk_body) + motion_feat)
+        if body_query is None:
+            body_query = self.body_q_self_attn(spk_body)
+        motion_feat = self.position_embeddings(body_query + motion_feat)
         global_motion = self.motion_self_encoder(motion_feat)
         global_features = self.out(torch.cat([face_feat, self.body_scan(body_feat)], dim=-1))
         return global_motion, global_features
@@ -92,23 +95,33 @@ class LocalScan(nn.Module):
 
     def forward(self, global_motion, global_features, spk_face, spk_body, memory):
         """memory = self.body_proj(fusion_body), computed once with MambaTalk's conditioning."""
+        upper, hands, lower = self.body_tokens(global_motion, memory)
+        face = self.face_outputs(global_features, spk_face)
+        body = self.part_outputs(upper, hands, lower, spk_body)
+        return {k: (face | body)[k] for k in OUTPUT_KEYS}
+
+    def body_tokens(self, global_motion, memory):
+        """Cross-attends the global motion tokens to the memory; -> upper, hands, lower tokens (B, T, H)."""
+        g = global_motion + self.motion_cross_attn(tgt=self.position_embeddings(global_motion), memory=memory)
+        return self.motion2latent_upper(g), self.motion2latent_hands(g), self.motion2latent_lower(g)
+
+    def face_outputs(self, global_features, spk_face):
+        dec_face = self.face_scan(self.face_proj(torch.cat([self.position_embeddings(spk_face), global_features], -1)))
+        rec_face = self.motion_down_face(dec_face)
+        return dict(rec_face=rec_face, cls_face=self.face_classifier(rec_face))
+
+    def part_outputs(self, upper, hands, lower, spk_body):
         pe = self.position_embeddings
-        g = global_motion + self.motion_cross_attn(tgt=pe(global_motion), memory=memory)
-        upper, hands, lower = self.motion2latent_upper(g), self.motion2latent_hands(g), self.motion2latent_lower(g)
-        dec_face = self.face_scan(self.face_proj(torch.cat([pe(spk_face), global_features], dim=-1)))
         # each body part sees its own tokens (with speaker and position) and the sum of the other two parts
         dec_upper = self.upper_scan(self.upper_proj(torch.cat([pe(upper + spk_body), hands + lower], dim=-1)))
         dec_hands = self.hands_scan(self.hands_proj(torch.cat([pe(hands + spk_body), upper + lower], dim=-1)))
         dec_lower = self.lower_scan(self.lower_proj(torch.cat([pe(lower + spk_body), upper + hands], dim=-1)))
-        rec_face = self.motion_down_face(dec_face)
         rec_upper = self.motion_down_upper(dec_upper + upper)
         rec_hands = self.motion_down_hands(dec_hands + hands)
         rec_lower = self.motion_down_lower(dec_lower + lower)
-        return dict(
-            rec_face=rec_face, rec_upper=rec_upper, rec_lower=rec_lower, rec_hands=rec_hands,
-            cls_face=self.face_classifier(rec_face), cls_upper=self.upper_classifier(rec_upper),
-            cls_lower=self.lower_classifier(rec_lower), cls_hands=self.hands_classifier(rec_hands),
-        )
+        return dict(rec_upper=rec_upper, rec_lower=rec_lower, rec_hands=rec_hands,
+                    cls_upper=self.upper_classifier(rec_upper), cls_lower=self.lower_classifier(rec_lower),
+                    cls_hands=self.hands_classifier(rec_hands))
 
 
 def word_embedding_weights(args, vocab=None, from_checkpoint=False):
@@ -216,6 +229,25 @@ class MambaTalk(nn.Module):
         c = condition
         global_motion, global_features = self.global_scan(in_motion, mask, c["spk_body"], c["face_feat"])
         return self.local_scan(global_motion, global_features, c["spk_face"], c["spk_body"], c["memory"])
+
+    def generation_condition(self, condition):
+        """encode_condition's output plus what generation can also compute once for every window (eval mode: no
+        dropout): GlobalScan's speaker query tokens (a transformer layer). The cross-attention keys and values of
+        the memory could be too, but would hold 16x the memory's size for every window of a long recording."""
+        return dict(condition, body_query=self.global_scan.body_q_self_attn(condition["spk_body"]))
+
+    def predict_body(self, condition, mask, in_motion):
+        """predict() for the three body parts only, from generation_condition's output; also returns the
+        'global_features' that predict_face needs (the face codes do not feed the next window's seed, so generation
+        runs the face branch for all windows at once afterwards)."""
+        c = condition
+        global_motion, global_features = self.global_scan(in_motion, mask, c["spk_body"], c["face_feat"],
+                                                          c["body_query"])
+        upper, hands, lower = self.local_scan.body_tokens(global_motion, c["memory"])
+        return self.local_scan.part_outputs(upper, hands, lower, c["spk_body"]) | dict(global_features=global_features)
+
+    def predict_face(self, spk_face, global_features):
+        return self.local_scan.face_outputs(global_features, spk_face)
 
     def _audio_batchnorms(self):
         encoders = (self.audio_pre_encoder_face, self.audio_pre_encoder_body)

@@ -65,6 +65,9 @@ class Mamba(nn.Module):
         with torch.no_grad():
             self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
         self.dt_proj.bias._no_reinit = True  # init_mamba_weights must keep it
+        # read as float32 by the scan, or by mamba-ssm's fused kernels as given: never stored in bf16 for generation
+        for p in (self.dt_proj.bias, self.conv1d.weight, self.conv1d.bias):
+            p._keep_float32 = True
         # S4D-real init: A = -(1, 2, ..., N) for every channel, stored as log in float32.
         self.A_log = nn.Parameter(torch.log(torch.arange(1, N + 1, dtype=torch.float32)).repeat(E, 1))
         self.D = nn.Parameter(torch.ones(E))

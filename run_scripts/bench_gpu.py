@@ -10,11 +10,18 @@ code and the fast configuration, with peak GPU memory, then the agreement betwee
   train    full MambaTalk training step (frozen VQ encoders, three passes, six losses, backward, clipping, Adam)
            at batch x 64 frames through the trainer's own train_step. published: fp32, three full passes, Adam,
            mamba-ssm's scan. fast: bf16 autocast, conditioning shared by the three passes, passes batched, fused Adam,
-           Triton scan (+ torch.compile with CUDA graphs, as the trainer's `compile: true`: --compile).
-  window   one 64-frame window at batch 1, the generator's forward. published: eager fp32. fast: CUDA graph.
+           Triton scan (+ torch.compile with CUDA graphs, as the trainer's `compile: true`: --compile; + the whole
+           eager step as one CUDA graph, as `cuda_graph: true`: the row "graph", run after every other section).
+           The published rows run with the published code's cuDNN flags (benchmark, deterministic).
+  window   one 64-frame window at batch 1, the generator's forward. published: eager fp32. fast: CUDA graph (bf16:
+           on bf16 weights, as generate() runs); and generate()'s per-window step alone.
   clip     a 60-s clip (30 windows, one after another), codes decoded to motion. published: the per-window loop of
            the published test (full forward per window, inputs sliced on the host). fast: trainers.generate.
   testset  15 sequences, 956 s of speech in all (BEAT2 speaker 2's test split), batched across sequences.
+  model    (with --published_repo PATH, a fetched copy of the published repository, imported at run time and never
+           part of this project) the generator alone: forward of the three passes + six losses + backward + clipping
+           + Adam at batch x 64 frames, same weights and inputs: the published class (fp32, bf16 autocast) against
+           ours (three separate passes; shared conditioning and batched passes).
   scan     one Mamba layer (d_model 256/512/768, 64 frames, batch 64), forward+backward: mamba-ssm's kernel (cuda)
            against the torch backend (Triton kernels on GPUs) and the torch backend's PyTorch loop.
 Weights are random (speed only); data are random tensors already on the device (the loader is timed elsewhere).
@@ -40,11 +47,11 @@ from trainers import generate as gen  # noqa: E402
 from trainers.base import avoid_cudnn_attention  # noqa: E402
 from trainers.mambatalk import MambaTalkTrainer  # noqa: E402
 from utils.config import load_config  # noqa: E402
-from utils.cuda_graph import GraphedFunction  # noqa: E402
+from utils.cuda_graph import GraphedFunction, GraphedTrainStep  # noqa: E402
 
 TINY = dict(hidden_size=64, audio_f=64, motion_f=32, vae_codebook_size=32, word_index_num=40, word_dims=16,
             batch_size=2, pose_length=32)
-SECTIONS = ("train", "window", "clip", "testset", "scan")
+SECTIONS = ("train", "model", "window", "clip", "testset", "scan")
 # training configurations: label, shared conditioning, amp, fused Adam, torch.compile mode, ssm backend, batched passes.
 # Backend "cuda" is mamba-ssm's kernel where it is built (the published code's), else auto; auto trains on the torch
 # backend's Triton kernels on GPUs. "compile-ro" is what the trainer runs with `compile: true` on one GPU.
@@ -59,6 +66,8 @@ TRAIN_ROWS = {
     "compile": ("fast + torch.compile", True, "bf16", True, "default", "auto", True),
     "compile-ro": ("fast + torch.compile with CUDA graphs (reduce-overhead)", True, "bf16", True, "reduce-overhead",
                    "auto", True),
+    # utils.cuda_graph.GraphedTrainStep: the eager step captured as one CUDA graph (capturable fused Adam), no compile
+    "graph": ("fast + the whole step as one CUDA graph (no compile)", True, "bf16", True, "graph", "auto", True),
 }
 
 
@@ -125,6 +134,11 @@ def row_backend(name):
 def step_trainer(args, device, model, vq, share, amp, fused, compile_mode=None, batched=True):
     """A MambaTalkTrainer that runs its own train_step/compute_losses, without the data/logging set-up."""
     avoid_cudnn_attention(device)  # as Trainer.__init__
+    # the published code runs with cuDNN's benchmark and deterministic flags on
+    published = not share and amp == "none"
+    torch.backends.cudnn.benchmark = torch.backends.cudnn.deterministic = published and device.type == "cuda"
+    for encoder in (model.audio_pre_encoder_face, model.audio_pre_encoder_body):
+        encoder.channels_last = False if published else None  # the published (B, C, L) layout
     model.batch_passes = batched
     args = copy.copy(args)
     args.amp, args.fused_adam = amp, fused
@@ -135,7 +149,12 @@ def step_trainer(args, device, model, vq, share, amp, fused, compile_mode=None, 
     t.autocast_dtype = torch.bfloat16 if amp == "bf16" else None
     t.scaler = torch.amp.GradScaler(device.type, enabled=False)
     t.epoch, t.global_step = 0, 0
-    if compile_mode:
+    if compile_mode == "graph":
+        lr = args.lr_base * args.batch_size / 128  # as Trainer.build_optimizer, capturable
+        t.optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr,
+                                       betas=tuple(args.opt_betas), weight_decay=args.weight_decay, fused=True,
+                                       capturable=True)
+    elif compile_mode:
         t.model = torch.compile(model, mode=compile_mode)
     return t
 
@@ -250,7 +269,7 @@ def run_row(table, target, config, fn):
 def bench_train(table, args, device, opts):
     steps, warm = opts.steps, opts.warmup
     frames = args.batch_size * args.pose_length
-    base = {}
+    base = opts.__dict__.setdefault("train_base", {})  # the published row's figures, for rows run later too
 
     def run(config, share, amp, fused, compile_mode, backend, batched):
         a = copy.copy(args)
@@ -260,6 +279,8 @@ def bench_train(table, args, device, opts):
         batch = training_batch(args, device)
         torch.manual_seed(123)
         t0 = time.perf_counter()
+        if compile_mode == "graph":  # the warm-up steps run eagerly; the first-step losses are the graph's first replay
+            trainer.train_step = GraphedTrainStep(trainer, batch)
         first = trainer.train_step(batch)  # identical weights, batch and seed in every configuration
         sync(device)
         t_first = time.perf_counter() - t0
@@ -276,11 +297,12 @@ def bench_train(table, args, device, opts):
         table.add("train step", config, fps, "frames/s", base.get("fps"), peak_gib(device), higher_is_better=True)
         table.add("", "", dt * 1e3, "ms/step", base.get("ms"), float("nan"))
         if compile_mode:
-            table.notes.append(f"train step / {config}: first step {t_first:.0f} s (compilation)")
+            table.notes.append(f"train step / {config}: first step {t_first:.1f} s "
+                               f"({'warm-up and capture' if compile_mode == 'graph' else 'compilation'})")
         del trainer, model
         return fps, dt * 1e3, {k: float(v) for k, v in first.items()}
 
-    gpu_rows = ("fp32", "fast-mamba", "compile", "compile-ro")  # equal to other rows on CPU
+    gpu_rows = ("fp32", "fast-mamba", "compile", "compile-ro", "graph")  # equal to other rows on CPU (or GPU only)
     wanted = [k for k in TRAIN_ROWS if k in opts.train_rows and (k not in gpu_rows or device.type == "cuda")]
     ref_losses = None
     for key in wanted:
@@ -294,6 +316,121 @@ def bench_train(table, args, device, opts):
             why = " (other dropout draws)" if key != "shared" else ""
             table.notes.append(f"train step / {c[0]}: first-step losses within {gap:.1e} (relative) of published{why}")
     ssm.set_ssm_backend("auto")
+    torch.backends.cudnn.benchmark = torch.backends.cudnn.deterministic = False  # generation rows: infer.py's settings
+
+
+def published_class(repo, args, device):
+    """The published MambaTalk class from a fetched copy of the published repository (`repo`), imported under the
+    package name `published_models` (its top-level names clash with ours). Its vocabulary-building module imports
+    lmdb, fasttext and loguru, which the model does not use: stand-ins are registered when they are missing. The
+    class reads `data_path/weights/vocab.pkl`; a temporary one with random word vectors is written."""
+    import importlib
+    import importlib.util
+    import pickle
+    import tempfile
+    import types
+
+    import numpy as np
+    for name in ("lmdb", "fasttext", "loguru", "pyarrow"):
+        if name not in sys.modules and importlib.util.find_spec(name) is None:
+            stub = types.ModuleType(name)
+            stub.logger = types.SimpleNamespace(info=print, warning=print)
+            sys.modules[name] = stub
+    pkg = types.ModuleType("published_models")
+    pkg.__path__ = [str(Path(repo) / "models")]
+    sys.modules["published_models"] = pkg
+    module = importlib.import_module("published_models.mambatalk")
+    data = Path(tempfile.mkdtemp()) / "weights"
+    data.mkdir()
+    words = np.random.default_rng(0).standard_normal((args.word_index_num, args.word_dims)).astype(np.float32)
+    with open(data / "vocab.pkl", "wb") as f:
+        pickle.dump(types.SimpleNamespace(word_embedding_weights=words), f)
+    a = copy.copy(args)
+    a.data_path = str(data.parent) + "/"
+    torch.manual_seed(0)
+    return module.MambaTalk(a).to(device)
+
+
+def bench_model(table, args, device, opts):
+    """The generator alone (no trainer): three passes, six losses, backward, clipping, Adam; same weights, inputs."""
+    if not opts.published_repo:
+        return
+    B, T, K = args.batch_size, args.pose_length, args.vae_codebook_size
+    g = torch.Generator().manual_seed(3)
+    audio = torch.randn(B, int(T / args.pose_fps * args.audio_sr), 3, generator=g).to(device)
+    word = torch.randint(0, args.word_index_num, (B, T), generator=g).to(device)
+    ids = torch.randint(0, 25, (B, T, 1), generator=g).to(device)
+    motion = torch.randn(B, T, args.pose_dims + 7, generator=g).to(device)
+    seeded = torch.ones_like(motion)
+    seeded[:, :args.pre_frames] = 0
+    masked = (torch.rand(motion.shape, generator=g) < 0.5).float().to(device)
+    latent = {p: torch.randn(B, T, K, generator=g).to(device) for p in gen.PARTS}
+    index = {p: torch.randint(0, K, (B, T), generator=g).to(device) for p in gen.PARTS}
+    cls_w = {"face": args.cf, "upper": args.cu, "hands": args.ch, "lower": args.cl}
+
+    def losses(out, weights):
+        lat = sum(3.0 * torch.nn.functional.mse_loss(out[f"rec_{p}"].float(), latent[p]) for p in gen.PARTS)
+        cls = sum(weights[p] * torch.nn.functional.cross_entropy(out[f"cls_{p}"].flatten(0, 1).float(),
+                                                                 index[p].flatten()) for p in gen.PARTS if weights[p])
+        return lat + cls
+
+    reference = {}
+
+    def run(name, model, amp, passes, fused):
+        model.train()
+        # the published code runs with cuDNN's benchmark and deterministic flags on; ours with PyTorch's defaults
+        torch.backends.cudnn.benchmark = torch.backends.cudnn.deterministic = passes == "published" and \
+            device.type == "cuda"
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.Adam(params, lr=2.5e-4, fused=fused or None)
+        kw = dict(in_audio=audio, in_word=word, in_motion=motion, in_id=ids)
+
+        def step():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                if passes == "shared":
+                    outs = model(mask=[seeded, masked, masked], **kw)
+                elif passes == "published":
+                    outs = [model(mask=seeded, **kw), model(mask=masked, use_word=False, **kw),
+                            model(mask=masked, use_word=True, **kw)]
+                else:
+                    outs = [model(mask=m, **kw) for m in (seeded, masked, masked)]
+            total = losses(outs[0], cls_w) + sum(losses(o, dict.fromkeys(gen.PARTS, 1.0)) for o in outs[1:])
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            torch.nn.utils.clip_grad_norm_(params, args.grad_norm)
+            opt.step()
+            return total.detach()
+
+        torch.manual_seed(7)
+        first = float(step())
+        reset_peak(device)
+        t = median_seconds(step, device, opts.steps, warmup=opts.warmup)
+        table.add("generator alone", name, t * 1e3, "ms/step", reference.get("ms"), peak_gib(device))
+        reference.setdefault("ms", t * 1e3)
+        table.notes.append(f"generator alone / {name}: first-step loss {first:.6g}")
+        return t
+
+    def published(amp):
+        model = published_class(opts.published_repo, args, device)
+        weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        run(f"published class, {'bf16 autocast' if amp else 'fp32'}, Adam", model, amp, "published", False)
+        del model
+        return weights
+
+    weights = run_row(table, "generator alone", "published class", lambda: published(False))
+    run_row(table, "generator alone", "published class bf16", lambda: published(True))
+    for name, passes in (("ours, bf16, three passes, fused Adam", "separate"),
+                         ("ours, bf16, shared conditioning + batched passes, fused Adam", "shared")):
+        def ours(name=name, passes=passes):
+            model, _ = build_models(args, device)
+            if weights is not None:
+                missing = model.load_state_dict(weights, strict=False)
+                if missing.missing_keys or missing.unexpected_keys:
+                    table.notes.append(f"generator alone: published weights: {len(missing.missing_keys)} keys "
+                                       f"missing, {len(missing.unexpected_keys)} unexpected")
+            run(name, model, True, passes, device.type == "cuda")
+        run_row(table, "generator alone", name, ours)
+    torch.backends.cudnn.benchmark = torch.backends.cudnn.deterministic = False
 
 
 def window_inputs(args, device, batch=1):
@@ -311,8 +448,9 @@ def bench_window(table, args, device, opts):
     inputs = window_inputs(args, device)
 
     def full(audio, word, ids, motion, mask, amp=False):
+        net = gen.bf16_weights(model) if amp else model  # as generate() runs bf16
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            out = model(in_audio=audio, in_word=word, mask=mask, in_motion=motion, in_id=ids)
+            out = net(in_audio=audio, in_word=word, mask=mask, in_motion=motion, in_id=ids)
         return tuple(out[k].float() for k in sorted(out))
 
     base = {}
@@ -343,18 +481,23 @@ def bench_window(table, args, device, opts):
 
         run_row(table, "window, batch 1", name, graphed)
 
-    def step_only():  # the per-window work inside generate(): conditioning precomputed, codes, decoding, next seed
-        with torch.no_grad():
-            cond = model.encode_condition(inputs[0], inputs[1], inputs[2], args.pose_length)
-            kinds = {p: "index" if getattr(args, "c" + p[0]) != 0 else "latent" for p in gen.PARTS}
-            seed = gen.neutral_seed(args.pre_frames, device)[None]
-            example = [cond[k] for k in gen.CONDITION] + [seed, torch.zeros(1, 3, device=device)]
-            step = gen._window_step(model, vq, kinds, args.pre_frames, False, False, example)
-            t = median_seconds(lambda: step(*example), device, opts.repeats, warmup=2)
-        table.add("window, batch 1", "fast: generate()'s step (graph, fp32)", t * 1e3, "ms", base.get("t"),
-                  peak_gib(device))
+    for amp in (False, True):
+        name = f"fast: generate()'s step (graph, {'bf16' if amp else 'fp32'})"
 
-    run_row(table, "window, batch 1", "fast: generate()'s step (graph, fp32)", step_only)
+        def step_only(amp=amp, name=name):
+            # the per-window work inside generate(): conditioning precomputed, body-part codes, decoding, next seed
+            net = gen.bf16_weights(model) if amp else model
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                cond = net.generation_condition(net.encode_condition(inputs[0], inputs[1], inputs[2], args.pose_length))
+            with torch.no_grad():
+                kinds = {p: "index" if getattr(args, "c" + p[0]) != 0 else "latent" for p in gen.PARTS}
+                seed = gen.neutral_seed(args.pre_frames, device)[None]
+                example = [cond[k] for k in gen.CONDITION] + [seed, torch.zeros(1, 3, device=device)]
+                step = gen._window_step(net, vq, kinds, args.pre_frames, False, amp, example)
+                t = median_seconds(lambda: step(*example), device, opts.repeats, warmup=2)
+            table.add("window, batch 1", name, t * 1e3, "ms", base.get("t"), peak_gib(device))
+
+        run_row(table, "window, batch 1", name, step_only)
 
 
 def bench_sequences(table, args, device, opts, target, seconds):
@@ -478,21 +621,29 @@ def main():
     p.add_argument("--repeats", type=int, default=None, help="repeats of the window/scan timings (median)")
     p.add_argument("--compile", action="store_true",
                    help="add the training row the trainer runs with `compile: true` (compiles for minutes)")
+    p.add_argument("--published_repo", default=None,
+                   help="folder of a fetched copy of the published repository: adds the 'model' rows")
     p.add_argument("--profile", nargs="?", const="fast", choices=list(TRAIN_ROWS),
                    help="profile one training step of this configuration (default fast) and stop")
-    p.add_argument("--train_rows", nargs="+", default=["published", "shared", "fp32", "fast-mamba", "fast"],
+    p.add_argument("--train_rows", nargs="+", default=["published", "shared", "fp32", "fast-mamba", "fast", "graph"],
                    choices=list(TRAIN_ROWS), help="training configurations")
     opts = p.parse_args()
     device = torch.device(opts.device)
     if opts.compile and "compile-ro" not in opts.train_rows:
         opts.train_rows.append("compile-ro")
+    # a failed graph capture can leave the CUDA context unusable: the graph row runs after every other section
+    graph_last = "graph" in opts.train_rows and "train" in opts.only
+    if graph_last:
+        opts.train_rows.remove("graph")
     opts.tiny = opts.tiny or (device.type == "cpu" and not opts.published_size)
     opts.steps = opts.steps or (1 if opts.tiny else 10)
     opts.warmup = opts.warmup if opts.warmup is not None else (0 if opts.tiny else 3)
     opts.repeats = opts.repeats or (1 if opts.tiny else 20)
     if device.type == "cpu" and opts.tiny:
         torch.set_num_threads(1)  # tiny sizes: one thread is as fast and does not stall on a busy machine
-    args = load_config(opts.config, dict(ctc_model="none", **(TINY if opts.tiny else {})))
+    # argmax codes and the root as published, so that generate() and the published loop compute the same thing
+    args = load_config(opts.config, dict(ctc_model="none", code_temperature=0.0, root_anchor_seconds=0.0,
+                                         **(TINY if opts.tiny else {})))
     if device.type == "cuda":
         card = f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, CUDA {torch.version.cuda}"
     else:
@@ -507,6 +658,8 @@ def main():
     table = Table()
     if "train" in opts.only:
         bench_train(table, args, device, opts)
+    if "model" in opts.only:
+        bench_model(table, args, device, opts)
     if "window" in opts.only:
         bench_window(table, args, device, opts)
     if "clip" in opts.only:
@@ -515,6 +668,9 @@ def main():
         bench_sequences(table, args, device, opts, "test set", test_set)
     if "scan" in opts.only:
         bench_scan(table, args, device, opts)
+    if graph_last:
+        opts.train_rows = ["graph"]
+        bench_train(table, args, device, opts)
     table.print(f"MambaTalk speed on {card} (random weights; {'tiny' if opts.tiny else 'published'} sizes)")
 
 

@@ -6,7 +6,10 @@
 #   3. torchrun --nproc_per_node 1 with ddp: true (NCCL) for $STEPS steps at the published size on synthetic data
 #      with random stage-1 models (bf16, then float32 if that fails), and the checkpoint loaded on CPU;
 #   4. run_scripts/bench_gpu.py --compile at published sizes (the table) with whatever time is left of 585 s;
-#   5. a profile of the fast training step (PROFILE=<training row> to pick another; SKIP="profile" to leave it out).
+#   5. the training step's GPU time by module (run_scripts/profile_step.py) for the published and fast rows, and the
+#      same for the checkout $BEFORE (a folder, or a commit of the git history there: issue 17's "before" table).
+# The published class's rows ("generator alone") need a fetched copy of the published repository in .dev/published
+#   (here: git --git-dir=<fetched git dir> archive HEAD models | tar -x -C .dev/published); it is never committed.
 # Here first: the .whl/ wheels (soundfile cffi pycparser smplx TextGrid; the GPU image lacks them) and
 #   pip download --no-deps --no-binary :all: --no-build-isolation mamba-ssm==2.3.2.post1 -d .dev/
 # There:  [SKIP="tests mamba train bench profile"] bash run_scripts/gpu_speed_run.sh [bench options...]
@@ -111,18 +114,28 @@ if ! skip train; then
 fi
 
 if ! skip bench; then
-  reserve=60; skip profile && reserve=0
+  reserve=110; skip profile && reserve=0
   left=$((585 - SECONDS - reserve))
   stamp "bench (${left} s left)"
-  timeout $left $PY run_scripts/bench_gpu.py --compile "$@" > "$OUT/bench.txt" 2>&1
+  published=(); [ -d .dev/published/models ] && published=(--published_repo .dev/published)
+  timeout $left $PY run_scripts/bench_gpu.py --compile "${published[@]}" "$@" > "$OUT/bench.txt" 2>&1
   sed -n '/^MambaTalk speed/,$p' "$OUT/bench.txt" | grep -q . && sed -n '/^MambaTalk speed/,$p' "$OUT/bench.txt" || \
       grep -E "^\s+\[|Error" "$OUT/bench.txt" | tail -40
 fi
 
 if ! skip profile; then
-  stamp "profile of the ${PROFILE:-fast} training step"
-  timeout 55 $PY run_scripts/bench_gpu.py --profile "${PROFILE:-fast}" > "$OUT/profile.txt" 2>&1
-  tail -1 "$OUT/profile.txt"
+  stamp "training step by module (published, fast)"
+  timeout 60 $PY run_scripts/profile_step.py --rows published fast > "$OUT/profile.txt" 2>&1
+  grep -v "^profile of" "$OUT/profile.txt" | tail -30
+  before=${BEFORE:-}  # a checkout folder (e.g. .dev/before) or a commit of this repository's git history
+  if [ -n "$before" ] && [ ! -d "$before" ]; then
+    mkdir -p /tmp/before && git archive "$before" | tar -x -C /tmp/before && before=/tmp/before || before=
+  fi
+  if [ -n "$before" ]; then
+    stamp "the same at ${BEFORE}"
+    timeout 60 $PY run_scripts/profile_step.py --repo "$before" --rows published fast > "$OUT/profile_before.txt" 2>&1
+    grep -v "^profile of" "$OUT/profile_before.txt" | tail -30
+  fi
 fi
 
 stamp "done"

@@ -20,8 +20,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "run_scripts"))
 import bench_gpu  # noqa: E402
 
+# argmax codes and the root as published: these tests compare generate() with the published per-window loop
 SMALL = dict(hidden_size=64, audio_f=64, motion_f=32, vae_codebook_size=32, word_index_num=40, word_dims=16,
-             ctc_model="none", pose_length=32)
+             ctc_model="none", pose_length=32, code_temperature=0.0, root_anchor_seconds=0.0)
 
 
 @pytest.fixture(autouse=True)
@@ -131,9 +132,10 @@ def test_encode_condition_then_predict_equals_forward():
         torch.testing.assert_close(split[k], full[k])
 
 
-def test_generate_equals_published_window_loop():
-    """Batched conditioning, length-sorted groups (batch_size 2 < 3 sequences) and the fixed-shape window step give
-    the published per-window loop's motion."""
+def test_generate_equals_published_window_loop(monkeypatch):
+    """Batched conditioning, length-sorted groups (batch_size 2 < 3 sequences), the fixed-shape window step and the
+    face branch run afterwards in chunks (FACE_BATCH) give the published per-window loop's motion."""
+    monkeypatch.setitem(gen.FACE_BATCH, "cpu", 3)
     args = small_args()
     model = build(args).eval()
     torch.manual_seed(3)
@@ -218,3 +220,161 @@ def test_bench_prints_table():
         assert target in out, target
     assert "FAILED" not in out, out
     assert "first-step losses within 0.0e+00" in out  # shared conditioning, fp32: identical losses
+
+
+# ---- issue 17: speed options keep the float32 reference's outputs within stated tolerances -------------------------
+
+def test_wav_encoder_channels_last_matches_published_layout():
+    """(B, C, 1, L) channels-last blocks: outputs, gradients and BatchNorm statistics equal the (B, C, L) ones to
+    float32 rounding (relative 1e-4; conv biases before BatchNorm get no true gradient and are left out)."""
+    from models.layers import WavEncoder
+    torch.manual_seed(0)
+    a = WavEncoder(16, audio_in=3)
+    b = WavEncoder(16, audio_in=3)
+    b.load_state_dict(a.state_dict())
+    a.channels_last, b.channels_last = False, True
+    x = torch.randn(2, 3000, 3)
+    ya, yb = a(x), b(x)
+    assert float((yb - ya).detach().norm() / ya.detach().norm()) < 1e-4
+    (ya ** 2).mean().backward()
+    (yb ** 2).mean().backward()
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        if name.endswith("bias") and "bn" not in name and name != "out.bias":
+            continue
+        assert float((pa.grad - pb.grad).norm() / pa.grad.norm()) < 1e-4, name
+    for (name, ba), bb in zip(a.named_buffers(), b.buffers()):
+        torch.testing.assert_close(bb, ba, rtol=1e-4, atol=1e-6, msg=name)
+    a.eval(), b.eval()
+    with torch.no_grad():
+        assert float((b(x) - a(x)).norm() / a(x).norm()) < 1e-4
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # the default under 16-bit autocast
+        assert WavEncoder.channels_last is None
+        a.channels_last = None
+        assert float((a(x).float() - b(x)).norm() / b(x).norm()) < 2e-2
+
+
+def test_generation_split_equals_predict():
+    """Generation's window step (precomputed speaker queries and cross-attention keys/values, body parts) and its
+    batched face branch give predict()'s outputs to float32 rounding."""
+    args = small_args()
+    model = build(args).eval()
+    inputs, masks = window_batch(args)
+    with torch.no_grad():
+        cond = model.encode_condition(inputs["in_audio"], inputs["in_word"], inputs["in_id"], args.pose_length)
+        full = model.predict(cond, masks[1], inputs["in_motion"])
+        body = model.predict_body(model.generation_condition(cond), masks[1], inputs["in_motion"])
+        face = model.predict_face(cond["spk_face"], body.pop("global_features"))
+    assert set(body) | set(face) == set(full)
+    for k, v in (body | face).items():
+        torch.testing.assert_close(v, full[k], rtol=1e-5, atol=1e-5)
+
+
+def test_seed_pose_equals_axis_angle_round_trip():
+    torch.manual_seed(0)
+    parts = [torch.randn(2, 4, 6 * n) for n in (13, 30, 9)]
+    legs = gen.orthonormalise_6d(parts[2])
+    ref = gen.axis_angle_to_rot6d(gen.assemble_pose(parts[0], parts[1], legs))
+    torch.testing.assert_close(gen.seed_pose6d(parts[0], parts[1], legs), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_generation_tolerance():
+    """bf16 (stored bf16 weights under autocast): a window's latents and logits within 2e-2 (relative norm) of float32
+    and at least 90 % of argmax codes equal (random weights: many near ties); the weight copy is reused until
+    the model's parameters change."""
+    args = small_args()
+    model = build(args).eval()
+    inputs, masks = window_batch(args, batch=4)
+    shadow = gen.bf16_weights(model)
+    assert gen.bf16_weights(model) is shadow
+    assert any(p.dtype == torch.bfloat16 for p in shadow.parameters())
+    with torch.no_grad():
+        ref = model(mask=masks[0], **inputs)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = shadow(mask=masks[0], **inputs)
+    for k in ref:
+        assert float((got[k].float() - ref[k]).norm() / ref[k].norm()) < 2e-2, k
+        if k.startswith("cls"):
+            assert float((got[k].argmax(-1) == ref[k].argmax(-1)).float().mean()) >= 0.9, k
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)  # a training step changes the weights: a new copy
+    assert gen.bf16_weights(model) is not shadow
+
+
+def test_bf16_generate_runs_on_cpu():
+    args = small_args(amp="bf16")
+    model = build(args).eval()
+    torch.manual_seed(3)
+    vq = {k: m.eval() for k, m in build_stage1_models(args).items()}
+    seqs = bench_gpu.random_sequences(args, [2.5, 3.2])
+    out = gen.generate(model, vq, seqs, args)
+    ref = bench_gpu.published_generate(model, vq, seqs, args)
+    for o, r in zip(out, ref):
+        for k in r:
+            assert o[k].shape == r[k].shape and o[k].dtype == torch.float32 and torch.isfinite(o[k]).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_graphed_train_step_on_gpu_matches_eager():
+    """utils.cuda_graph.GraphedTrainStep replays the eager step: without dropout and with every canvas entry masked
+    (the last epoch's mask ratio), the same losses step after step (float32)."""
+    from utils.cuda_graph import GraphedTrainStep
+    args = small_args(batch_size=4)
+    device = torch.device("cuda")
+    trainers = []
+    for _ in range(2):
+        model, vq = bench_gpu.build_models(args, device)
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+            if isinstance(m, torch.nn.MultiheadAttention):
+                m.dropout = 0.0
+        t = bench_gpu.step_trainer(args, device, model, vq, True, "none", True, "graph", True)
+        t.epoch = args.epochs  # mask ratio 1: the masked passes' masks are all ones, no random draws
+        trainers.append(t)
+    eager, graphed = trainers
+    batch = bench_gpu.training_batch(args, device)
+    graphed.train_step = GraphedTrainStep(graphed, batch, warmup=3)  # its warm-up steps are undone
+    for _ in range(3):
+        a, b = eager.train_step(batch), graphed.train_step(batch)
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+
+
+def test_cuda_graph_option_trains_eagerly_without_a_gpu(caplog):
+    """`cuda_graph: true` where it cannot apply (here: no GPU) trains eagerly, with a warning, the same losses."""
+    args = small_args(batch_size=2, cuda_graph=True)
+    device = torch.device("cpu")
+    losses = []
+    for graph in (True, False):
+        model, vq = bench_gpu.build_models(args, device)
+        t = bench_gpu.step_trainer(args, device, model, vq, True, "none", False, None, True)
+        t.args.cuda_graph = graph
+        torch.manual_seed(0)
+        losses.append(t.train_step(bench_gpu.training_batch(args, device)))
+    assert "training eagerly" in caplog.text
+    for k in losses[1]:
+        torch.testing.assert_close(losses[0][k], losses[1][k])
+
+
+def test_training_state_restore_undoes_steps():
+    """What GraphedTrainStep does after its warm-up steps: weights, BatchNorm statistics and Adam's state back to
+    before them, so the next step is the first step of a fresh trainer."""
+    from utils.cuda_graph import restore_training_state, training_state
+    args = small_args(batch_size=2)
+    device = torch.device("cpu")
+    trainers = []
+    for _ in range(2):
+        model, vq = bench_gpu.build_models(args, device)
+        trainers.append(bench_gpu.step_trainer(args, device, model, vq, True, "none", False, None, True))
+    warmed, fresh = trainers
+    batch = bench_gpu.training_batch(args, device)
+    saved = training_state(warmed.raw_model, warmed.optimizer)
+    for _ in range(2):
+        warmed.train_step(batch)
+    restore_training_state(saved, warmed.optimizer)
+    for t in trainers:
+        torch.manual_seed(4)
+        t.train_step(batch)
+    state_a, state_b = warmed.raw_model.state_dict(), fresh.raw_model.state_dict()
+    for k in state_b:
+        torch.testing.assert_close(state_a[k], state_b[k], rtol=1e-5, atol=1e-6, msg=k)

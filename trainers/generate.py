@@ -12,6 +12,7 @@ Two protocols:
     to 60*k + 4 frames, audio is sliced with 533 samples per frame, window 0 is seeded with ground truth and the seed
     translation of later windows integrates the lower VQ's unsupervised translation channels from the first frame.
 """
+import copy
 import functools
 import math
 import weakref
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from models.layers import WavEncoder
 from utils.cuda_graph import GraphedFunction
 from utils.rotation import (axis_angle_to_rot6d, matrix_to_rotation_6d, rot6d_to_axis_angle, rotation_6d_to_matrix)
 from utils.skeleton import PART_JOINTS, REST_TRANS, rest_pose
@@ -29,10 +31,14 @@ PARTS = ("face", "upper", "hands", "lower")
 # On a GPU the per-window step (generator, code choice, VQ decoding, next seed) replays as one CUDA graph per batch
 # size; False runs it eagerly (same results).
 CUDA_GRAPHS = True
-ENCODE_BATCH = 64  # windows per call of the audio/text encoders
+# Windows per call of the audio/text encoders: large batches on GPUs and under CPU bf16 (oneDNN's AMX kernels);
+# float32 on a CPU runs fastest window by window (a 64-frame window's activations stay in cache).
+ENCODE_BATCH = {"cuda": 64, "cpu-bf16": 8, "cpu": 1}
+FACE_BATCH = {"cuda": 256, "cpu": 4}  # windows per call of the face branch (it runs behind the window steps)
 LEAK_BLOCK = 256   # frames per block of the leaky integration's closed form
 GLOBAL_PAD = 16    # frames repeated at each end before the global-motion model (its receptive field is smaller)
-CONDITION = ("spk_face", "spk_body", "face_feat", "memory")  # MambaTalk.encode_condition's outputs, in window_step's order
+# MambaTalk.generation_condition's outputs that window_step reads, in its argument order
+CONDITION = ("spk_body", "face_feat", "body_query", "memory")
 
 
 @dataclass
@@ -101,7 +107,8 @@ def integrate(v, x0, leak=0.0, anchor=None):
 
 def root_leak(args, paper_protocol):
     """Per-frame leak of the root's floor position towards where the sequence started (`root_anchor_seconds` is its
-    time constant; 0 = none, and none under the paper protocol)."""
+    time constant; 0 = none, and none under the paper protocol). A non-zero leak also edge-pads the global-motion
+    model's input (global_motion): 0 keeps the root exactly as published."""
     seconds = 0.0 if paper_protocol else float(getattr(args, "root_anchor_seconds", 0.0))
     return 1.0 / (seconds * FPS) if seconds > 0 else 0.0
 
@@ -117,7 +124,7 @@ def global_motion(vq, to_global, pad):
 
 
 def choose_codes(vq, out, cls_weights, temperature=0.0, top_k=0, noise_key=None):
-    """Per part: the classifier's code when its loss weight is non-zero, else the nearest code of the regressed
+    """Per part of `out`: the classifier's code when its loss weight is non-zero, else the nearest code of the regressed
     latent (published: body parts classified, face nearest). Returns {part: ('index', (B,T)) or ('latent', (B,T,C))}.
 
     temperature 0 takes the argmax (published). temperature > 0 samples from softmax(logits / temperature), restricted
@@ -126,6 +133,8 @@ def choose_codes(vq, out, cls_weights, temperature=0.0, top_k=0, noise_key=None)
     motion its code distribution describes."""
     codes = {}
     for n, part in enumerate(PARTS):
+        if f"rec_{part}" not in out:  # the body window step and the face branch each score their own parts
+            continue
         if cls_weights[part] == 0:
             q = vq[part].quantizer
             codes[part] = ("latent", q.get_codebook_entry(q.map2index(out[f"rec_{part}"])))
@@ -246,8 +255,11 @@ def generate(model, vq, sequences, args, paper_protocol=False, batch_size=64, pr
     cls_weights = {"face": args.cf, "upper": args.cu, "hands": args.ch, "lower": args.cl}
     amp = getattr(args, "amp", "none") == "bf16"
     sampling = (0.0, 0) if paper_protocol else (float(args.code_temperature), int(args.code_top_k))
-    leak, edge_pad = root_leak(args, paper_protocol), 0 if paper_protocol else GLOBAL_PAD
+    leak = root_leak(args, paper_protocol)
+    edge_pad = GLOBAL_PAD if leak > 0 else 0  # the root fixes come together (root_anchor_seconds > 0)
     model.eval()
+    if amp:
+        model = bf16_weights(model)
     plans = [WindowPlan(s.n_frames, s.audio.shape[0], window, pre, paper_protocol) for s in sequences]
     seeds, starts = [], []
     for s in sequences:
@@ -267,21 +279,33 @@ def generate(model, vq, sequences, args, paper_protocol=False, batch_size=64, pr
         table = torch.tensor([[first[j] + min(w, n - 1) for w in range(n_windows[0])] for j, n in enumerate(n_windows)],
                              device=device)
         seed, start = torch.stack([seeds[i] for i in ids]), torch.stack([starts[i] for i in ids])
-        cond = [cond[k] for k in CONDITION]
+        # each step's conditioning as one slice: (windows, sequences, ...), gathered once for the group
+        inputs = [cond.pop(k)[table.T.flatten()].unflatten(0, table.T.shape) for k in CONDITION]
         # one noise key per sequence and window: (sample_key, window) -> a distinct stream
         keys = torch.tensor([sequences[i].sample_key for i in ids], device=device, dtype=torch.int64) * 1000003
         step = _window_step(model, vq, kinds, pre, paper_protocol, amp, sampling, leak,
-                            [v[table[:, 0]] for v in cond] + [seed, start, keys])
+                            [v[0] for v in inputs] + [seed, start, keys])
+        body_codes, face, pending = [], [], []
         for w in range(n_windows[0]):
-            outs = step(*[v.index_select(0, table[:, w]) for v in cond], seed, start, keys + w)
-            seed = outs[-1]
-            keep = slice(0, window) if w == 0 else slice(pre, window)
-            for j, i in enumerate(ids):
-                if w < n_windows[j]:
-                    codes[i].append({p: c[j:j + 1, keep] for p, c in zip(PARTS, outs)})
+            *part_codes, global_features, seed = step(*[v[w] for v in inputs], seed, start, keys + w)
+            body_codes.append(part_codes)
+            pending.append(global_features)
+            if len(pending) * len(ids) >= FACE_BATCH["cuda" if device.type == "cuda" else "cpu"] or \
+                    w == n_windows[0] - 1:
+                # the face branch does not feed the seed: many windows at once
+                spk_face = cond["spk_face"][table.T[len(face):w + 1].flatten()]
+                face_keys = torch.cat([keys + k for k in range(len(face), w + 1)])
+                codes_f = face_codes(model, vq, kinds, spk_face, torch.cat(pending), amp, sampling, face_keys)
+                face += list(codes_f.unflatten(0, (len(pending), len(ids))))
+                pending = []
             done_steps += 1
             if progress is not None:
                 progress(done_steps, total_steps)
+        for w, part_codes in enumerate(body_codes):
+            keep = slice(0, window) if w == 0 else slice(pre, window)
+            for j, i in enumerate(ids):
+                if w < n_windows[j]:
+                    codes[i].append({p: c[j:j + 1, keep] for p, c in zip(PARTS, [face[w]] + part_codes)})
     results = []
     for i, s in enumerate(sequences):
         merged = {p: (kinds[p], torch.cat([c[p] for c in codes[i]], dim=1)) for p in PARTS}
@@ -294,8 +318,12 @@ def generate(model, vq, sequences, args, paper_protocol=False, batch_size=64, pr
     return results
 
 
+def encode_batch(device, amp):
+    return ENCODE_BATCH["cuda" if device.type == "cuda" else "cpu-bf16" if amp else "cpu"]
+
+
 def encode_windows(model, sequences, plans, window, device, amp=False):
-    """MambaTalk.encode_condition for every window of `sequences`, batched: {name: (W, window, C)} over all
+    """MambaTalk.generation_condition for every window of `sequences`, batched: {name: (W, ...)} over all
     windows in sequence order, and the index of each sequence's first window."""
     audio, word, speaker, first = [], [], [], []
     for s, p in zip(sequences, plans):
@@ -307,33 +335,74 @@ def encode_windows(model, sequences, plans, window, device, amp=False):
         word += [t[f:f + window] for f in p.frame_starts]
         speaker += [s.speaker] * p.n_windows
     speaker = torch.tensor(speaker, device=device)[:, None, None].expand(-1, window, 1)
-    parts = []
-    for k in range(0, len(audio), ENCODE_BATCH):
+    parts, n = [], encode_batch(device, amp)
+    for k in range(0, len(audio), n):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            parts.append(model.encode_condition(torch.stack(audio[k:k + ENCODE_BATCH]),
-                                                torch.stack(word[k:k + ENCODE_BATCH]),
-                                                speaker[k:k + ENCODE_BATCH], window))
+            cond = model.encode_condition(torch.stack(audio[k:k + n]), torch.stack(word[k:k + n]),
+                                          speaker[k:k + n], window)
+            parts.append(model.generation_condition(cond))
     return {name: torch.cat([c[name] for c in parts]) for name in parts[0]}, first
 
 
-def window_step(model, vq, kinds, pre, paper_protocol, amp, sampling, leak, spk_face, spk_body, face_feat, memory, seed, start,
-                noise_key):
-    """One window for a batch of sequences: codes of the four parts (PARTS order) and the next window's seed.
-    sampling: (temperature, top_k) of choose_codes; noise_key (B,) int64 seeds it. leak: see integrate."""
-    condition = dict(spk_face=spk_face, spk_body=spk_body, face_feat=face_feat, memory=memory)
-    n, window = spk_face.shape[:2]
+def window_step(model, vq, kinds, pre, paper_protocol, amp, sampling, leak, spk_body, face_feat, body_query, memory,
+                seed, start, noise_key):
+    """One window for a batch of sequences: codes of upper, hands and lower, the global features that the face
+    branch needs (face_codes), and the next window's seed. sampling: (temperature, top_k) of choose_codes; noise_key
+    (B,) int64 seeds it. leak: see integrate."""
+    condition = dict(spk_body=spk_body, face_feat=face_feat, body_query=body_query, memory=memory)
+    n, window = spk_body.shape[:2]
     in_motion = seed.new_zeros(n, window, seed.shape[-1])
     in_motion[:, :pre] = seed
     mask = torch.ones_like(in_motion)
     mask[:, :pre] = 0
     with torch.autocast(seed.device.type, dtype=torch.bfloat16, enabled=amp):
-        out = model.predict(condition, mask, in_motion)
+        out = model.predict_body(condition, mask, in_motion)
     out = {k: v.float() for k, v in out.items()}
     window_codes = choose_codes(vq, out, {p: 1.0 if kinds[p] == "index" else 0.0 for p in PARTS}, *sampling,
                                 noise_key=noise_key)
-    decoded = decode_codes(vq, {k: window_codes[k] for k in ("upper", "hands", "lower")})
+    decoded = decode_codes(vq, window_codes)
     next_seed = _next_seed(decoded, pre, start, paper_protocol, vq, seed, leak)
-    return tuple(window_codes[p][1] for p in PARTS) + (next_seed,)
+    return tuple(window_codes[p][1] for p in PARTS[1:]) + (out["global_features"], next_seed)
+
+
+def face_codes(model, vq, kinds, spk_face, global_features, amp, sampling=(0.0, 0), noise_key=None):
+    """The face codes of windows, from the global features that their window steps returned (sampling and
+    noise_key as in window_step)."""
+    with torch.autocast(spk_face.device.type, dtype=torch.bfloat16, enabled=amp):
+        out = model.predict_face(spk_face, global_features)
+    out = {name: v.float() for name, v in out.items()}
+    return choose_codes(vq, out, {"face": 1.0 if kinds["face"] == "index" else 0.0}, *sampling,
+                        noise_key=noise_key)["face"][1]
+
+
+_bf16_copies = weakref.WeakKeyDictionary()  # model -> (parameter versions, copy with bf16 weights)
+
+
+def bf16_weights(model):
+    """For bf16 generation: an eval copy of `model` whose linear, attention and convolution weights are stored in
+    bf16, the values autocast casts them to on every call, so the casts go (a kernel per weight and call on a GPU;
+    on a CPU half the memory traffic that bounds batch-1 matrix products: a 60-s clip's window steps ran 1.7x
+    faster). Outputs agree with autocast's to bf16 rounding (tests/test_speed.py states the tolerance against
+    float32). Kept while the model's parameters are unchanged (their version counters)."""
+    params = dict(model.named_parameters())
+    versions = tuple(p._version for p in params.values())
+    cached = _bf16_copies.get(model)
+    if cached is not None and cached[0] == versions:
+        return cached[1]
+    lower = {f"{name}.{p}" for name, m in model.named_modules()
+             if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.MultiheadAttention))
+             for p, _ in m.named_parameters(recurse=False)}
+    shadow = copy.deepcopy(model).eval()
+    for name, p in shadow.named_parameters():
+        if name in lower and not getattr(params[name], "_keep_float32", False):
+            p.data = p.data.to(torch.bfloat16)
+    for m in shadow.modules():  # the audio CNNs run channels-last: their kernels too, or every call converts them
+        if isinstance(m, WavEncoder):
+            for conv in m.modules():
+                if isinstance(conv, torch.nn.Conv1d):
+                    conv.weight.data = conv.weight.data.transpose(1, 2).contiguous().transpose(1, 2)
+    _bf16_copies[model] = (versions, shadow)
+    return shadow
 
 
 _graphs = weakref.WeakKeyDictionary()  # model -> {settings: (vq modules, GraphedFunction)}
@@ -357,8 +426,7 @@ def _next_seed(decoded, pre, start_trans, paper_protocol, vq, prev_seed, leak=0.
     """The last `pre` decoded frames of a window as the next window's seed (6D pose, translation, contacts)."""
     lower = decoded["lower"]
     legs6d = orthonormalise_6d(lower[..., :54])
-    pose = assemble_pose(decoded["upper"], decoded["hands"], legs6d)  # jaw identity: the face is not in the seed
-    pose6d = axis_angle_to_rot6d(pose)
+    pose6d = seed_pose6d(decoded["upper"][:, -pre:], decoded["hands"][:, -pre:], legs6d[:, -pre:])
     contacts = lower[..., 57:61]
     if paper_protocol:
         # §10.3 #7: the lower VQ's translation channels, integrated from the sequence's first frame every window
@@ -369,11 +437,21 @@ def _next_seed(decoded, pre, start_trans, paper_protocol, vq, prev_seed, leak=0.
         # the global-motion model's root velocity, integrated on from where the previous seed ended (frame `pre-1` of
         # this window), pulled towards the sequence's start when leak > 0
         to_global = torch.cat([legs6d, torch.zeros_like(lower[..., 54:57]), contacts], dim=-1)
-        rec_global = global_motion(vq, to_global, GLOBAL_PAD)[:, pre - 1:]
+        rec_global = global_motion(vq, to_global, GLOBAL_PAD if leak > 0 else 0)[:, pre - 1:]
         x0, z0 = prev_seed[:, pre - 1, 330], prev_seed[:, pre - 1, 332]
         x = integrate(rec_global[..., 54], x0, leak, start_trans[:, 0])
         z = integrate(rec_global[..., 56], z0, leak, start_trans[:, 2])
         trans = torch.stack([x, rec_global[..., 55], z], dim=-1)
-        pose6d, contacts = pose6d[:, pre - 1:], contacts[:, pre - 1:]
-    seed = torch.cat([pose6d, trans, contacts], dim=-1)
-    return seed[:, -pre:]
+    return torch.cat([pose6d, trans[:, -pre:], contacts[:, -pre:]], dim=-1)
+
+
+def seed_pose6d(upper6d, hands6d, legs6d):
+    """(..., 330) 6D pose of a seed: each part's 6D re-projected onto a rotation (what a round trip through
+    axis-angle, assemble_pose then axis_angle_to_rot6d, gives up to rounding, in a few kernels instead of ~100);
+    the joints of no part (jaw, eyes) at identity."""
+    pose6d = upper6d.new_zeros(*upper6d.shape[:-1], 55, 6)
+    pose6d[..., 0] = 1  # identity: rows (1, 0, 0) and (0, 1, 0)
+    pose6d[..., 4] = 1
+    for table, d6 in (("beat_smplx_upper", upper6d), ("beat_smplx_hands", hands6d), ("beat_smplx_lower", legs6d)):
+        pose6d[..., _joint_index(table, d6.device), :] = orthonormalise_6d(d6).unflatten(-1, (-1, 6))
+    return pose6d.flatten(-2)

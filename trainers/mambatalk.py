@@ -5,19 +5,22 @@ from 0.05 to 1 over training; each pass is scored by latent regression (MSE to t
 classification (cross-entropy). Validation runs on the real val split (the published code scored the train loader,
 §10.3 #1) and reports FGD with the evaluation autoencoder when its weights exist.
 """
+import functools
 import importlib.util
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from models.mambatalk import MambaTalk
 from models.motion_representation import STAGE1_FILES, VAESKConv, build_stage1_models
-from trainers.base import Trainer
+from trainers.base import Trainer, to_device
 from trainers.generate import PARTS, choose_codes, decode_codes, decoded_to_motion, orthonormalise_6d
 from utils.checkpoint import load_weights
+from utils.cuda_graph import GraphedTrainStep
 from utils.log import get_logger
 from utils.metric import frechet_distance
 from utils.rotation import axis_angle_to_rot6d
@@ -80,8 +83,14 @@ def mask_ratio(epoch, epochs):
 
 def joints_6d(pose6d, table):
     """Slice the 6D columns of a joint table out of a full (..., 330) 6D pose."""
-    cols = [6 * j + c for j in PART_JOINTS[table] for c in range(6)]
-    return pose6d[..., cols]
+    return pose6d[..., _joint_columns(table, pose6d.device)]
+
+
+@functools.lru_cache(maxsize=None)
+def _joint_columns(table, device):
+    """joints_6d's column index, made once per device: indexing with a Python list copies it to the GPU on every
+    call, which a CUDA graph of the training step (utils.cuda_graph.GraphedTrainStep) cannot capture."""
+    return torch.tensor([6 * j + c for j in PART_JOINTS[table] for c in range(6)], device=device)
 
 
 def prepare_targets(batch, vq):
@@ -112,6 +121,38 @@ class MambaTalkTrainer(Trainer):
 
     def check_inputs(self):
         check_stage1_files(self.args)
+
+    def graph_step(self):
+        """`cuda_graph: true` applies: one GPU, no DDP, no torch.compile, no fp16 loss scaling (host syncs)."""
+        a = self.args
+        return bool(a.cuda_graph) and self.device.type == "cuda" and not dist.is_initialized() and \
+            not a.compile and a.amp != "fp16"
+
+    def train_step(self, batch):
+        """With `cuda_graph: true`: the step as one CUDA graph (utils.cuda_graph.GraphedTrainStep), captured again
+        when the epoch (mask ratio, learning rate) or the batch shapes change (a short last batch)."""
+        if not self.graph_step():
+            if self.args.cuda_graph and not getattr(self, "_warned_graph", False):
+                self._warned_graph = True
+                get_logger().warning("cuda_graph: true needs one GPU without DDP, compile or fp16: training eagerly")
+            return super().train_step(batch)
+        batch = to_device(batch, self.device)
+        key = (self.epoch, tuple((k, tuple(v.shape)) for k, v in batch.items() if torch.is_tensor(v)))
+        if getattr(self, "_graphed", None) is None or self._graphed[0] != key:
+            self._graphed = None  # free the previous graph's memory first
+            self._make_optimizer_capturable()
+            self._graphed = (key, GraphedTrainStep(self, batch))
+        return self._graphed[1](batch)
+
+    def _make_optimizer_capturable(self):
+        """Adam with its step counts on the GPU, as a captured step needs (also after resuming an eager run's
+        state, whose counts are on the CPU)."""
+        for group in self.optimizer.param_groups:
+            group["capturable"] = True
+            for p in group["params"]:
+                state = self.optimizer.state.get(p, {})
+                if torch.is_tensor(state.get("step")) and state["step"].device != p.device:
+                    state["step"] = state["step"].to(p.device, torch.float32)
 
     def build_model(self):
         self.vq = load_frozen_models(self.args, self.device)

@@ -141,6 +141,7 @@ DEFAULTS = {
     "device": "auto",             # auto | cpu | cuda | cuda:N
     "amp": "none",                # none | bf16
     "compile": False,
+    "cuda_graph": False,          # one GPU: the whole training step as one CUDA graph (no compile; MambaTalk)
     "fused_adam": False,
     "max_steps": 0,               # 0 = no cap (tests and demo set a cap)
     "ctc_model": "facebook/wav2vec2-base-960h",  # HF name or local dir; "none" = zero CTC channel

@@ -36,3 +36,78 @@ class GraphedFunction:
                 buf.copy_(t)
         self.graph.replay()
         return tuple(o.clone() for o in self.outputs)
+
+
+class GraphedTrainStep:
+    """A trainer's whole training step (forward, losses, backward, clipping, optimiser step) captured once as one
+    CUDA graph and replayed for later batches of the same shapes: CUDA graphs without torch.compile (the launch
+    cost of thousands of kernels per step goes; no minutes of compilation).
+
+    Needs: a capturable Adam (torch.optim.Adam(..., capturable=True)); `trainer.compute_losses` free of host
+    synchronisation; the batch shapes and the epoch (its mask ratio) fixed at capture (capture again when they
+    change). The warm-up steps that capture requires run on `batch`; the weights, buffers and optimiser state are
+    then put back, so training is not changed (only its random streams). Unlike Trainer.train_step, the losses are
+    checked for finiteness after the update (one graph): a non-finite step raises FloatingPointError with the
+    weights already updated.
+    """
+
+    def __init__(self, trainer, batch, warmup=3):
+        self.batch = {k: v.clone() if torch.is_tensor(v) else v for k, v in batch.items()}
+        params = [p for p in trainer.raw_model.parameters() if p.requires_grad]
+        optimizer, model, args = trainer.optimizer, trainer.model, trainer.args
+        saved = training_state(trainer.raw_model, optimizer)
+
+        def step():
+            losses = trainer.compute_losses(model, self.batch, trainer.epoch)
+            total = sum(losses.values())
+            total.backward()
+            if args.grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, args.grad_norm)
+            optimizer.step()
+            return losses, total
+
+        # warm-up on a side stream, as capture requires (optimiser state, Triton compilation, library handles)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(warmup):
+                optimizer.zero_grad(set_to_none=True)
+                step()
+        torch.cuda.current_stream().wait_stream(stream)
+        restore_training_state(saved, optimizer)  # undo the warm-up
+        optimizer.zero_grad(set_to_none=True)  # backward in the graph writes fresh gradients on every replay
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.losses, self.total = step()
+
+    def __call__(self, batch):
+        for k, v in batch.items():
+            if torch.is_tensor(v):
+                self.batch[k].copy_(v, non_blocking=True)
+        self.graph.replay()
+        if not torch.isfinite(self.total):
+            bad = [k for k, v in self.losses.items() if not torch.isfinite(v)]
+            raise FloatingPointError(f"non-finite loss {bad} in a graphed training step")
+        return {k: v.detach().clone() for k, v in self.losses.items()} | {"total": self.total.detach().clone()}
+
+
+def training_state(model, optimizer):
+    """Copies of a model's parameters and buffers and of an optimiser's state tensors, for restore_training_state."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    state = {id(t): t.detach().clone() for st in optimizer.state.values() for t in st.values() if torch.is_tensor(t)}
+    return [(t, t.detach().clone()) for t in tensors], state
+
+
+@torch.no_grad()
+def restore_training_state(saved, optimizer):
+    """Put back what training_state copied, in place (the tensors keep their memory, as a captured graph needs);
+    optimiser state created since then is reset to Adam's initial value, zero (moments and step counts)."""
+    tensors, state = saved
+    for t, value in tensors:
+        t.copy_(value)
+    for st in optimizer.state.values():
+        for t in st.values():
+            if torch.is_tensor(t) and id(t) in state:
+                t.copy_(state[id(t)])
+            elif torch.is_tensor(t):
+                t.zero_()

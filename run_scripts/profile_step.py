@@ -1,0 +1,275 @@
+"""Where the MambaTalk training step spends its GPU time, by module (issue 17): one table per configuration.
+
+    python run_scripts/profile_step.py --rows published fast            # this checkout
+    python run_scripts/profile_step.py --repo /tmp/before --rows fast   # another checkout's model and trainer
+    python run_scripts/profile_step.py --tiny                           # CPU, small sizes (CPU time instead)
+
+Forward passes are labelled by module with hooks (innermost labelled module wins); a backward kernel is charged to
+the module whose forward op created its autograd node (matched by the profiler's sequence numbers); the losses and
+the optimiser (clipping, Adam, zero_grad) are labelled around their calls. GPU time is the sum of kernel durations
+from one profiled step; "launch gaps" is the un-profiled median step time minus that sum (the GPU waiting for the
+host). `--repo` imports models/, trainers/ and run_scripts/bench_gpu.py from another checkout (the "before" table).
+"""
+import argparse
+import contextlib
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+CATEGORIES = ("audio CNNs", "motion encoder CNN", "transformer layers", "Mamba mixers (scan, projections)",
+              "Mamba blocks (norms, gated MLP)", "other generator layers", "stage-1 VQ (targets)", "losses",
+              "optimiser (clip, Adam)", "other")
+
+
+def module_categories(model, vq):
+    """{module: category} for the modules whose forward is labelled."""
+    cats = {model: "other generator layers"}
+    for name in ("audio_pre_encoder_face", "audio_pre_encoder_body"):
+        cats[getattr(model, name)] = "audio CNNs"
+    cats[model.global_scan.motion_encoder] = "motion encoder CNN"
+    for m in model.modules():
+        kind = type(m).__name__
+        if kind in ("TransformerEncoderLayer", "TransformerDecoderLayer"):
+            cats[m] = "transformer layers"
+        elif kind == "Mamba":
+            cats[m] = "Mamba mixers (scan, projections)"
+        elif kind == "Block":
+            cats[m] = "Mamba blocks (norms, gated MLP)"
+    for m in vq.values():
+        cats[m] = "stage-1 VQ (targets)"
+    return cats
+
+
+def label_modules(cats):
+    """Forward hooks that open a profiler range 'cat:<category>' around each labelled module's forward."""
+    stack, handles = [], []
+
+    def pre(module, args):
+        rf = torch.profiler.record_function("cat:" + cats[module])
+        rf.__enter__()
+        stack.append(rf)
+
+    def post(module, args, out):
+        stack.pop().__exit__(None, None, None)
+
+    for m in cats:
+        handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+    return handles
+
+
+def labelled(fn, category):
+    def wrapper(*a, **k):
+        with torch.profiler.record_function("cat:" + category):
+            return fn(*a, **k)
+    return wrapper
+
+
+def _label_of(event):
+    e = event
+    while e is not None:
+        if e.name.startswith("cat:"):
+            return e.name[4:]
+        if e.name.startswith("Optimizer."):
+            return "optimiser (clip, Adam)"
+        e = e.cpu_parent
+    return None
+
+
+def _backward_node(event):
+    e = event
+    while e is not None:
+        if e.name.startswith("autograd::engine::evaluate_function"):
+            return e
+        if e.name.startswith("cat:") or e.name.startswith("Optimizer."):
+            return None
+        e = e.cpu_parent
+    return None
+
+
+def attribute(events, use_kernels):
+    """{category: [forward ms, backward ms]} and the number of kernels (or host ops on CPU)."""
+    seq_label = {}
+    for e in events:
+        if e.device_type == torch.autograd.DeviceType.CPU and e.sequence_nr >= 0 and \
+                not e.name.startswith("autograd::"):
+            label = _label_of(e)
+            if label is not None:
+                seq_label.setdefault(e.sequence_nr, label)
+    table, count = defaultdict(lambda: [0.0, 0.0]), 0
+    for e in events:
+        if e.device_type != torch.autograd.DeviceType.CPU:
+            continue
+        if use_kernels:
+            t = sum(k.duration for k in e.kernels) / 1e3
+            count += len(e.kernels)
+        else:  # CPU: self time of leaf aten ops
+            if not e.name.startswith("aten::") or e.cpu_children:
+                continue
+            t, count = e.self_cpu_time_total / 1e3, count + 1
+        if t == 0:
+            continue
+        node = _backward_node(e)
+        if node is not None:
+            table[seq_label.get(node.sequence_nr, "other")][1] += t
+        else:
+            table[_label_of(e) or "other"][0] += t
+    return table, count
+
+
+def profile_row(bg, args, device, row, steps):
+    label, share, amp, fused, mode, backend, batched = bg.TRAIN_ROWS[row]
+    a = type(args)(**vars(args))
+    a.ssm_backend = bg.row_backend(backend)
+    model, vq = bg.build_models(a, device)
+    amp = amp if device.type == "cuda" else "none"
+    trainer = bg.step_trainer(a, device, model, vq, share, amp, fused, None, batched)
+    batch = bg.training_batch(args, device)
+    for _ in range(3):
+        trainer.train_step(batch)
+    times = []
+    for _ in range(steps):
+        bg.sync(device)
+        t0 = time.perf_counter()
+        trainer.train_step(batch)
+        bg.sync(device)
+        times.append(time.perf_counter() - t0)
+    wall = statistics.median(times) * 1e3
+    handles = label_modules(module_categories(model, vq))
+    trainer.latent_loss = labelled(trainer.latent_loss, "losses")
+    trainer.cls_loss = labelled(trainer.cls_loss, "losses")
+    clip = torch.nn.utils.clip_grad_norm_
+    torch.nn.utils.clip_grad_norm_ = labelled(clip, "optimiser (clip, Adam)")
+    import trainers.mambatalk as tm
+    targets = tm.prepare_targets
+    tm.prepare_targets = labelled(targets, "stage-1 VQ (targets)")
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    try:
+        with profile(activities=activities) as prof:
+            trainer.train_step(batch)
+            bg.sync(device)
+    finally:
+        torch.nn.utils.clip_grad_norm_ = clip
+        tm.prepare_targets = targets
+        for h in handles:
+            h.remove()
+    table, count = attribute(prof.events(), device.type == "cuda")
+    return label, wall, table, count
+
+
+def print_table(title, wall, table, count, gpu):
+    busy = sum(f + b for f, b in table.values())
+    unit = "GPU" if gpu else "CPU (self time of aten ops)"
+    print(f"\n{title}\nstep {wall:.1f} ms (median, not profiled); {unit} busy {busy:.1f} ms in "
+          f"{count} {'kernels' if gpu else 'ops'}")
+    print(f"{'module':<36}{'forward ms':>11}{'backward ms':>12}{'total ms':>10}{'% step':>8}")
+    for cat in CATEGORIES:
+        if cat in table:
+            f, b = table[cat]
+            print(f"{cat:<36}{f:>11.2f}{b:>12.2f}{f + b:>10.2f}{100 * (f + b) / wall:>7.1f}%")
+    if gpu:
+        gap = wall - busy
+        print(f"{'launch gaps (GPU idle)':<36}{'':>11}{'':>12}{gap:>10.2f}{100 * gap / wall:>7.1f}%")
+
+
+def bench_audio_cnns(args, device, repeats=10):
+    """Both audio encoders, forward + backward at the training batch: float32/bf16, NCW/channels-last, cuDNN
+    autotuning off/on."""
+    from models.layers import WavEncoder
+    torch.manual_seed(0)
+    encoders = [WavEncoder(args.audio_f, 3).to(device), WavEncoder(args.audio_f, 2).to(device)]
+    samples = int(args.pose_length / args.pose_fps * args.audio_sr)
+    x = torch.randn(args.batch_size, samples, 3, device=device)
+    print(f"\naudio CNNs (both encoders), forward + backward, batch {args.batch_size} x {samples} samples")
+    for bench in (False, True):
+        torch.backends.cudnn.benchmark = bench
+        for amp in (False, True):
+            for nhwc in (False, True):
+                def step():
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                        out = [e(x[..., :3 - i]) for i, e in enumerate(encoders)]
+                    sum(o.float().square().mean() for o in out).backward()
+                for e in encoders:
+                    e.channels_last = nhwc
+                for _ in range(3):
+                    step()
+                times = []
+                for _ in range(repeats):
+                    torch.cuda.synchronize() if device.type == "cuda" else None
+                    t0 = time.perf_counter()
+                    step()
+                    torch.cuda.synchronize() if device.type == "cuda" else None
+                    times.append(time.perf_counter() - t0)
+                print(f"  cudnn.benchmark {bench!s:5}  {'bf16' if amp else 'fp32'}  "
+                      f"{'channels-last' if nhwc else 'NCW          '}  {statistics.median(times) * 1e3:8.2f} ms")
+    torch.backends.cudnn.benchmark = False
+
+
+def profile_generate(bg, args, device, seconds=60.0):
+    """One generate() call for a clip (after a first call that captures its graphs): wall time, GPU busy time,
+    kernel count, and the top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+    from trainers import generate as gen
+    model, vq = bg.build_models(args, device)
+    seqs = bg.random_sequences(args, [seconds])
+    for amp in ("none", "bf16"):
+        a = type(args)(**vars(args))
+        a.amp = amp
+        gen.generate(model, vq, seqs, a)
+        bg.sync(device)
+        t0 = time.perf_counter()
+        gen.generate(model, vq, seqs, a)
+        bg.sync(device)
+        wall = time.perf_counter() - t0
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            gen.generate(model, vq, seqs, a)
+            bg.sync(device)
+        events = prof.events()
+        kernels = [k for e in events if e.device_type == torch.autograd.DeviceType.CPU for k in e.kernels]
+        busy = sum(k.duration for k in kernels) / 1e3
+        print(f"\ngenerate(), {seconds:.0f}-s clip, amp {amp}: wall {wall * 1e3:.1f} ms (not profiled), "
+              f"GPU busy {busy:.1f} ms in {len(kernels)} kernels")
+        sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=70))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--repo", default=str(Path(__file__).resolve().parents[1]),
+                   help="checkout whose model/trainer is profiled (default: this one)")
+    p.add_argument("--rows", nargs="*", default=["published", "fast"], help="bench_gpu.py TRAIN_ROWS keys")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--tiny", action="store_true", help="small sizes (default on CPU)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps for the median step time")
+    p.add_argument("--audio_cnns", action="store_true", help="also time the audio CNN variants")
+    p.add_argument("--generate", action="store_true", help="also profile generate() on a 60-s clip")
+    opts = p.parse_args()
+    repo = Path(opts.repo).resolve()
+    sys.path[:0] = [str(repo), str(repo / "run_scripts")]
+    import bench_gpu as bg
+    from utils.config import load_config
+    device = torch.device(opts.device)
+    tiny = opts.tiny or device.type == "cpu"
+    if tiny:
+        torch.set_num_threads(1)
+    args = load_config(str(repo / "configs" / "mambatalk.yaml"), dict(ctc_model="none", **(bg.TINY if tiny else {})))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"profile of the training step: {repo} on {name}, torch {torch.__version__}, batch {args.batch_size} x "
+          f"{args.pose_length} frames")
+    if opts.generate:
+        profile_generate(bg, args, device, 6.0 if tiny else 60.0)
+    if opts.audio_cnns:
+        bench_audio_cnns(args, device)
+    for row in opts.rows:
+        with contextlib.suppress(KeyboardInterrupt):
+            label, wall, table, count = profile_row(bg, args, device, row, opts.steps)
+            print_table(f"[{row}] {label}", wall, table, count, device.type == "cuda")
+
+
+if __name__ == "__main__":
+    main()
