@@ -156,7 +156,8 @@ def test_infer_bad_inputs(setup, beat2_sample, tmp_path):
 def test_code_sampling_follows_the_softmax():
     from trainers.generate import choose_codes
     logits = torch.log(torch.tensor([0.6, 0.3, 0.1, 1e-9]))
-    out = {f"cls_{p}": logits.expand(1, 4000, 4).clone() for p in ("face", "upper", "hands", "lower")}
+    out = {f"{kind}_{p}": logits.expand(1, 4000, 4).clone() for p in ("face", "upper", "hands", "lower")
+           for kind in ("cls", "rec")}
     weights = {"face": 1, "upper": 1, "hands": 1, "lower": 1}
     key = torch.tensor([7])
     argmax = choose_codes(None, out, weights)["upper"][1]
