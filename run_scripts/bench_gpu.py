@@ -492,8 +492,11 @@ def bench_window(table, args, device, opts):
             with torch.no_grad():
                 kinds = {p: "index" if getattr(args, "c" + p[0]) != 0 else "latent" for p in gen.PARTS}
                 seed = gen.neutral_seed(args.pre_frames, device)[None]
-                example = [cond[k] for k in gen.CONDITION] + [seed, torch.zeros(1, 3, device=device)]
-                step = gen._window_step(net, vq, kinds, args.pre_frames, False, amp, example)
+                example = [cond[k] for k in gen.CONDITION] + [seed, torch.zeros(1, 3, device=device),
+                                                              torch.zeros(1, dtype=torch.int64, device=device)]
+                sampling = (float(args.code_temperature), int(args.code_top_k))
+                step = gen._window_step(net, vq, kinds, args.pre_frames, False, amp, sampling,
+                                        gen.root_leak(args, False), example)
                 t = median_seconds(lambda: step(*example), device, opts.repeats, warmup=2)
             table.add("window, batch 1", name, t * 1e3, "ms", base.get("t"), peak_gib(device))
 
