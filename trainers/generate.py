@@ -182,9 +182,11 @@ def decode_codes(vq, codes):
     return decoded
 
 
-def decoded_to_motion(vq, decoded, start_xz, leak=0.0, edge_pad=0):
+def decoded_to_motion(vq, decoded, start_xz, leak=0.0, edge_pad=0, start_y=None):
     """Decoded parts -> pose (B,T,165), expressions (B,T,100), translation (B,T,3), contacts (B,T,4) (§7.1 step 6).
-    leak: see integrate; edge_pad: see global_motion (0, 0: as published)."""
+    leak: see integrate; edge_pad: see global_motion (0, 0: as published). start_y (B,): the height the speaker
+    stands at; the predicted height then only says how it varies (its mean is moved there), as a briefly trained
+    global-motion model's height was off by 11 cm (None: the predicted height as it is, published)."""
     lower = decoded["lower"]
     legs6d = orthonormalise_6d(lower[..., :54])
     pose = assemble_pose(decoded["upper"], decoded["hands"], legs6d, decoded["face"][..., :6])
@@ -193,7 +195,10 @@ def decoded_to_motion(vq, decoded, start_xz, leak=0.0, edge_pad=0):
     rec_global = global_motion(vq, to_global, edge_pad)
     x = integrate(rec_global[..., 54], start_xz[:, 0], leak)
     z = integrate(rec_global[..., 56], start_xz[:, 1], leak)
-    trans = torch.stack([x, rec_global[..., 55], z], dim=-1)
+    y = rec_global[..., 55]
+    if start_y is not None:
+        y = y - y.mean(dim=1, keepdim=True) + start_y[:, None]
+    trans = torch.stack([x, y, z], dim=-1)
     return pose, decoded["face"][..., 6:], trans, contacts
 
 
@@ -311,7 +316,8 @@ def generate(model, vq, sequences, args, paper_protocol=False, batch_size=64, pr
         merged = {p: (kinds[p], torch.cat([c[p] for c in codes[i]], dim=1)) for p in PARTS}
         decoded = decode_codes(vq, merged)
         start_xz = starts[i][[0, 2]][None]
-        pose, exps, trans, contacts = decoded_to_motion(vq, decoded, start_xz, leak, edge_pad)
+        start_y = starts[i][1:2] if leak > 0 else None
+        pose, exps, trans, contacts = decoded_to_motion(vq, decoded, start_xz, leak, edge_pad, start_y)
         n = plans[i].n_out
         results.append({"poses": pose[0, :n].cpu(), "expressions": exps[0, :n].cpu(), "trans": trans[0, :n].cpu(),
                         "contacts": contacts[0, :n].cpu()})
@@ -441,7 +447,10 @@ def _next_seed(decoded, pre, start_trans, paper_protocol, vq, prev_seed, leak=0.
         x0, z0 = prev_seed[:, pre - 1, 330], prev_seed[:, pre - 1, 332]
         x = integrate(rec_global[..., 54], x0, leak, start_trans[:, 0])
         z = integrate(rec_global[..., 56], z0, leak, start_trans[:, 2])
-        trans = torch.stack([x, rec_global[..., 55], z], dim=-1)
+        y = rec_global[..., 55]
+        if leak > 0:  # at the speaker's standing height, as decoded_to_motion places the output
+            y = y - y.mean(dim=1, keepdim=True) + start_trans[:, 1:2]
+        trans = torch.stack([x, y, z], dim=-1)
     return torch.cat([pose6d, trans[:, -pre:], contacts[:, -pre:]], dim=-1)
 
 
