@@ -91,11 +91,11 @@ def format_table(rows):
     """rows: {name: metrics dict} -> a fixed-width text table (raw values)."""
     cols = ["fgd", "bc", "bc_gt", "l1div", "face_mse", "face_lvd", "energy", "energy_ratio"]
     width = max(12, max(len(r) for r in rows) + 2)
-    lines = ["".ljust(width) + "".join(c.rjust(12) for c in cols)]
+    lines = ["".ljust(width) + "".join(c.rjust(13) for c in cols)]
     for name, m in rows.items():
         cells = []
         for c in cols:
             v = m.get(c)
-            cells.append(("-" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.4g}").rjust(12))
+            cells.append(("-" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.4g}").rjust(13))
         lines.append(name.ljust(width) + "".join(cells))
     return "\n".join(lines)
