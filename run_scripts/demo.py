@@ -198,7 +198,8 @@ def own_recording_commands(args, ckpt):
     if DEMO != Path("outputs/demo"):  # the config's paths point into outputs/demo/: point them here instead
         flags += f" --data_path {args.data_path} --data_path_1 {args.data_path_1} --cache_path {args.cache_path}"
     result = DEMO / "my_speech.npz"
-    return ("\nThe demo model on your own recording (any wav; its words are recognised from the audio, see README 'Audio only'):\n"
+    return ("\nThe demo model on your own recording (any wav; its words are recognised from the audio, see README "
+            "'Audio only'):\n"
             f"  {py} infer.py {flags} --ckpt {ckpt} --audio my_speech.wav --out {result}\n"
             f"  {py} render.py --npy_path {result} --wav_path my_speech.wav --save_dir {DEMO / 'render'}")
 
