@@ -297,7 +297,7 @@ def test_infer_exports_beside_result(setup, tmp_path, body):
     sf.write(wav, (0.2 * np.sin(2 * np.pi * 180 * t) * (1 + np.sin(2 * np.pi * 3 * t))).astype(np.float32), 16000)
     out = tmp_path / "res" / "result.npz"
     out.parent.mkdir()
-    r = run_infer(args, "--audio", str(wav), "--out", str(out), "--export", "bvh", "glb")
+    r = run_infer(args, "--audio", str(wav), "--out", str(out), "--export", "bvh", "glb", "--words", "none")
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in out.parent.iterdir()) == ["result.bvh", "result.glb", "result.npz"]
     want = body_joints(body, out)
