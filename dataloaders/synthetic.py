@@ -75,6 +75,17 @@ FINGER_OPENING = 0.8   # how far the fingers open on a full stroke (share of the
 FINGER_BEAT = 1.0      # finger flex on a syllable beat (share of their curl)
 
 
+# Elbow flexion stays in reach of a real elbow (~140 degrees): strokes on loud syllables of an animated recording
+# would otherwise add up past it. Below the knee it is untouched; above, it bends smoothly towards the maximum.
+ELBOW_KNEE, ELBOW_MAX = 1.8, 2.4
+
+
+def soft_limit(x, knee, top):
+    """x below `knee` as it is; above, knee + (top - knee) * tanh((x - knee) / (top - knee)): smooth, below `top`."""
+    span = top - knee
+    return np.where(x < knee, x, knee + span * np.tanh((x - knee) / span))
+
+
 def topic_words(seed, k):
     """The content words of recording k (1-based, counted per speaker): topic (k - 1) % TOPICS of the vocabulary's
     content words, dealt out in a seeded order."""
@@ -287,7 +298,8 @@ def synth_motion(rng, words, syllables, env, style, shape):
         arm[:, 1, 0] = -0.2 * active + st[:, 0] + 0.05 * drift[:, 1]
         arm[:, 1, 1] = -0.25 + st[:, 2]  # inward rotation: forearms in front of the body
         arm[:, 1, 2] = -style["arm_hang"] + 0.1 * active + st[:, 1]
-        arm[:, 2, 1] = -(style["elbow_rest"] + 0.55 * active + st[:, 3] + 0.08 * drift[:, 2] + 0.5 * beats[side])
+        arm[:, 2, 1] = -soft_limit(style["elbow_rest"] + 0.55 * active + st[:, 3] + 0.08 * drift[:, 2]
+                                   + 0.5 * beats[side], ELBOW_KNEE, ELBOW_MAX)
         arm[:, 3, 0] = -0.2 + st[:, 4] + 0.08 * drift[:, 3] + beats[side]
         arm[:, 3, 2] = st[:, 5] + 0.3 * beats[side]
         ang[:, [collar, shoulder, elbow, wrist]] = arm * MIRROR[side]

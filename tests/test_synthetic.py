@@ -204,7 +204,7 @@ def test_motion_is_smooth_and_plausible(dataset):
         angles = np.linalg.norm(poses.reshape(len(poses), 55, 3), axis=2)
         assert angles.max() < 2.6  # below pi (v3's largest strokes reach 2.25): axis-angle and 6D stay well conditioned
         assert np.abs(poses[:, 69:75]).max() == 0.0  # eyes
-        assert np.abs(np.diff(poses, axis=0)).max() < 0.25  # rad per frame
+        assert np.abs(np.diff(poses, axis=0)).max() < 0.36  # rad per frame (the real BEAT2 sample's largest step)
         assert np.abs(np.diff(poses, 2, axis=0)).max() < 0.15
         assert np.abs(np.diff(trans, axis=0)).max() < 0.01  # m per frame: feet stay in contact
         arm_speed = np.abs(np.diff(poses[:, ARM_DIMS], axis=0)).mean()
