@@ -494,7 +494,7 @@ def bench_window(table, args, device, opts):
                 seed = gen.neutral_seed(args.pre_frames, device)[None]
                 example = [cond[k] for k in gen.CONDITION] + [seed, torch.zeros(1, 3, device=device),
                                                               torch.zeros(1, dtype=torch.int64, device=device)]
-                sampling = (float(args.code_temperature), int(args.code_top_k))
+                sampling = (float(args.code_temperature), int(args.code_top_k), int(args.code_hold))
                 step = gen._window_step(net, vq, kinds, args.pre_frames, False, amp, sampling,
                                         gen.root_leak(args, False), example)
                 t = median_seconds(lambda: step(*example), device, opts.repeats, warmup=2)

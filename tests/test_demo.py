@@ -17,8 +17,8 @@ def test_quick_demo_beats_static_pose(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rows = json.loads((out / "test" / "table.json").read_text())
     model, static = rows["MambaTalk (demo)"], rows["static mean pose"]
-    # at this shortened size (200 steps per model) runs measured FGD 34 % and 46 % below the static pose's and motion
-    # energy ratios of 0.71 and 0.78 (the full demo's target band is 0.75-1.25); the bounds leave room for other machines
+    # at this shortened size (200 steps per model) runs measured FGD 34-46 % below the static pose's and motion
+    # energy ratios of 0.63-0.78 (the full demo's target band is 0.75-1.25); the bounds leave room for other machines
     assert model["fgd"] < 0.85 * static["fgd"]
     assert 0.5 < model["energy_ratio"] < 1.5, model
     assert rows["ground truth"]["energy_ratio"] == 1.0 and static["energy_ratio"] < 0.01

@@ -170,6 +170,8 @@ def test_code_sampling_follows_the_softmax():
     assert torch.equal(again["upper"][1], sampled["upper"][1])  # seeded
     top2 = choose_codes(None, out, weights, temperature=1.0, top_k=2, noise_key=key)["upper"][1]
     assert set(top2.unique().tolist()) == {0, 1}
+    held = choose_codes(None, out, weights, temperature=1.0, noise_key=key, hold=4)["upper"][1].reshape(1000, 4)
+    assert (held == held[:, :1]).all() and len(held[:, 0].unique()) == 3  # one draw per 4 frames, still sampled
     cold = choose_codes(None, out, weights, temperature=0.05, noise_key=key)["upper"][1]
     assert (cold == 0).float().mean() > 0.99  # low temperature approaches the argmax
 

@@ -123,14 +123,15 @@ def global_motion(vq, to_global, pad):
     return vq["global_motion"](x)["rec_pose"][:, pad:pad + to_global.shape[1]]
 
 
-def choose_codes(vq, out, cls_weights, temperature=0.0, top_k=0, noise_key=None):
+def choose_codes(vq, out, cls_weights, temperature=0.0, top_k=0, noise_key=None, hold=1):
     """Per part of `out`: the classifier's code when its loss weight is non-zero, else the nearest code of the regressed
     latent (published: body parts classified, face nearest). Returns {part: ('index', (B,T)) or ('latent', (B,T,C))}.
 
     temperature 0 takes the argmax (published). temperature > 0 samples from softmax(logits / temperature), restricted
     to the `top_k` most likely codes when top_k > 0, by the Gumbel-max trick with noise from `sample_noise(noise_key)`:
     a weakly trained generator's argmax falls back on its most frequent code (the rest pose), while a sample keeps the
-    motion its code distribution describes."""
+    motion its code distribution describes. `hold` consecutive frames share one draw of the noise, so that the code
+    changes where the logits do rather than on every frame (held strokes instead of flicker)."""
     codes = {}
     for n, part in enumerate(PARTS):
         if f"rec_{part}" not in out:  # the body window step and the face branch each score their own parts
@@ -145,7 +146,8 @@ def choose_codes(vq, out, cls_weights, temperature=0.0, top_k=0, noise_key=None)
             if 0 < top_k < logits.shape[-1]:
                 kth = logits.topk(top_k, dim=-1).values[..., -1:]
                 logits = logits.masked_fill(logits < kth, float("-inf"))
-            u = sample_noise(noise_key * len(PARTS) + n, logits.shape[1:])
+            T, K = logits.shape[1:]
+            u = sample_noise(noise_key * len(PARTS) + n, (-(-T // hold), K)).repeat_interleave(hold, dim=1)[:, :T]
             logits = logits - torch.log(-torch.log(u))  # + Gumbel(0, 1) noise
         codes[part] = ("index", logits.argmax(dim=-1))
     return codes
@@ -259,7 +261,8 @@ def generate(model, vq, sequences, args, paper_protocol=False, batch_size=64, pr
     window, pre = args.pose_length, args.pre_frames
     cls_weights = {"face": args.cf, "upper": args.cu, "hands": args.ch, "lower": args.cl}
     amp = getattr(args, "amp", "none") == "bf16"
-    sampling = (0.0, 0) if paper_protocol else (float(args.code_temperature), int(args.code_top_k))
+    sampling = (0.0, 0, 1) if paper_protocol else (float(args.code_temperature), int(args.code_top_k),
+                                                    int(getattr(args, "code_hold", 1)))
     leak = root_leak(args, paper_protocol)
     edge_pad = GLOBAL_PAD if leak > 0 else 0  # the root fixes come together (root_anchor_seconds > 0)
     model.eval()
@@ -364,21 +367,21 @@ def window_step(model, vq, kinds, pre, paper_protocol, amp, sampling, leak, spk_
     with torch.autocast(seed.device.type, dtype=torch.bfloat16, enabled=amp):
         out = model.predict_body(condition, mask, in_motion)
     out = {k: v.float() for k, v in out.items()}
-    window_codes = choose_codes(vq, out, {p: 1.0 if kinds[p] == "index" else 0.0 for p in PARTS}, *sampling,
-                                noise_key=noise_key)
+    window_codes = choose_codes(vq, out, {p: 1.0 if kinds[p] == "index" else 0.0 for p in PARTS}, *sampling[:2],
+                                noise_key=noise_key, hold=sampling[2])
     decoded = decode_codes(vq, window_codes)
     next_seed = _next_seed(decoded, pre, start, paper_protocol, vq, seed, leak)
     return tuple(window_codes[p][1] for p in PARTS[1:]) + (out["global_features"], next_seed)
 
 
-def face_codes(model, vq, kinds, spk_face, global_features, amp, sampling=(0.0, 0), noise_key=None):
+def face_codes(model, vq, kinds, spk_face, global_features, amp, sampling=(0.0, 0, 1), noise_key=None):
     """The face codes of windows, from the global features that their window steps returned (sampling and
     noise_key as in window_step)."""
     with torch.autocast(spk_face.device.type, dtype=torch.bfloat16, enabled=amp):
         out = model.predict_face(spk_face, global_features)
     out = {name: v.float() for name, v in out.items()}
-    return choose_codes(vq, out, {"face": 1.0 if kinds["face"] == "index" else 0.0}, *sampling,
-                        noise_key=noise_key)["face"][1]
+    return choose_codes(vq, out, {"face": 1.0 if kinds["face"] == "index" else 0.0}, *sampling[:2],
+                        noise_key=noise_key, hold=sampling[2])["face"][1]
 
 
 _bf16_copies = weakref.WeakKeyDictionary()  # model -> (parameter versions, copy with bf16 weights)

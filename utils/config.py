@@ -152,6 +152,7 @@ DEFAULTS = {
     # = argmax (the published test; --paper_protocol always uses it), > 0 = sampled, from the top_k codes (0 = all).
     "code_temperature": 1.0,
     "code_top_k": 0,
+    "code_hold": 4,               # frames that share one draw of the sampling noise (1 = a new draw every frame)
     # Default protocol only: the root's floor position is pulled back towards where the sequence started with this
     # time constant (s), so that a bias of the predicted root velocity does not add up to a walk (0 = off).
     "root_anchor_seconds": 1.5,
