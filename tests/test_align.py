@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
 
 from dataloaders import align
 from dataloaders.beat2 import read_audio, read_motion, read_words, write_motion
 from utils.log import get_logger
+from test_generate import SMALL, random_weights_setup  # noqa: E402  (the generation tests' tiny random models)
 
 pytest.importorskip("pocketsphinx")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "run_scripts"))
@@ -169,19 +169,10 @@ def test_whisper_absent():
 
 # ------------------------------------------------------------------------------------------------ custom dataset
 
-SMALL = {"hidden_size": 32, "audio_f": 32, "motion_f": 32, "vae_codebook_size": 16, "device": "cpu",
-         "ctc_model": "none"}
-
-
 @pytest.fixture(scope="module")
 def custom_dataset(beat2_sample, tmp_path_factory):
     """Two 6-s recordings (motion + 16-bit PCM wav at 44.1 kHz stereo) and a csv, no TextGrids, filled by
     `python -m dataloaders.align --dataset`; random stage-1, FGD and MambaTalk weights to run test.py with."""
-    from models.mambatalk import MambaTalk
-    from models.motion_representation import STAGE1_FILES, VAESKConv, build_stage1_models
-    from trainers.base import build_dataset
-    from utils.checkpoint import save_weights
-    from utils.config import load_config
     tmp = tmp_path_factory.mktemp("custom")
     data = tmp / "data"
     for sub in ("smplxflame_30", "wave16k", "weights"):
@@ -200,16 +191,7 @@ def custom_dataset(beat2_sample, tmp_path_factory):
     (data / "weights" / mean_vel).symlink_to(beat2_sample / "weights" / mean_vel)
     (data / "train_test_split.csv").write_text("id,type\n" + "".join(f"{i},{t}\n" for i, t, _ in rows))
     assert len(align.main(["--dataset", str(data), "--engine", "pocketsphinx"])) == 2  # the CLI, in this process
-    torch.manual_seed(0)
-    args = load_config(ROOT / "configs/demo/mambatalk.yaml", {
-        **SMALL, "data_path": str(data) + "/", "data_path_1": str(tmp / "pretrained") + "/",
-        "out_path": str(tmp / "runs") + "/", "cache_path": str(tmp / "cache") + "/", "root_path": "",
-        "e_path": str(tmp / "aeskconv.bin"), "test_ckpt": str(tmp / "mambatalk.bin")})
-    (tmp / "pretrained" / "pretrained_vq").mkdir(parents=True)
-    for name, model in build_stage1_models(args).items():
-        save_weights(model, tmp / "pretrained" / "pretrained_vq" / STAGE1_FILES[name])
-    save_weights(VAESKConv(args), tmp / "aeskconv.bin")
-    save_weights(MambaTalk(args, vocab=build_dataset(args, "test").vocab), tmp / "mambatalk.bin")
+    args, _ = random_weights_setup(data, tmp)
     return args, data, tmp
 
 

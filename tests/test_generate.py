@@ -23,13 +23,12 @@ SMALL = {"hidden_size": 32, "audio_f": 32, "motion_f": 32, "vae_codebook_size": 
          "ctc_model": "none"}
 
 
-@pytest.fixture(scope="module")
-def setup(demo_data, tmp_path_factory):
-    """A tiny config on the demo data with random stage-1, FGD and MambaTalk weights saved in the published format."""
-    tmp = tmp_path_factory.mktemp("generate")
+def random_weights_setup(data, tmp):
+    """A tiny config on dataset `data` with random stage-1, FGD and MambaTalk weights saved under `tmp` in the
+    published format. Returns (args, test dataset)."""
     torch.manual_seed(0)
     args = load_config(ROOT / "configs/demo/mambatalk.yaml", {
-        **SMALL, "data_path": str(demo_data) + "/", "data_path_1": str(tmp / "pretrained") + "/",
+        **SMALL, "data_path": str(data) + "/", "data_path_1": str(tmp / "pretrained") + "/",
         "out_path": str(tmp / "runs") + "/", "cache_path": str(tmp / "cache") + "/", "root_path": "",
         "e_path": str(tmp / "aeskconv.bin"), "test_ckpt": str(tmp / "mambatalk.bin")})
     (tmp / "pretrained" / "pretrained_vq").mkdir(parents=True)
@@ -38,6 +37,13 @@ def setup(demo_data, tmp_path_factory):
     save_weights(VAESKConv(args), tmp / "aeskconv.bin")
     test_data = build_dataset(args, "test")
     save_weights(MambaTalk(args, vocab=test_data.vocab), tmp / "mambatalk.bin")
+    return args, test_data
+
+
+@pytest.fixture(scope="module")
+def setup(demo_data, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("generate")
+    args, test_data = random_weights_setup(demo_data, tmp)
     return args, tmp, test_data
 
 
