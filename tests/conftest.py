@@ -73,3 +73,14 @@ def fill(folder):
                 if len(chunk) == 1:
                     return
                 chunk = chunk[:len(chunk) // 2]
+
+
+class Hostile:
+    """Unpickling this creates `marker`: the proof that a loader ran code from a file (`from conftest import
+    Hostile` in the tests of crafted pickles)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")

@@ -11,6 +11,7 @@ from scipy.sparse.csgraph import connected_components
 
 from utils import standin_body
 from utils.body_model import BodyModel, load_body_model
+from conftest import Hostile  # noqa: E402
 
 # kintree_table[0] of SMPLX_NEUTRAL_2020.npz (spec §3.1), written out independently of utils/skeleton.py
 SPEC_PARENTS = [-1, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 9, 9, 12, 13, 14, 16, 17, 18, 19, 15, 15, 15, 20, 25, 26,
@@ -258,16 +259,6 @@ def test_real_sample_gives_finite_joints_on_the_floor(body, beat2_sample):
     torch.testing.assert_close(full["joints"][:, :55], joints[:64], rtol=0, atol=1e-5)
     # BEAT2 translations put the stand-in's feet on a floor near y = 0
     assert joints[:, [10, 11], 1].min().abs() < 0.1
-
-
-class Hostile:
-    """Unpickling this creates `marker`: the proof that a loader ran code from a file."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return open, (self.marker, "w")
 
 
 def smplx_dir(tmp_path, arrays):

@@ -25,6 +25,7 @@ from trainers.mambatalk import mask_ratio
 from conftest import fill
 from utils.checkpoint import CheckpointMismatchError, load_weights
 from utils.config import load_config
+from conftest import Hostile  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WIDTH = 16  # stage-1 latent width = codebook size = MambaTalk's latent heads (tiny, for speed)
@@ -350,14 +351,6 @@ def copied_state(lab, tmp_path, key="aelowerfoot"):
     path.parent.mkdir()
     path.write_bytes((lab.runs[key] / "train_state.pt").read_bytes())
     return path
-
-
-class Hostile:
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return open, (self.marker, "w")
 
 
 def test_resume_refuses_crafted_truncated_or_foreign_states(lab, tmp_path):
