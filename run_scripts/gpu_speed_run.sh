@@ -6,6 +6,8 @@
 #   3. torchrun --nproc_per_node 1 with ddp: true (NCCL) for $STEPS steps at the published size on synthetic data
 #      with random stage-1 models (bf16, then float32 if that fails), and the checkpoint loaded on CPU;
 #   4. run_scripts/bench_gpu.py --compile at published sizes (the table) with whatever time is left of 585 s;
+#   4b. (stability) issue 17's fp32 question: run_scripts/stability_check.py, our step and the published step for
+#      $STABILITY_STEPS steps on the same data (both at once);
 #   5. the training step's GPU time by module (run_scripts/profile_step.py) for the published and fast rows, and the
 #      same for the checkout $BEFORE (a folder, or a commit of the git history there: issue 17's "before" table).
 # The published class's rows ("generator alone") need a fetched copy of the published repository in .dev/published
@@ -18,6 +20,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_speed_run}
 STEPS=${STEPS:-300}
+STABILITY_STEPS=${STABILITY_STEPS:-450}
 SKIP=${SKIP:-}   # e.g. SKIP="tests train" to leave stages out
 export PYTHONUNBUFFERED=1 PIP_BREAK_SYSTEM_PACKAGES=1 TORCH_CUDA_ARCH_LIST=9.0
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -107,10 +110,26 @@ print(f"checkpoint {path} loads on CPU: {sum(p.numel() for p in model.parameters
 EOF
 }
 
-if ! skip train; then
+if ! skip train || ! skip stability; then
   $PY -m dataloaders.synthetic --out /tmp/demo --preset demo > /dev/null && \
   $PY run_scripts/make_random_stage1.py --out /tmp/pre > /dev/null
+fi
+if ! skip train; then
   train_run bf16 "$STEPS" || train_run none "$STEPS"
+fi
+
+if ! skip stability; then  # issue 17: does fp32 training stay finite, ours and the published step, same data
+  stamp "fp32 stability, $STABILITY_STEPS steps, default and published steps"
+  stab() {  # variant gpu
+    CUDA_VISIBLE_DEVICES=$2 timeout 400 $PY run_scripts/stability_check.py --variant "$1" --every 10 \
+        --config configs/mambatalk.yaml --data_path /tmp/demo/ --data_path_1 /tmp/pre/ --out_path "/tmp/stab_$1/" \
+        --cache_path "/tmp/stab_cache_$1/" --ctc_model none --stat none --eval_split "" --stride 1 --amp none \
+        --max_steps "$STABILITY_STEPS" --loader_workers 4 --fused_adam true > "$OUT/stability_$1.txt" 2>&1
+  }
+  n_gpus=$(nvidia-smi -L | wc -l)
+  # both at once (on one GPU they share it: the comparison is of finiteness, not speed)
+  if [ "$n_gpus" -ge 2 ]; then stab default 0 & stab published 1 & wait; else stab default 0 & stab published 0 & wait; fi
+  for v in default published; do grep "^\[$v\]" "$OUT/stability_$v.txt" | tail -60; done
 fi
 
 if ! skip bench; then
@@ -125,8 +144,8 @@ fi
 
 if ! skip profile; then
   stamp "training step by module (published, fast)"
-  timeout 60 $PY run_scripts/profile_step.py --rows published fast > "$OUT/profile.txt" 2>&1
-  grep -v "^profile of" "$OUT/profile.txt" | tail -30
+  timeout 150 $PY run_scripts/profile_step.py --rows published fast ${PROFILE_OPTS:-} > "$OUT/profile.txt" 2>&1
+  grep -v "^profile of" "$OUT/profile.txt" | tail -${PROFILE_LINES:-30}
   before=${BEFORE:-}  # a checkout folder (e.g. .dev/before) or a commit of this repository's git history
   if [ -n "$before" ] && [ ! -d "$before" ]; then
     mkdir -p /tmp/before && git archive "$before" | tar -x -C /tmp/before && before=/tmp/before || before=
