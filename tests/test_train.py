@@ -319,6 +319,46 @@ def test_nan_batch_names_the_step(lab):
         trainer.train_step(batch)
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_nonfinite_gradients_skip_the_update(lab, fused, caplog):
+    """A finite loss whose gradient is NaN (sqrt's slope at 0 times 0): the step leaves weights and Adam's state as
+    they were and is counted; a later finite step updates; a log window of only such steps stops the run."""
+    trainer = lab.trainers["aelowerfoot"]
+    batch = next(iter(trainer.train_loader))
+    model, saved_optimizer = trainer.raw_model, trainer.optimizer
+    params = [p for p in model.parameters() if p.requires_grad]
+    trainer.optimizer = torch.optim.Adam(params, lr=1e-3, fused=fused or None)
+    honest = trainer.compute_losses
+
+    def nan_gradient(model_, batch_, epoch):
+        losses = honest(model_, batch_, epoch)
+        return losses | {"nan_slope": (0.0 * params[0].sum()).clamp(min=0).sqrt()}
+
+    try:
+        trainer.train_step(batch)  # one ordinary step first: Adam has state to keep
+        before = [p.detach().clone() for p in params]
+        moments = [trainer.optimizer.state[p]["exp_avg"].clone() for p in params]
+        trainer.compute_losses = nan_gradient
+        losses = trainer.train_step(batch)
+        assert torch.isfinite(losses["total"])
+        assert all(torch.equal(a, p) for a, p in zip(before, params))
+        assert all(torch.equal(m, trainer.optimizer.state[p]["exp_avg"]) for m, p in zip(moments, params))
+        assert float(trainer.skipped_steps) == 1
+        with caplog.at_level("WARNING"):
+            trainer.check_skipped_steps(4)
+        assert "1 of the last 4 steps skipped" in caplog.text and float(trainer.skipped_steps) == 0
+        trainer.train_step(batch)
+        with pytest.raises(FloatingPointError, match="all of the last 1 steps were non-finite"):
+            trainer.check_skipped_steps(1)
+        del trainer.compute_losses
+        trainer.train_step(batch)
+        assert not all(torch.equal(a, p) for a, p in zip(before, params))
+        assert float(trainer.skipped_steps) == 0
+    finally:
+        trainer.__dict__.pop("compute_losses", None)
+        trainer.optimizer = saved_optimizer
+
+
 def test_full_disk_keeps_previous_checkpoint(lab, tmpfs):
     """A real full filesystem: torch.save fails with a RuntimeError of its own, which used to escape as a traceback.
     Now one message names the file, the previous checkpoint and state are intact and no partial file is left."""

@@ -460,12 +460,53 @@ class Trainer:
                                      "or check the stage-1 models")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
-        if self.args.grad_norm > 0:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.args.grad_norm)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        if self.scaler.is_enabled():  # fp16: the scaler skips steps with non-finite gradients itself
+            if self.args.grad_norm > 0:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.args.grad_norm)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.apply_gradients()
         return {k: v.detach() for k, v in losses.items()} | {"total": total.detach()}
+
+    def apply_gradients(self):
+        """Clip (`grad_norm` > 0) and update, skipping the update when the gradients are not finite although the loss
+        was: weights stay as they were and `skipped_steps` (a device tensor, read at log time) counts the step.
+        Such a step turned every weight into NaN in a 450-step fp32 run at the published size (issue 17, README
+        Known limitations). Fused Adam skips on the device (its `found_inf` input, no host sync, also inside a CUDA
+        graph); other optimisers check on the host."""
+        params = [p for p in self.raw_model.parameters() if p.requires_grad]
+        if self.args.grad_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.args.grad_norm)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        bad = (~torch.isfinite(norm)).float()
+        if getattr(self, "skipped_steps", None) is None or self.skipped_steps.device != bad.device:
+            self.skipped_steps = torch.zeros((), device=bad.device)
+        self.skipped_steps += bad
+        if self.optimizer.defaults.get("fused"):
+            self.optimizer.found_inf = bad
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
+        elif not bool(bad):
+            self.optimizer.step()
+        return bad
+
+    def check_skipped_steps(self, n_steps):
+        """Log the steps that apply_gradients skipped since the last call; raise when all `n_steps` were."""
+        skipped = getattr(self, "skipped_steps", None)
+        n = 0 if skipped is None else int(skipped)
+        if n:
+            skipped.zero_()
+            where = f"epoch {self.epoch}, step {self.global_step}"
+            if n >= n_steps:
+                raise FloatingPointError(f"{where}: the gradients of all of the last {n_steps} steps were non-finite "
+                                         "(the losses were finite); lower lr_base or use grad_norm")
+            self.log.warning(f"{where}: {n} of the last {n_steps} steps skipped: non-finite gradients from finite "
+                             "losses")
 
     def autocast(self):
         """`amp` (bf16/fp16) for the networks' forward passes; trainers compute losses (rotations, acos, the body
@@ -500,6 +541,7 @@ class Trainer:
             self.batch_in_epoch += 1
             if self.global_step % args.log_period == 0 or self.batch_in_epoch == n_batches:
                 n = window["n"]
+                self.check_skipped_steps(n)
                 window["sums"] = {k: float(v) for k, v in window["sums"].items()}
                 fps = args.batch_size * args.pose_length * n / max(window["data"] + window["net"], 1e-9)
                 lr = self.optimizer.param_groups[0]["lr"]

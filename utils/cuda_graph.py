@@ -53,17 +53,14 @@ class GraphedTrainStep:
 
     def __init__(self, trainer, batch, warmup=3):
         self.batch = {k: v.clone() if torch.is_tensor(v) else v for k, v in batch.items()}
-        params = [p for p in trainer.raw_model.parameters() if p.requires_grad]
-        optimizer, model, args = trainer.optimizer, trainer.model, trainer.args
+        optimizer, model = trainer.optimizer, trainer.model
         saved = training_state(trainer.raw_model, optimizer)
 
         def step():
             losses = trainer.compute_losses(model, self.batch, trainer.epoch)
             total = sum(losses.values())
             total.backward()
-            if args.grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, args.grad_norm)
-            optimizer.step()
+            trainer.apply_gradients()  # clipping, and the update skipped on the device for non-finite gradients
             return losses, total
 
         # warm-up on a side stream, as capture requires (optimiser state, Triton compilation, library handles)
@@ -75,6 +72,7 @@ class GraphedTrainStep:
                 step()
         torch.cuda.current_stream().wait_stream(stream)
         restore_training_state(saved, optimizer)  # undo the warm-up
+        trainer.skipped_steps.zero_()
         optimizer.zero_grad(set_to_none=True)  # backward in the graph writes fresh gradients on every replay
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
