@@ -120,7 +120,7 @@ def attribute(events, use_kernels):
     return table, count
 
 
-def profile_row(bg, args, device, row, steps):
+def profile_row(bg, args, device, row, steps, kernels=0):
     label, share, amp, fused, mode, backend, batched = bg.TRAIN_ROWS[row]
     a = type(args)(**vars(args))
     a.ssm_backend = bg.row_backend(backend)
@@ -158,6 +158,9 @@ def profile_row(bg, args, device, row, steps):
         for h in handles:
             h.remove()
     table, count = attribute(prof.events(), device.type == "cuda")
+    if kernels:
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort, row_limit=kernels, max_name_column_width=90))
     return label, wall, table, count
 
 
@@ -248,6 +251,7 @@ def main():
     p.add_argument("--steps", type=int, default=10, help="timed steps for the median step time")
     p.add_argument("--audio_cnns", action="store_true", help="also time the audio CNN variants")
     p.add_argument("--generate", action="store_true", help="also profile generate() on a 60-s clip")
+    p.add_argument("--kernels", type=int, default=0, help="also print the N ops/kernels with the most self time")
     opts = p.parse_args()
     repo = Path(opts.repo).resolve()
     sys.path[:0] = [str(repo), str(repo / "run_scripts")]
@@ -267,7 +271,7 @@ def main():
         bench_audio_cnns(args, device)
     for row in opts.rows:
         with contextlib.suppress(KeyboardInterrupt):
-            label, wall, table, count = profile_row(bg, args, device, row, opts.steps)
+            label, wall, table, count = profile_row(bg, args, device, row, opts.steps, opts.kernels)
             print_table(f"[{row}] {label}", wall, table, count, device.type == "cuda")
 
 
