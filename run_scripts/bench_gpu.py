@@ -319,11 +319,47 @@ def bench_train(table, args, device, opts):
     torch.backends.cudnn.benchmark = torch.backends.cudnn.deterministic = False  # generation rows: infer.py's settings
 
 
-def published_class(repo, args, device):
+def mamba_ssm_from_source(src):
+    """mamba-ssm's Python modules from an unpacked source package `src` when the package is not installed (building
+    its CUDA extension takes ~7 minutes): imported without its package __init__, with stand-ins for what the
+    published class never calls (the compiled selective_scan_cuda, transformers, huggingface_hub), and the selective
+    scan of its Mamba layer replaced by ours (models.scan: the Triton kernels on GPUs). Returns a label for the rows."""
+    import importlib
+    import importlib.util
+    import types
+    if "mamba_ssm" in sys.modules:  # already set up (a second call)
+        return getattr(sys.modules["mamba_ssm"], "scan_label", "mamba-ssm's scan")
+    if importlib.util.find_spec("mamba_ssm") is not None:
+        return "mamba-ssm's scan"
+    for name, attrs in (("selective_scan_cuda", {}), ("transformers", {}),
+                        ("transformers.generation", dict(GenerateDecoderOnlyOutput=object, TextStreamer=object)),
+                        ("transformers.utils", dict(WEIGHTS_NAME="", CONFIG_NAME="")),
+                        ("transformers.utils.hub", dict(cached_file=None)),
+                        ("huggingface_hub", dict(PyTorchModelHubMixin=type("PyTorchModelHubMixin", (), {})))):
+        if name not in sys.modules:
+            sys.modules[name] = types.ModuleType(name)
+            vars(sys.modules[name]).update(attrs)
+    pkg = types.ModuleType("mamba_ssm")
+    pkg.__path__ = [str(Path(src) / "mamba_ssm")]
+    sys.modules["mamba_ssm"] = pkg
+    simple = importlib.import_module("mamba_ssm.modules.mamba_simple")
+
+    def ours(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False):
+        if return_last_state:
+            raise NotImplementedError("the stand-in scan returns no state")
+        return scan.selective_scan(u, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
+                                   backend=scan.resolve_backend("auto", u))
+    simple.selective_scan_fn = ours
+    pkg.scan_label = "scan: ours (mamba-ssm not built)"
+    return pkg.scan_label
+
+
+def published_class(repo, args, device, mamba_src=None):
     """The published MambaTalk class from a fetched copy of the published repository (`repo`), imported under the
     package name `published_models` (its top-level names clash with ours). Its vocabulary-building module imports
     lmdb, fasttext and loguru, which the model does not use: stand-ins are registered when they are missing. The
-    class reads `data_path/weights/vocab.pkl`; a temporary one with random word vectors is written."""
+    class reads `data_path/weights/vocab.pkl`; a temporary one with random word vectors is written. `mamba_src`: see
+    mamba_ssm_from_source."""
     import importlib
     import importlib.util
     import pickle
@@ -331,6 +367,8 @@ def published_class(repo, args, device):
     import types
 
     import numpy as np
+    if mamba_src:
+        mamba_ssm_from_source(mamba_src)
     for name in ("lmdb", "fasttext", "loguru", "pyarrow"):
         if name not in sys.modules and importlib.util.find_spec(name) is None:
             stub = types.ModuleType(name)
@@ -410,10 +448,13 @@ def bench_model(table, args, device, opts):
         table.notes.append(f"generator alone / {name}: first-step loss {first:.6g}")
         return t
 
+    scan_label = mamba_ssm_from_source(opts.published_mamba_src) if opts.published_mamba_src else "mamba-ssm's scan"
+
     def published(amp):
-        model = published_class(opts.published_repo, args, device)
+        model = published_class(opts.published_repo, args, device, opts.published_mamba_src)
         weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        run(f"published class, {'bf16 autocast' if amp else 'fp32'}, Adam", model, amp, "published", False)
+        run(f"published class, {'bf16 autocast' if amp else 'fp32'}, Adam ({scan_label})", model, amp, "published",
+            False)
         del model
         return weights
 
@@ -624,6 +665,8 @@ def main():
     p.add_argument("--repeats", type=int, default=None, help="repeats of the window/scan timings (median)")
     p.add_argument("--compile", action="store_true",
                    help="add the training row the trainer runs with `compile: true` (compiles for minutes)")
+    p.add_argument("--published_mamba_src", default=None,
+                   help="unpacked mamba-ssm source package, for the published class where mamba-ssm is not installed")
     p.add_argument("--published_repo", default=None,
                    help="folder of a fetched copy of the published repository: adds the 'model' rows")
     p.add_argument("--profile", nargs="?", const="fast", choices=list(TRAIN_ROWS),

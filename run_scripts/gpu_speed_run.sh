@@ -137,6 +137,11 @@ if ! skip bench; then
   left=$((585 - SECONDS - reserve))
   stamp "bench (${left} s left)"
   published=(); [ -d .dev/published/models ] && published=(--published_repo .dev/published)
+  # without a built mamba-ssm the published class imports its Python modules from the source package (our scan)
+  if [ ${#published[@]} -gt 0 ] && ! $PY -c "import mamba_ssm" 2>/dev/null && compgen -G ".dev/mamba_ssm-*.tar.gz" >/dev/null; then
+    mkdir -p /tmp/mamba_src && tar xzf .dev/mamba_ssm-*.tar.gz -C /tmp/mamba_src && \
+      published+=(--published_mamba_src "$(ls -d /tmp/mamba_src/mamba_ssm-*)")
+  fi
   timeout $left $PY run_scripts/bench_gpu.py --compile "${published[@]}" "$@" > "$OUT/bench.txt" 2>&1
   sed -n '/^MambaTalk speed/,$p' "$OUT/bench.txt" | grep -q . && sed -n '/^MambaTalk speed/,$p' "$OUT/bench.txt" || \
       grep -E "^\s+\[|Error" "$OUT/bench.txt" | tail -40
