@@ -505,9 +505,7 @@ def bench_window(table, args, device, opts):
         return t
 
     run_row(table, "window, batch 1", "published: fp32 eager forward", eager)
-    if device.type != "cuda":
-        return
-    for amp in (False, True):
+    for amp in ((False, True) if device.type == "cuda" else ()):
         name = f"fast: CUDA graph, {'bf16' if amp else 'fp32'}"
 
         def graphed(amp=amp, name=name):
@@ -523,7 +521,7 @@ def bench_window(table, args, device, opts):
         run_row(table, "window, batch 1", name, graphed)
 
     for amp in (False, True):
-        name = f"fast: generate()'s step (graph, {'bf16' if amp else 'fp32'})"
+        name = f"fast: generate()'s step ({'graph, ' if device.type == 'cuda' else ''}{'bf16' if amp else 'fp32'})"
 
         def step_only(amp=amp, name=name):
             # the per-window work inside generate(): conditioning precomputed, body-part codes, decoding, next seed
@@ -533,9 +531,11 @@ def bench_window(table, args, device, opts):
             with torch.no_grad():
                 kinds = {p: "index" if getattr(args, "c" + p[0]) != 0 else "latent" for p in gen.PARTS}
                 seed = gen.neutral_seed(args.pre_frames, device)[None]
-                example = [cond[k] for k in gen.CONDITION] + [seed, torch.zeros(1, 3, device=device),
-                                                              torch.zeros(1, dtype=torch.int64, device=device)]
                 sampling = (float(args.code_temperature), int(args.code_top_k), int(args.code_hold))
+                keys = torch.zeros(1, dtype=torch.int64, device=device)
+                noise = gen.window_noise(kinds, sampling, keys, 0, 1, args.pose_length, args.vae_codebook_size)
+                example = [cond[k] for k in gen.CONDITION] + [seed, torch.zeros(1, 3, device=device)] + \
+                    [v[0] for v in noise]
                 step = gen._window_step(net, vq, kinds, args.pre_frames, False, amp, sampling,
                                         gen.root_leak(args, False), example)
                 t = median_seconds(lambda: step(*example), device, opts.repeats, warmup=2)

@@ -36,6 +36,7 @@ CUDA_GRAPHS = True
 ENCODE_BATCH = {"cuda": 64, "cpu-bf16": 8, "cpu": 1}
 FACE_BATCH = {"cuda": 256, "cpu": 4}  # windows per call of the face branch (it runs behind the window steps)
 LEAK_BLOCK = 256   # frames per block of the leaky integration's closed form
+NOISE_CHUNK = 32   # windows whose sampling noise is drawn at once, ahead of their steps
 GLOBAL_PAD = 16    # frames repeated at each end before the global-motion model (its receptive field is smaller)
 # MambaTalk.generation_condition's outputs that window_step reads, in its argument order
 CONDITION = ("spk_body", "face_feat", "body_query", "memory")
@@ -123,7 +124,7 @@ def global_motion(vq, to_global, pad):
     return vq["global_motion"](x)["rec_pose"][:, pad:pad + to_global.shape[1]]
 
 
-def choose_codes(vq, out, cls_weights, temperature=0.0, top_k=0, noise_key=None, hold=1):
+def choose_codes(vq, out, cls_weights, temperature=0.0, top_k=0, noise_key=None, hold=1, noise=None):
     """Per part of `out`: the classifier's code when its loss weight is non-zero, else the nearest code of the regressed
     latent (published: body parts classified, face nearest). Returns {part: ('index', (B,T)) or ('latent', (B,T,C))}.
 
@@ -131,7 +132,8 @@ def choose_codes(vq, out, cls_weights, temperature=0.0, top_k=0, noise_key=None,
     to the `top_k` most likely codes when top_k > 0, by the Gumbel-max trick with noise from `sample_noise(noise_key)`:
     a weakly trained generator's argmax falls back on its most frequent code (the rest pose), while a sample keeps the
     motion its code distribution describes. `hold` consecutive frames share one draw of the noise, so that the code
-    changes where the logits do rather than on every frame (held strokes instead of flicker)."""
+    changes where the logits do rather than on every frame (held strokes instead of flicker). `noise` {part: (B, T, K)}:
+    that noise drawn ahead (gumbel_noise with these arguments), instead of drawing it here from noise_key."""
     codes = {}
     for n, part in enumerate(PARTS):
         if f"rec_{part}" not in out:  # the body window step and the face branch each score their own parts
@@ -147,10 +149,17 @@ def choose_codes(vq, out, cls_weights, temperature=0.0, top_k=0, noise_key=None,
                 kth = logits.topk(top_k, dim=-1).values[..., -1:]
                 logits = logits.masked_fill(logits < kth, float("-inf"))
             T, K = logits.shape[1:]
-            u = sample_noise(noise_key * len(PARTS) + n, (-(-T // hold), K)).repeat_interleave(hold, dim=1)[:, :T]
-            logits = logits - torch.log(-torch.log(u))  # + Gumbel(0, 1) noise
+            logits = logits + (noise[part] if noise is not None else gumbel_noise(noise_key, n, T, K, hold))
         codes[part] = ("index", logits.argmax(dim=-1))
     return codes
+
+
+def gumbel_noise(noise_key, n_part, frames, n_codes, hold=1):
+    """Gumbel(0, 1) noise (B, frames, n_codes) of part PARTS[n_part] for each key of `noise_key` (B,), `hold`
+    consecutive frames sharing one draw: what choose_codes adds to the logits. It depends on nothing generated, so
+    generate() draws it for many windows at once, outside the window chain (some 80 small kernels per step)."""
+    u = sample_noise(noise_key * len(PARTS) + n_part, (-(-frames // hold), n_codes))
+    return -torch.log(-torch.log(u.repeat_interleave(hold, dim=1)[:, :frames]))
 
 
 def _splitmix64(x):
@@ -291,11 +300,16 @@ def generate(model, vq, sequences, args, paper_protocol=False, batch_size=64, pr
         inputs = [cond.pop(k)[table.T.flatten()].unflatten(0, table.T.shape) for k in CONDITION]
         # one noise key per sequence and window: (sample_key, window) -> a distinct stream
         keys = torch.tensor([sequences[i].sample_key for i in ids], device=device, dtype=torch.int64) * 1000003
+        noise = window_noise(kinds, sampling, keys, 0, min(NOISE_CHUNK, n_windows[0]), window, args.vae_codebook_size)
         step = _window_step(model, vq, kinds, pre, paper_protocol, amp, sampling, leak,
-                            [v[0] for v in inputs] + [seed, start, keys])
+                            [v[0] for v in inputs] + [seed, start] + [v[0] for v in noise])
         body_codes, face, pending = [], [], []
         for w in range(n_windows[0]):
-            *part_codes, global_features, seed = step(*[v[w] for v in inputs], seed, start, keys + w)
+            if w and w % NOISE_CHUNK == 0:
+                noise = window_noise(kinds, sampling, keys, w, min(w + NOISE_CHUNK, n_windows[0]), window,
+                                     args.vae_codebook_size)
+            *part_codes, global_features, seed = step(*[v[w] for v in inputs], seed, start,
+                                                      *[v[w % NOISE_CHUNK] for v in noise])
             body_codes.append(part_codes)
             pending.append(global_features)
             if len(pending) * len(ids) >= FACE_BATCH["cuda" if device.type == "cuda" else "cpu"] or \
@@ -354,10 +368,11 @@ def encode_windows(model, sequences, plans, window, device, amp=False):
 
 
 def window_step(model, vq, kinds, pre, paper_protocol, amp, sampling, leak, spk_body, face_feat, body_query, memory,
-                seed, start, noise_key):
+                seed, start, *noise):
     """One window for a batch of sequences: codes of upper, hands and lower, the global features that the face
-    branch needs (face_codes), and the next window's seed. sampling: (temperature, top_k) of choose_codes; noise_key
-    (B,) int64 seeds it. leak: see integrate."""
+    branch needs (face_codes), and the next window's seed. sampling: (temperature, top_k, hold) of choose_codes;
+    noise: its Gumbel noise (B, T, K) for each of sampled_parts(kinds, sampling), drawn ahead (window_noise).
+    leak: see integrate."""
     condition = dict(spk_body=spk_body, face_feat=face_feat, body_query=body_query, memory=memory)
     n, window = spk_body.shape[:2]
     in_motion = seed.new_zeros(n, window, seed.shape[-1])
@@ -368,10 +383,27 @@ def window_step(model, vq, kinds, pre, paper_protocol, amp, sampling, leak, spk_
         out = model.predict_body(condition, mask, in_motion)
     out = {k: v.float() for k, v in out.items()}
     window_codes = choose_codes(vq, out, {p: 1.0 if kinds[p] == "index" else 0.0 for p in PARTS}, *sampling[:2],
-                                noise_key=noise_key, hold=sampling[2])
+                                hold=sampling[2], noise=dict(zip(sampled_parts(kinds, sampling), noise)))
     decoded = decode_codes(vq, window_codes)
     next_seed = _next_seed(decoded, pre, start, paper_protocol, vq, seed, leak)
     return tuple(window_codes[p][1] for p in PARTS[1:]) + (out["global_features"], next_seed)
+
+
+def sampled_parts(kinds, sampling):
+    """The body parts whose window-step codes are sampled (and get noise drawn ahead)."""
+    return [p for p in PARTS[1:] if kinds[p] == "index"] if sampling[0] > 0 else []
+
+
+def window_noise(kinds, sampling, keys, first, last, frames, n_codes):
+    """The window steps' noise for windows first..last-1 of sequences keyed `keys` (B,): one (W, B, T, K) tensor per
+    sampled part, window w keyed keys + w (what choose_codes would draw for it)."""
+    parts = sampled_parts(kinds, sampling)
+    if not parts:
+        return []
+    w = torch.arange(first, last, device=keys.device, dtype=torch.int64)
+    key = (keys[None, :] + w[:, None]).flatten()
+    return [gumbel_noise(key, PARTS.index(p), frames, n_codes, sampling[2]).unflatten(0, (len(w), len(keys)))
+            for p in parts]
 
 
 def face_codes(model, vq, kinds, spk_face, global_features, amp, sampling=(0.0, 0, 1), noise_key=None):
@@ -447,9 +479,10 @@ def _next_seed(decoded, pre, start_trans, paper_protocol, vq, prev_seed, leak=0.
         # this window), pulled towards the sequence's start when leak > 0
         to_global = torch.cat([legs6d, torch.zeros_like(lower[..., 54:57]), contacts], dim=-1)
         rec_global = global_motion(vq, to_global, GLOBAL_PAD if leak > 0 else 0)[:, pre - 1:]
-        x0, z0 = prev_seed[:, pre - 1, 330], prev_seed[:, pre - 1, 332]
-        x = integrate(rec_global[..., 54], x0, leak, start_trans[:, 0])
-        z = integrate(rec_global[..., 56], z0, leak, start_trans[:, 2])
+        # x and z as one batch of rows (fewer kernels in the window step)
+        xz = integrate(rec_global[..., [54, 56]].transpose(1, 2).flatten(0, 1),
+                       prev_seed[:, pre - 1, [330, 332]].flatten(), leak, start_trans[:, [0, 2]].flatten())
+        x, z = xz.unflatten(0, (-1, 2)).unbind(1)
         y = rec_global[..., 55]
         if leak > 0:  # at the speaker's standing height, as decoded_to_motion places the output
             y = y - y.mean(dim=1, keepdim=True) + start_trans[:, 1:2]
