@@ -336,9 +336,11 @@ def generate(model, vq, sequences, args, paper_protocol=False, batch_size=64, pr
         start_y = starts[i][1:2] if leak > 0 else None
         pose, exps, trans, contacts = decoded_to_motion(vq, decoded, start_xz, leak, edge_pad, start_y)
         n = plans[i].n_out
-        results.append({"poses": pose[0, :n].cpu(), "expressions": exps[0, :n].cpu(), "trans": trans[0, :n].cpu(),
-                        "contacts": contacts[0, :n].cpu()})
-    return results
+        results.append({"poses": pose[0, :n], "expressions": exps[0, :n], "trans": trans[0, :n],
+                        "contacts": contacts[0, :n]})
+    # to the host only now: a copy per sequence inside the loop would make the host wait for each sequence's decoding
+    # before queueing the next one's
+    return [{k: v.cpu() for k, v in r.items()} for r in results]
 
 
 def encode_batch(device, amp):
