@@ -193,13 +193,47 @@ def test_torch_backend_on_gpu_matches_reference(shape, monkeypatch):
     assert_close(make_inputs(*shape, device="cuda"), "torch", "reference", tol=1e-5, gtol=1e-4)
 
 
+SAMPLED = dict(code_temperature=1.0, code_hold=4, root_anchor_seconds=1.5)  # the default protocol's decoding
+
+
+def test_noise_drawn_ahead_in_chunks_gives_the_same_motion(monkeypatch):
+    """The window steps' sampling noise is drawn NOISE_CHUNK windows at a time: the chunking changes nothing, and
+    the codes are those that choose_codes draws from the window's key itself."""
+    args = small_args(**SAMPLED)
+    torch.manual_seed(0)
+    model = build(args).eval()
+    vq = {k: m.eval() for k, m in build_stage1_models(args).items()}
+    seqs = bench_gpu.random_sequences(args, [4.0, 2.5])
+    whole = gen.generate(model, vq, seqs, args)
+    monkeypatch.setattr(gen, "NOISE_CHUNK", 2)
+    chunked = gen.generate(model, vq, seqs, args)
+    for a, b in zip(whole, chunked):
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+    keys = torch.tensor([5, 9])
+    kinds = dict.fromkeys(gen.PARTS, "index")
+    noise = gen.window_noise(kinds, (1.0, 0, 4), keys, 3, 5, 8, 6)
+    assert [v.shape for v in noise] == [(2, 2, 8, 6)] * 3
+    logits = torch.randn(2, 8, 6)
+    for w in (3, 4):
+        for n, part in enumerate(gen.PARTS[1:], start=1):
+            out = {f"rec_{part}": logits, f"cls_{part}": logits}
+            direct = gen.choose_codes(None, out, {part: 1.0}, 1.0, noise_key=keys + w, hold=4)
+            ahead = gen.choose_codes(None, out, {part: 1.0}, 1.0, hold=4,
+                                     noise={part: noise[n - 1][w - 3]})
+            assert torch.equal(direct[part][1], ahead[part][1])
+    assert gen.window_noise(kinds, (0.0, 0, 1), keys, 0, 4, 8, 6) == []
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_graphed_generation_on_gpu_matches_eager(monkeypatch):
-    args = small_args()
+@pytest.mark.parametrize("decoding", [{}, SAMPLED], ids=["published", "sampled"])
+def test_graphed_generation_on_gpu_matches_eager(monkeypatch, decoding):
+    args = small_args(**decoding)
     model = build(args).cuda().eval()
     torch.manual_seed(3)
     vq = {k: m.cuda().eval() for k, m in build_stage1_models(args).items()}
     seqs = bench_gpu.random_sequences(args, [2.5, 5.0, 3.2])
+    monkeypatch.setattr(gen, "NOISE_CHUNK", 3)  # a new draw of noise within the chain
     monkeypatch.setattr(gen, "CUDA_GRAPHS", False)
     eager = gen.generate(model, vq, seqs, args)
     monkeypatch.setattr(gen, "CUDA_GRAPHS", True)
