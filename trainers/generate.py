@@ -482,8 +482,9 @@ def _next_seed(decoded, pre, start_trans, paper_protocol, vq, prev_seed, leak=0.
         to_global = torch.cat([legs6d, torch.zeros_like(lower[..., 54:57]), contacts], dim=-1)
         rec_global = global_motion(vq, to_global, GLOBAL_PAD if leak > 0 else 0)[:, pre - 1:]
         # x and z as one batch of rows (fewer kernels in the window step)
-        xz = integrate(rec_global[..., [54, 56]].transpose(1, 2).flatten(0, 1),
-                       prev_seed[:, pre - 1, [330, 332]].flatten(), leak, start_trans[:, [0, 2]].flatten())
+        # (strided slices, not index lists: a list would be a host-to-device copy, which a CUDA graph cannot hold)
+        xz = integrate(rec_global[..., 54:57:2].transpose(1, 2).flatten(0, 1),
+                       prev_seed[:, pre - 1, 330:333:2].flatten(), leak, start_trans[:, 0:3:2].flatten())
         x, z = xz.unflatten(0, (-1, 2)).unbind(1)
         y = rec_global[..., 55]
         if leak > 0:  # at the speaker's standing height, as decoded_to_motion places the output
