@@ -520,10 +520,11 @@ def bench_window(table, args, device, opts):
 
         run_row(table, "window, batch 1", name, graphed)
 
-    for amp in (False, True):
-        name = f"fast: generate()'s step ({'graph, ' if device.type == 'cuda' else ''}{'bf16' if amp else 'fp32'})"
+    for amp, compiled in [(False, False), (True, False)] + ([(True, True)] if opts.compile_generation else []):
+        name = f"fast: generate()'s step ({'graph, ' if device.type == 'cuda' else ''}{'bf16' if amp else 'fp32'}" + \
+            (", compiled)" if compiled else ")")
 
-        def step_only(amp=amp, name=name):
+        def step_only(amp=amp, name=name, compiled=compiled):
             # the per-window work inside generate(): conditioning precomputed, body-part codes, decoding, next seed
             net = gen.bf16_weights(model) if amp else model
             with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -537,7 +538,7 @@ def bench_window(table, args, device, opts):
                 example = [cond[k] for k in gen.CONDITION] + [seed, torch.zeros(1, 3, device=device)] + \
                     [v[0] for v in noise]
                 step = gen._window_step(net, vq, kinds, args.pre_frames, False, amp, sampling,
-                                        gen.root_leak(args, False), example)
+                                        gen.root_leak(args, False), example, compiled=compiled)
                 t = median_seconds(lambda: step(*example), device, opts.repeats, warmup=2)
             table.add("window, batch 1", name, t * 1e3, "ms", base.get("t"), peak_gib(device))
 
@@ -559,12 +560,13 @@ def bench_sequences(table, args, device, opts, target, seconds):
         return t
 
     base = run_row(table, label, "published", published)
-    for amp in ("none", "bf16"):
-        name = f"fast: generate(), {'fp32' if amp == 'none' else 'bf16'}"
+    variants = [("none", False), ("bf16", False)] + ([("bf16", True)] if opts.compile_generation else [])
+    for amp, compiled in variants:
+        name = f"fast: generate(), {'fp32' if amp == 'none' else 'bf16'}{' + compiled step' if compiled else ''}"
 
-        def fast(amp=amp, name=name):
+        def fast(amp=amp, name=name, compiled=compiled):
             a = copy.copy(args)
-            a.amp = amp
+            a.amp, a.compile = amp, compiled
             reset_peak(device)
             t0 = time.perf_counter()
             first = gen.generate(model, vq, seqs, a)  # includes graph capture
@@ -573,7 +575,8 @@ def bench_sequences(table, args, device, opts, target, seconds):
             out = gen.generate(model, vq, seqs, a)
             t = time.perf_counter() - t0
             table.add(label, name, t, "s", base, peak_gib(device))
-            note = f"{target} / {name}: first call {t_first:.3f} s (with graph capture on GPUs)"
+            note = f"{target} / {name}: first call {t_first:.3f} s (with graph capture on GPUs" + \
+                (", and compilation)" if compiled else ")")
             if "base" in results:
                 note += (f"; poses within {pose_gap(out, results['base']):.1e} rad of published, "
                          f"{100 * same_frames(out, results['base']):.1f}% of frames within 1e-3")
@@ -665,6 +668,8 @@ def main():
     p.add_argument("--repeats", type=int, default=None, help="repeats of the window/scan timings (median)")
     p.add_argument("--compile", action="store_true",
                    help="add the training row the trainer runs with `compile: true` (compiles for minutes)")
+    p.add_argument("--compile_generation", action="store_true",
+                   help="also rows of generate() with its window step compiled (config compile: true)")
     p.add_argument("--published_mamba_src", default=None,
                    help="unpacked mamba-ssm source package, for the published class where mamba-ssm is not installed")
     p.add_argument("--published_repo", default=None,

@@ -243,6 +243,22 @@ def test_graphed_generation_on_gpu_matches_eager(monkeypatch, decoding):
             torch.testing.assert_close(g[k], e[k], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_compiled_window_step_on_gpu_matches_eager():
+    """`compile: true`: the window step through torch.compile, then captured; float32 results as eager."""
+    args = small_args(**SAMPLED)
+    model = build(args).cuda().eval()
+    torch.manual_seed(3)
+    vq = {k: m.cuda().eval() for k, m in build_stage1_models(args).items()}
+    seqs = bench_gpu.random_sequences(args, [2.5, 5.0, 3.2])
+    eager = gen.generate(model, vq, seqs, args)
+    args.compile = True
+    compiled = gen.generate(model, vq, seqs, args)
+    for e, c in zip(eager, compiled):
+        for k in e:
+            torch.testing.assert_close(c[k], e[k], rtol=1e-3, atol=1e-3)
+
+
 def test_bench_prints_table():
     """The speed table script runs end to end at tiny sizes on CPU (so it cannot rot)."""
     r = subprocess.run([sys.executable, "run_scripts/bench_gpu.py", "--device", "cpu", "--tiny"], cwd=REPO,

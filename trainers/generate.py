@@ -302,7 +302,8 @@ def generate(model, vq, sequences, args, paper_protocol=False, batch_size=64, pr
         keys = torch.tensor([sequences[i].sample_key for i in ids], device=device, dtype=torch.int64) * 1000003
         noise = window_noise(kinds, sampling, keys, 0, min(NOISE_CHUNK, n_windows[0]), window, args.vae_codebook_size)
         step = _window_step(model, vq, kinds, pre, paper_protocol, amp, sampling, leak,
-                            [v[0] for v in inputs] + [seed, start] + [v[0] for v in noise])
+                            [v[0] for v in inputs] + [seed, start] + [v[0] for v in noise],
+                            compiled=bool(getattr(args, "compile", False)))
         body_codes, face, pending = [], [], []
         for w in range(n_windows[0]):
             if w and w % NOISE_CHUNK == 0:
@@ -451,18 +452,38 @@ def bf16_weights(model):
 _graphs = weakref.WeakKeyDictionary()  # model -> {settings: (vq modules, GraphedFunction)}
 
 
-def _window_step(model, vq, kinds, pre, paper_protocol, amp, sampling, leak, example):
+def _window_step(model, vq, kinds, pre, paper_protocol, amp, sampling, leak, example, compiled=False):
     """window_step with its settings bound: a CUDA graph on GPUs (captured once per model, VQ set, batch size and
-    settings, and kept while the model lives), else the eager function."""
+    settings, and kept while the model lives), else the eager function. `compiled` (config `compile: true`): the
+    step through torch.compile first (inductor fuses its ~300 small element-wise kernels; the first call of each
+    batch size compiles for about a minute), then captured."""
     fn = functools.partial(window_step, model, vq, kinds, pre, paper_protocol, amp, sampling, leak)
-    if not (CUDA_GRAPHS and example[0].is_cuda):
+    graphs = CUDA_GRAPHS and example[0].is_cuda
+    if not (graphs or compiled):
         return fn
     vq_modules = tuple(vq[k] for k in sorted(vq))
-    key = (tuple(kinds.items()), pre, paper_protocol, amp, sampling, leak, tuple((t.shape, t.dtype) for t in example))
+    key = (tuple(kinds.items()), pre, paper_protocol, amp, sampling, leak, tuple((t.shape, t.dtype) for t in example),
+           compiled)
     cache = _graphs.setdefault(model, {})
     if key not in cache or any(a is not b for a, b in zip(cache[key][0], vq_modules)):
-        cache[key] = (vq_modules, GraphedFunction(fn, example))
+        step = _compiled(fn) if compiled else fn
+        cache[key] = (vq_modules, GraphedFunction(step, example) if graphs else step)
     return cache[key][1]
+
+
+def _compiled(fn):
+    """torch.compile(fn), traced and run with PyTorch's fused Transformer fast path off: traced, that fused op skips
+    autocast's casts and fails on the bf16 weights of bf16 generation."""
+    compiled = torch.compile(fn, dynamic=False)
+
+    def run(*args):
+        before = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            return compiled(*args)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(before)
+    return run
 
 
 def _next_seed(decoded, pre, start_trans, paper_protocol, vq, prev_seed, leak=0.0):
@@ -506,7 +527,11 @@ def seed_pose6d(upper6d, hands6d, legs6d):
     return pose6d.flatten(-2)
 
 
-@functools.lru_cache(maxsize=None)
+_SEED_JOINTS = {}  # device -> index tensor (a dict, not lru_cache, which torch.compile does not trust)
+
+
 def _seed_joint_index(device):
-    return torch.tensor(PART_JOINTS["beat_smplx_upper"] + PART_JOINTS["beat_smplx_hands"] +
-                        PART_JOINTS["beat_smplx_lower"], device=device)
+    if device not in _SEED_JOINTS:
+        _SEED_JOINTS[device] = torch.tensor(PART_JOINTS["beat_smplx_upper"] + PART_JOINTS["beat_smplx_hands"] +
+                                            PART_JOINTS["beat_smplx_lower"], device=device)
+    return _SEED_JOINTS[device]
