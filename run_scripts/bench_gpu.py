@@ -533,7 +533,8 @@ def bench_window(table, args, device, opts):
             with torch.no_grad():
                 kinds = {p: "index" if getattr(args, "c" + p[0]) != 0 else "latent" for p in gen.PARTS}
                 seed = gen.neutral_seed(args.pre_frames, device)[None]
-                sampling = (float(args.code_temperature), int(args.code_top_k), int(args.code_hold))
+                sampling = (float(args.code_temperature), int(args.code_top_k), int(args.code_hold),
+                            int(args.code_block_upper), int(args.code_top_k_upper))
                 keys = torch.zeros(1, dtype=torch.int64, device=device)
                 noise = gen.window_noise(kinds, sampling, keys, 0, 1, args.pose_length, args.vae_codebook_size)
                 example = [cond[k] for k in gen.CONDITION] + [seed, torch.zeros(1, 3, device=device)] + \

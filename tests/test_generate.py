@@ -182,6 +182,43 @@ def test_code_sampling_follows_the_softmax():
     assert (cold == 0).float().mean() > 0.99  # low temperature approaches the argmax
 
 
+def test_upper_codes_held_per_block():
+    """code_block_upper: one upper code per block, chosen by the block's mean log-probability among its top k; the
+    other parts and the argmax are unchanged."""
+    from trainers.generate import choose_codes
+    torch.manual_seed(0)
+    out = {f"{kind}_{p}": torch.randn(2, 61, 8) for p in ("face", "upper", "hands", "lower") for kind in ("cls", "rec")}
+    weights = {"face": 1, "upper": 1, "hands": 1, "lower": 1}
+    key = torch.tensor([3, 4])
+    plain = choose_codes(None, out, weights, temperature=1.0, noise_key=key, hold=4)
+    held = choose_codes(None, out, weights, temperature=1.0, noise_key=key, hold=4, upper_block=8, upper_top_k=3)
+    up = held["upper"][1]
+    for b in range(0, 61, 8):  # the last block has 5 frames
+        assert (up[:, b:b + 8] == up[:, b:b + 1]).all()
+    assert len(up[:, ::8].unique()) > 1
+    for p in ("face", "hands", "lower"):
+        assert torch.equal(held[p][1], plain[p][1])
+    # every chosen code is among its block's 3 best by mean log-probability
+    logp = torch.log_softmax(out["cls_upper"], dim=-1)
+    for b in range(0, 61, 8):
+        best = logp[:, b:b + 8].mean(dim=1).topk(3, dim=-1).indices
+        assert (best == up[:, b:b + 1]).any(dim=-1).all()
+    argmax = choose_codes(None, out, weights, upper_block=8, upper_top_k=3)["upper"][1]
+    assert torch.equal(argmax, out["cls_upper"].argmax(dim=-1))
+    # the block's mean log-probability decides, not its frames' majority: code 0 leads on 5 of 8 frames (0.5 against
+    # 0.45) but is nearly excluded on 3 (0.01), so code 1 has the higher mean; a cold sample takes it
+    probs = torch.tensor([[0.5, 0.45, 0.05]] * 5 + [[0.01, 0.6, 0.39]] * 3)
+    cold = {"cls_upper": probs.log()[None], "rec_upper": None}
+    assert (choose_codes(None, cold, {"upper": 1}, temperature=0.01, noise_key=key[:1], upper_block=8)["upper"][1]
+            == 1).all()
+    # and the draw follows the softmax of that mean: constant logits -> the softmax itself, one draw per block
+    logits = torch.log(torch.tensor([0.6, 0.3, 0.1, 1e-9])).expand(1, 16000, 4).clone()
+    sampled = choose_codes(None, {"cls_upper": logits, "rec_upper": None}, {"upper": 1}, temperature=1.0,
+                           noise_key=key[:1], upper_block=8)["upper"][1][0, ::8]
+    freq = torch.bincount(sampled, minlength=4).float() / len(sampled)
+    assert torch.allclose(freq, torch.tensor([0.6, 0.3, 0.1, 0.0]), atol=0.04), freq
+
+
 def test_sampled_generation_is_seeded_per_sequence(setup):
     """Sampling gives the same motion for a sequence whatever it is batched with; another sample_key another draw;
     the paper protocol always takes the argmax."""

@@ -124,7 +124,8 @@ def global_motion(vq, to_global, pad):
     return vq["global_motion"](x)["rec_pose"][:, pad:pad + to_global.shape[1]]
 
 
-def choose_codes(vq, out, cls_weights, temperature=0.0, top_k=0, noise_key=None, hold=1, noise=None):
+def choose_codes(vq, out, cls_weights, temperature=0.0, top_k=0, noise_key=None, hold=1, upper_block=0,
+                 upper_top_k=0, noise=None):
     """Per part of `out`: the classifier's code when its loss weight is non-zero, else the nearest code of the regressed
     latent (published: body parts classified, face nearest). Returns {part: ('index', (B,T)) or ('latent', (B,T,C))}.
 
@@ -132,8 +133,14 @@ def choose_codes(vq, out, cls_weights, temperature=0.0, top_k=0, noise_key=None,
     to the `top_k` most likely codes when top_k > 0, by the Gumbel-max trick with noise from `sample_noise(noise_key)`:
     a weakly trained generator's argmax falls back on its most frequent code (the rest pose), while a sample keeps the
     motion its code distribution describes. `hold` consecutive frames share one draw of the noise, so that the code
-    changes where the logits do rather than on every frame (held strokes instead of flicker). `noise` {part: (B, T, K)}:
-    that noise drawn ahead (gumbel_noise with these arguments), instead of drawing it here from noise_key."""
+    changes where the logits do rather than on every frame (held strokes instead of flicker).
+
+    upper_block > 0 (sampling only): the upper body's codes (spine, arms), which place the hands and so most of the
+    joint positions, are chosen once per block of that many frames, from the block's mean log-probability plus one
+    Gumbel draw, among its `upper_top_k` best codes (0 = all): independent draws frame by frame average out, in the
+    VQ decoder, to small movements around the rest pose, where the ground truth makes large strokes (block_codes).
+
+    `noise` {part: noise}: the Gumbel noise drawn ahead (window_noise), instead of drawing it here from noise_key."""
     codes = {}
     for n, part in enumerate(PARTS):
         if f"rec_{part}" not in out:  # the body window step and the face branch each score their own parts
@@ -143,6 +150,11 @@ def choose_codes(vq, out, cls_weights, temperature=0.0, top_k=0, noise_key=None,
             codes[part] = ("latent", q.get_codebook_entry(q.map2index(out[f"rec_{part}"])))
             continue
         logits = out[f"cls_{part}"]
+        if temperature > 0 and part == "upper" and upper_block > 0:
+            codes[part] = ("index", block_codes(logits.float() / temperature, upper_block, upper_top_k,
+                                                None if noise is not None else noise_key * len(PARTS) + n,
+                                                None if noise is None else noise[part]))
+            continue
         if temperature > 0:
             logits = logits.float() / temperature
             if 0 < top_k < logits.shape[-1]:
@@ -154,12 +166,34 @@ def choose_codes(vq, out, cls_weights, temperature=0.0, top_k=0, noise_key=None,
     return codes
 
 
-def gumbel_noise(noise_key, n_part, frames, n_codes, hold=1):
-    """Gumbel(0, 1) noise (B, frames, n_codes) of part PARTS[n_part] for each key of `noise_key` (B,), `hold`
-    consecutive frames sharing one draw: what choose_codes adds to the logits. It depends on nothing generated, so
-    generate() draws it for many windows at once, outside the window chain (some 80 small kernels per step)."""
-    u = sample_noise(noise_key * len(PARTS) + n_part, (-(-frames // hold), n_codes))
-    return -torch.log(-torch.log(u.repeat_interleave(hold, dim=1)[:, :frames]))
+def gumbel_noise(noise_key, n_part, rows, n_codes, hold=1):
+    """Gumbel(0, 1) noise (B, rows, n_codes) of part PARTS[n_part] for each key of `noise_key` (B,), `hold`
+    consecutive rows sharing one draw: what choose_codes adds to a part's logits (rows = frames) or block_codes to
+    its block scores (rows = blocks). It depends on nothing generated, so generate() draws it for many windows at
+    once, outside the window chain (some 80 small kernels per step)."""
+    u = sample_noise(noise_key * len(PARTS) + n_part, (-(-rows // hold), n_codes))
+    return -torch.log(-torch.log(u.repeat_interleave(hold, dim=1)[:, :rows]))
+
+
+def block_codes(logits, frames, top_k, key=None, noise=None):
+    """One sampled code per block of `frames` frames of (B, T, K) logits (already divided by the temperature), held
+    for the whole block: Gumbel-max on the block's mean log-probability, i.e. a draw from the normalised geometric
+    mean of its frames' distributions, restricted to the `top_k` best of them when top_k > 0 (a short last block
+    averages the frames it has). Noise (B, blocks, K): `noise`, else drawn from sample_noise(key), one per block."""
+    B, T, K = logits.shape
+    n_blocks = -(-T // frames)
+    pad = n_blocks * frames - T
+    logp = torch.nn.functional.pad(torch.log_softmax(logits, dim=-1), (0, 0, 0, pad))
+    count = torch.full((n_blocks, 1), float(frames), device=logits.device)
+    count[-1] -= pad
+    score = logp.unflatten(1, (n_blocks, frames)).sum(dim=2) / count
+    if 0 < top_k < K:
+        kth = score.topk(top_k, dim=-1).values[..., -1:]
+        score = score.masked_fill(score < kth, float("-inf"))
+    if noise is None:
+        noise = -torch.log(-torch.log(sample_noise(key, (n_blocks, K))))
+    score = score + noise
+    return score.argmax(dim=-1).repeat_interleave(frames, dim=1)[:, :T]
 
 
 def _splitmix64(x):
@@ -270,8 +304,9 @@ def generate(model, vq, sequences, args, paper_protocol=False, batch_size=64, pr
     window, pre = args.pose_length, args.pre_frames
     cls_weights = {"face": args.cf, "upper": args.cu, "hands": args.ch, "lower": args.cl}
     amp = getattr(args, "amp", "none") == "bf16"
-    sampling = (0.0, 0, 1) if paper_protocol else (float(args.code_temperature), int(args.code_top_k),
-                                                    int(getattr(args, "code_hold", 1)))
+    sampling = (0.0, 0, 1, 0, 0) if paper_protocol else (
+        float(args.code_temperature), int(args.code_top_k), int(getattr(args, "code_hold", 1)),
+        int(getattr(args, "code_block_upper", 0)), int(getattr(args, "code_top_k_upper", 0)))
     leak = root_leak(args, paper_protocol)
     edge_pad = GLOBAL_PAD if leak > 0 else 0  # the root fixes come together (root_anchor_seconds > 0)
     model.eval()
@@ -373,9 +408,9 @@ def encode_windows(model, sequences, plans, window, device, amp=False):
 def window_step(model, vq, kinds, pre, paper_protocol, amp, sampling, leak, spk_body, face_feat, body_query, memory,
                 seed, start, *noise):
     """One window for a batch of sequences: codes of upper, hands and lower, the global features that the face
-    branch needs (face_codes), and the next window's seed. sampling: (temperature, top_k, hold) of choose_codes;
-    noise: its Gumbel noise (B, T, K) for each of sampled_parts(kinds, sampling), drawn ahead (window_noise).
-    leak: see integrate."""
+    branch needs (face_codes), and the next window's seed. sampling: choose_codes' (temperature, top_k, hold,
+    upper_block, upper_top_k) (the last two may be left out: 0); noise: its Gumbel noise for each of
+    sampled_parts(kinds, sampling), drawn ahead (window_noise). leak: see integrate."""
     condition = dict(spk_body=spk_body, face_feat=face_feat, body_query=body_query, memory=memory)
     n, window = spk_body.shape[:2]
     in_motion = seed.new_zeros(n, window, seed.shape[-1])
@@ -385,8 +420,10 @@ def window_step(model, vq, kinds, pre, paper_protocol, amp, sampling, leak, spk_
     with torch.autocast(seed.device.type, dtype=torch.bfloat16, enabled=amp):
         out = model.predict_body(condition, mask, in_motion)
     out = {k: v.float() for k, v in out.items()}
-    window_codes = choose_codes(vq, out, {p: 1.0 if kinds[p] == "index" else 0.0 for p in PARTS}, *sampling[:2],
-                                hold=sampling[2], noise=dict(zip(sampled_parts(kinds, sampling), noise)))
+    temperature, top_k, hold, upper_block, upper_top_k = (tuple(sampling) + (0, 0))[:5]
+    window_codes = choose_codes(vq, out, {p: 1.0 if kinds[p] == "index" else 0.0 for p in PARTS}, temperature, top_k,
+                                hold=hold, upper_block=upper_block, upper_top_k=upper_top_k,
+                                noise=dict(zip(sampled_parts(kinds, sampling), noise)))
     decoded = decode_codes(vq, window_codes)
     next_seed = _next_seed(decoded, pre, start, paper_protocol, vq, seed, leak)
     return tuple(window_codes[p][1] for p in PARTS[1:]) + (out["global_features"], next_seed)
@@ -403,10 +440,17 @@ def window_noise(kinds, sampling, keys, first, last, frames, n_codes):
     parts = sampled_parts(kinds, sampling)
     if not parts:
         return []
+    hold, upper_block = (tuple(sampling) + (0, 0))[2:4]
     w = torch.arange(first, last, device=keys.device, dtype=torch.int64)
     key = (keys[None, :] + w[:, None]).flatten()
-    return [gumbel_noise(key, PARTS.index(p), frames, n_codes, sampling[2]).unflatten(0, (len(w), len(keys)))
-            for p in parts]
+    noise = []
+    for p in parts:
+        if p == "upper" and upper_block > 0:  # one draw per block (block_codes)
+            g = gumbel_noise(key, PARTS.index(p), -(-frames // upper_block), n_codes)
+        else:
+            g = gumbel_noise(key, PARTS.index(p), frames, n_codes, hold)
+        noise.append(g.unflatten(0, (len(w), len(keys))))
+    return noise
 
 
 def face_codes(model, vq, kinds, spk_face, global_features, amp, sampling=(0.0, 0, 1), noise_key=None):

@@ -153,6 +153,11 @@ DEFAULTS = {
     "code_temperature": 1.0,
     "code_top_k": 0,
     "code_hold": 4,               # frames that share one draw of the sampling noise (1 = a new draw every frame)
+    # Sampling only: the upper body's (arms') codes are chosen once per block of code_block_upper frames, among the
+    # block's code_top_k_upper best codes (by mean log-probability; 0 = all), so arm strokes are held instead of
+    # averaging out to small movements around the rest pose (0 = frame by frame, like the other parts).
+    "code_block_upper": 8,
+    "code_top_k_upper": 16,
     # Default protocol only: the root's floor position is pulled back towards where the sequence started with this
     # time constant (s), so that a bias of the predicted root velocity does not add up to a walk (0 = off).
     "root_anchor_seconds": 1.5,
