@@ -213,9 +213,9 @@ def test_noise_drawn_ahead_in_chunks_gives_the_same_motion(monkeypatch):
     keys = torch.tensor([5, 9])
     kinds = dict.fromkeys(gen.PARTS, "index")
     logits = torch.randn(2, 8, 6)
-    for sampling in ((1.0, 0, 4), (1.0, 0, 4, 3, 4)):  # the second with the upper body's codes chosen per block
+    for sampling in ((1.0, 0, 4, 0, 0), (1.0, 0, 4, 3, 4)):  # the second with the upper body's codes chosen per block
         noise = gen.window_noise(kinds, sampling, keys, 3, 5, 8, 6)
-        blocks = len(sampling) > 3
+        blocks = sampling[3] > 0
         assert [v.shape for v in noise] == [(2, 2, 3 if blocks else 8, 6)] + [(2, 2, 8, 6)] * 2
         for w in (3, 4):
             for n, part in enumerate(gen.PARTS[1:], start=1):
@@ -225,7 +225,7 @@ def test_noise_drawn_ahead_in_chunks_gives_the_same_motion(monkeypatch):
                 ahead = gen.choose_codes(None, out, {part: 1.0}, 1.0, hold=4, noise={part: noise[n - 1][w - 3]},
                                          **extra)
                 assert torch.equal(direct[part][1], ahead[part][1])
-    assert gen.window_noise(kinds, (0.0, 0, 1), keys, 0, 4, 8, 6) == []
+    assert gen.window_noise(kinds, (0.0, 0, 1, 0, 0), keys, 0, 4, 8, 6) == []
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

@@ -70,10 +70,16 @@ def scatter_parts(part_aa):
     return full.reshape(*first.shape[:-1], 165)
 
 
-@functools.lru_cache(maxsize=None)
-def _joint_index(table, device):
-    """PART_JOINTS[table] as a tensor on `device`, made once (indexing with a list copies it over every call)."""
-    return torch.tensor(PART_JOINTS[table], device=device)
+_JOINT_INDEX = {}  # (tables, device) -> index tensor; a dict, not lru_cache, which torch.compile does not trust
+
+
+def _joint_index(tables, device):
+    """The joints of PART_JOINTS[table] (a name, or a tuple of names: their lists one after another) as a tensor on
+    `device`, made once (indexing with a list copies it over every call, which a CUDA graph cannot hold)."""
+    if (tables, device) not in _JOINT_INDEX:
+        names = (tables,) if isinstance(tables, str) else tables
+        _JOINT_INDEX[tables, device] = torch.tensor([j for t in names for j in PART_JOINTS[t]], device=device)
+    return _JOINT_INDEX[tables, device]
 
 
 def assemble_pose(upper6d, hands6d, legs6d, jaw6d=None):
@@ -409,7 +415,7 @@ def window_step(model, vq, kinds, pre, paper_protocol, amp, sampling, leak, spk_
                 seed, start, *noise):
     """One window for a batch of sequences: codes of upper, hands and lower, the global features that the face
     branch needs (face_codes), and the next window's seed. sampling: choose_codes' (temperature, top_k, hold,
-    upper_block, upper_top_k) (the last two may be left out: 0); noise: its Gumbel noise for each of
+    upper_block, upper_top_k); noise: its Gumbel noise for each of
     sampled_parts(kinds, sampling), drawn ahead (window_noise). leak: see integrate."""
     condition = dict(spk_body=spk_body, face_feat=face_feat, body_query=body_query, memory=memory)
     n, window = spk_body.shape[:2]
@@ -420,7 +426,7 @@ def window_step(model, vq, kinds, pre, paper_protocol, amp, sampling, leak, spk_
     with torch.autocast(seed.device.type, dtype=torch.bfloat16, enabled=amp):
         out = model.predict_body(condition, mask, in_motion)
     out = {k: v.float() for k, v in out.items()}
-    temperature, top_k, hold, upper_block, upper_top_k = (tuple(sampling) + (0, 0))[:5]
+    temperature, top_k, hold, upper_block, upper_top_k = sampling
     window_codes = choose_codes(vq, out, {p: 1.0 if kinds[p] == "index" else 0.0 for p in PARTS}, temperature, top_k,
                                 hold=hold, upper_block=upper_block, upper_top_k=upper_top_k,
                                 noise=dict(zip(sampled_parts(kinds, sampling), noise)))
@@ -440,7 +446,7 @@ def window_noise(kinds, sampling, keys, first, last, frames, n_codes):
     parts = sampled_parts(kinds, sampling)
     if not parts:
         return []
-    hold, upper_block = (tuple(sampling) + (0, 0))[2:4]
+    hold, upper_block = sampling[2:4]
     w = torch.arange(first, last, device=keys.device, dtype=torch.int64)
     key = (keys[None, :] + w[:, None]).flatten()
     noise = []
@@ -567,15 +573,5 @@ def seed_pose6d(upper6d, hands6d, legs6d):
     pose6d[..., 4] = 1
     # the three parts re-projected in one call (the same per-joint arithmetic, a third of the kernels)
     parts = orthonormalise_6d(torch.cat([upper6d, hands6d, legs6d], dim=-1)).unflatten(-1, (-1, 6))
-    pose6d[..., _seed_joint_index(upper6d.device), :] = parts
+    pose6d[..., _joint_index(("beat_smplx_upper", "beat_smplx_hands", "beat_smplx_lower"), upper6d.device), :] = parts
     return pose6d.flatten(-2)
-
-
-_SEED_JOINTS = {}  # device -> index tensor (a dict, not lru_cache, which torch.compile does not trust)
-
-
-def _seed_joint_index(device):
-    if device not in _SEED_JOINTS:
-        _SEED_JOINTS[device] = torch.tensor(PART_JOINTS["beat_smplx_upper"] + PART_JOINTS["beat_smplx_hands"] +
-                                            PART_JOINTS["beat_smplx_lower"], device=device)
-    return _SEED_JOINTS[device]
