@@ -16,6 +16,7 @@ from models.motion_representation import VQEncoderV6
 
 NUM_SPEAKERS = 25  # BEAT2 English speakers after the id remapping of dataloaders (spec §2)
 OUTPUT_KEYS = ("rec_face", "rec_upper", "rec_lower", "rec_hands", "cls_face", "cls_upper", "cls_lower", "cls_hands")
+BODY_PARTS = ("upper", "hands", "lower")  # the parts generated window by window (the face follows from them)
 
 
 def transformer_encoder(d_model, nhead, num_layers=1):
@@ -111,17 +112,22 @@ class LocalScan(nn.Module):
         return dict(rec_face=rec_face, cls_face=self.face_classifier(rec_face))
 
     def part_outputs(self, upper, hands, lower, spk_body):
-        pe = self.position_embeddings
-        # each body part sees its own tokens (with speaker and position) and the sum of the other two parts
-        dec_upper = self.upper_scan(self.upper_proj(torch.cat([pe(upper + spk_body), hands + lower], dim=-1)))
-        dec_hands = self.hands_scan(self.hands_proj(torch.cat([pe(hands + spk_body), upper + lower], dim=-1)))
-        dec_lower = self.lower_scan(self.lower_proj(torch.cat([pe(lower + spk_body), upper + hands], dim=-1)))
-        rec_upper = self.motion_down_upper(dec_upper + upper)
-        rec_hands = self.motion_down_hands(dec_hands + hands)
-        rec_lower = self.motion_down_lower(dec_lower + lower)
-        return dict(rec_upper=rec_upper, rec_lower=rec_lower, rec_hands=rec_hands,
-                    cls_upper=self.upper_classifier(rec_upper), cls_lower=self.lower_classifier(rec_lower),
-                    cls_hands=self.hands_classifier(rec_hands))
+        out = {}
+        for part in BODY_PARTS:
+            out |= self.part_output(part, upper, hands, lower, spk_body)
+        return out
+
+    def part_output(self, part, upper, hands, lower, spk_body):
+        """One body part's latent and code logits: the part sees its own tokens (with speaker and position) and the
+        sum of the other two parts'. The parts are independent of each other from here on (generation runs them as
+        parallel branches of its CUDA graph)."""
+        tokens = dict(upper=upper, hands=hands, lower=lower)
+        own = tokens.pop(part)
+        first, second = tokens.values()
+        dec = getattr(self, f"{part}_scan")(getattr(self, f"{part}_proj")(
+            torch.cat([self.position_embeddings(own + spk_body), first + second], dim=-1)))
+        rec = getattr(self, f"motion_down_{part}")(dec + own)
+        return {f"rec_{part}": rec, f"cls_{part}": getattr(self, f"{part}_classifier")(rec)}
 
 
 def word_embedding_weights(args, vocab=None, from_checkpoint=False):
@@ -240,11 +246,16 @@ class MambaTalk(nn.Module):
         """predict() for the three body parts only, from generation_condition's output; also returns the
         'global_features' that predict_face needs (the face codes do not feed the next window's seed, so generation
         runs the face branch for all windows at once afterwards)."""
+        tokens, global_features = self.body_tokens(condition, mask, in_motion)
+        return self.local_scan.part_outputs(*tokens, condition["spk_body"]) | dict(global_features=global_features)
+
+    def body_tokens(self, condition, mask, in_motion):
+        """predict_body up to the per-part branches: the upper, hands and lower tokens (LocalScan.part_output's
+        inputs) and the global features."""
         c = condition
         global_motion, global_features = self.global_scan(in_motion, mask, c["spk_body"], c["face_feat"],
                                                           c["body_query"])
-        upper, hands, lower = self.local_scan.body_tokens(global_motion, c["memory"])
-        return self.local_scan.part_outputs(upper, hands, lower, c["spk_body"]) | dict(global_features=global_features)
+        return self.local_scan.body_tokens(global_motion, c["memory"]), global_features
 
     def predict_face(self, spk_face, global_features):
         return self.local_scan.face_outputs(global_features, spk_face)

@@ -253,8 +253,8 @@ def generate_phases(bg, args, device, seconds, amp="bf16", compiled=False, repea
 
     def timed(fn, name):
         def wrapper(*x, **k):
-            if depth[0]:  # inside another phase (decoding within a window step): counted there
-                return fn(*x, **k)
+            if depth[0] or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+                return fn(*x, **k)  # inside another phase (decoding within a window step), or being captured
             depth[0] += 1
             bg.sync(device)
             t0 = time.perf_counter()
@@ -267,9 +267,9 @@ def generate_phases(bg, args, device, seconds, amp="bf16", compiled=False, repea
             return out
         return wrapper
 
-    originals = {n: getattr(gen, n) for n in ("encode_windows", "face_codes", "decode_codes", "decoded_to_motion",
+    originals = {n: getattr(gen, n) for n in ("condition_chunks", "face_codes", "decode_codes", "decoded_to_motion",
                                               "_window_step", "window_noise")}
-    gen.encode_windows = timed(originals["encode_windows"], "conditioning (audio/text encoders)")
+    gen.condition_chunks = timed(originals["condition_chunks"], "conditioning (audio/text encoders)")
     gen.face_codes = timed(originals["face_codes"], "face branch")
     gen.decode_codes = timed(originals["decode_codes"], "decoding codes (VQ decoders)")
     gen.decoded_to_motion = timed(originals["decoded_to_motion"], "decoded parts to motion (global model)")

@@ -12,6 +12,8 @@ Two protocols:
     to 60*k + 4 frames, audio is sliced with 533 samples per frame, window 0 is seeded with ground truth and the seed
     translation of later windows integrates the lower VQ's unsupervised translation channels from the first frame.
 """
+import bisect
+import contextlib
 import copy
 import functools
 import math
@@ -21,25 +23,29 @@ from dataclasses import dataclass
 import torch
 
 from models.layers import WavEncoder
-from utils.cuda_graph import GraphedFunction
+from utils.cuda_graph import GraphedFunction, run_parallel
 from utils.rotation import (axis_angle_to_rot6d, matrix_to_rotation_6d, rot6d_to_axis_angle, rotation_6d_to_matrix)
 from utils.skeleton import PART_JOINTS, REST_TRANS, rest_pose
 
 SAMPLES_PER_SECOND = 16000
 FPS = 30
 PARTS = ("face", "upper", "hands", "lower")
-# On a GPU the per-window step (generator, code choice, VQ decoding, next seed) replays as one CUDA graph per batch
-# size; False runs it eagerly (same results).
+# On a GPU the per-window step (generator, code choice, VQ decoding, next seed) and the encoders (per chunk of windows)
+# replay as CUDA graphs, one per batch size; False runs them eagerly (same results).
 CUDA_GRAPHS = True
 # Windows per call of the audio/text encoders: large batches on GPUs and under CPU bf16 (oneDNN's AMX kernels);
 # float32 on a CPU runs fastest window by window (a 64-frame window's activations stay in cache).
 ENCODE_BATCH = {"cuda": 64, "cpu-bf16": 8, "cpu": 1}
 FACE_BATCH = {"cuda": 256, "cpu": 4}  # windows per call of the face branch (it runs behind the window steps)
 LEAK_BLOCK = 256   # frames per block of the leaky integration's closed form
+# On GPUs the audio/text conditioning of a group's windows is queued on a side stream, chunk by chunk, and each window
+# step waits only for its chunk (the encoders' large convolutions overlap the chain of small window-step kernels).
+OVERLAP_CONDITION = True
 NOISE_CHUNK = 32   # windows whose sampling noise is drawn at once, ahead of their steps
 GLOBAL_PAD = 16    # frames repeated at each end before the global-motion model (its receptive field is smaller)
 # MambaTalk.generation_condition's outputs that window_step reads, in its argument order
 CONDITION = ("spk_body", "face_feat", "body_query", "memory")
+ENCODED = CONDITION + ("spk_face",)  # what the encoders compute per window: CONDITION and the face branch's input
 
 
 @dataclass
@@ -64,9 +70,8 @@ def scatter_parts(part_aa):
     """{table: (..., 3J) axis-angle} -> (..., 165) with every other joint (eyes included) at zero rotation."""
     first = next(iter(part_aa.values()))
     full = first.new_zeros(*first.shape[:-1], 55, 3)
-    for table, aa in part_aa.items():
-        joints = _joint_index(table, full.device)
-        full[..., joints, :] = aa.reshape(*aa.shape[:-1], len(joints), 3)
+    joints = _joint_index(tuple(part_aa), full.device)
+    full[..., joints, :] = torch.cat(list(part_aa.values()), dim=-1).unflatten(-1, (-1, 3))
     return full.reshape(*first.shape[:-1], 165)
 
 
@@ -84,11 +89,13 @@ def _joint_index(tables, device):
 
 def assemble_pose(upper6d, hands6d, legs6d, jaw6d=None):
     """Part 6D outputs -> (..., 165) axis-angle (§7.1 step 6); the jaw is identity when not given."""
-    parts = {"beat_smplx_upper": rot6d_to_axis_angle(upper6d), "beat_smplx_hands": rot6d_to_axis_angle(hands6d),
-             "beat_smplx_lower": rot6d_to_axis_angle(legs6d)}
-    if jaw6d is not None:
-        parts["beat_smplx_face"] = rot6d_to_axis_angle(jaw6d)
-    return scatter_parts(parts)
+    tables = ["beat_smplx_upper", "beat_smplx_hands", "beat_smplx_lower"] + (["beat_smplx_face"] if jaw6d is not None
+                                                                              else [])
+    parts = [upper6d, hands6d, legs6d] + ([jaw6d] if jaw6d is not None else [])
+    # one conversion for the joints of all parts (per-joint arithmetic: the same values, a quarter of the kernels)
+    aa = rot6d_to_axis_angle(torch.cat(parts, dim=-1))
+    sizes = [p.shape[-1] // 2 for p in parts]
+    return scatter_parts(dict(zip(tables, aa.split(sizes, dim=-1))))
 
 
 def integrate(v, x0, leak=0.0, anchor=None):
@@ -244,8 +251,9 @@ def decoded_to_motion(vq, decoded, start_xz, leak=0.0, edge_pad=0, start_y=None)
     contacts = lower[..., 57:61]
     to_global = torch.cat([legs6d, torch.zeros_like(lower[..., 54:57]), contacts], dim=-1)
     rec_global = global_motion(vq, to_global, edge_pad)
-    x = integrate(rec_global[..., 54], start_xz[:, 0], leak)
-    z = integrate(rec_global[..., 56], start_xz[:, 1], leak)
+    # x and z as one batch of rows (strided slices: see _next_seed)
+    x, z = integrate(rec_global[..., 54:57:2].transpose(1, 2).flatten(0, 1), start_xz.flatten(), leak) \
+        .unflatten(0, (-1, 2)).unbind(1)
     y = rec_global[..., 55]
     if start_y is not None:
         y = y - y.mean(dim=1, keepdim=True) + start_y[:, None]
@@ -260,6 +268,15 @@ def neutral_seed(pre_frames, device, pose=None):
     pose6d = axis_angle_to_rot6d(torch.as_tensor(pose, dtype=torch.float32, device=device))
     row = torch.cat([pose6d, torch.tensor(REST_TRANS, device=device), torch.ones(4, device=device)])
     return row.expand(pre_frames, -1).clone()
+
+
+_REST_SEEDS = {}  # (pre_frames, device) -> neutral_seed of the rest pose
+
+
+def _rest_seed(pre_frames, device):
+    if (pre_frames, device) not in _REST_SEEDS:
+        _REST_SEEDS[pre_frames, device] = neutral_seed(pre_frames, device)
+    return _REST_SEEDS[pre_frames, device]
 
 
 class WindowPlan:
@@ -321,43 +338,42 @@ def generate(model, vq, sequences, args, paper_protocol=False, batch_size=64, pr
     plans = [WindowPlan(s.n_frames, s.audio.shape[0], window, pre, paper_protocol) for s in sequences]
     seeds, starts = [], []
     for s in sequences:
-        seed = s.seed.to(device).float() if s.seed is not None else neutral_seed(pre, device)
+        # (uploads through pinned memory and a neutral seed made once: a plain upload makes the host wait for the GPU)
+        seed = _upload(s.seed, device).float() if s.seed is not None else _rest_seed(pre, device).clone()
         if s.seed is None and s.start_trans is not None:
-            seed[:, 330:333] = s.start_trans.to(device).float()  # a neutral pose, standing where the speaker starts
+            seed[:, 330:333] = _upload(s.start_trans, device).float()  # a neutral pose, standing where the speaker starts
         seeds.append(seed)
-        starts.append(seed[0, 330:333].clone() if s.start_trans is None else s.start_trans.to(device).float())
+        starts.append(seed[0, 330:333].clone() if s.start_trans is None else _upload(s.start_trans, device).float())
     kinds = {p: "index" if cls_weights[p] != 0 else "latent" for p in PARTS}
     order = sorted(range(len(sequences)), key=lambda i: -plans[i].n_windows)
     groups = [order[g:g + batch_size] for g in range(0, len(order), batch_size)]
     total_steps, done_steps = sum(plans[g[0]].n_windows for g in groups), 0
     codes = [[] for _ in sequences]  # per sequence: list of per-window {part: codes of the kept frames}
     for ids in groups:
-        cond, first = encode_windows(model, [sequences[i] for i in ids], [plans[i] for i in ids], window, device, amp)
         n_windows = [plans[i].n_windows for i in ids]
-        table = torch.tensor([[first[j] + min(w, n - 1) for w in range(n_windows[0])] for j, n in enumerate(n_windows)],
-                             device=device)
+        # every window's conditioning, in chunks of window steps, queued ahead of the chain (on GPUs on a side
+        # stream, so that the audio encoders run while the window steps do)
+        chunks = condition_chunks(model, [sequences[i] for i in ids], [plans[i] for i in ids], window, device, amp)
         seed, start = torch.stack([seeds[i] for i in ids]), torch.stack([starts[i] for i in ids])
-        # each step's conditioning as one slice: (windows, sequences, ...), gathered once for the group
-        inputs = [cond.pop(k)[table.T.flatten()].unflatten(0, table.T.shape) for k in CONDITION]
-        # one noise key per sequence and window: (sample_key, window) -> a distinct stream
-        keys = torch.tensor([sequences[i].sample_key for i in ids], device=device, dtype=torch.int64) * 1000003
+        inputs = chunks.step_inputs(0)
+        keys = _to_device([sequences[i].sample_key for i in ids], device, torch.int64) * 1000003
         noise = window_noise(kinds, sampling, keys, 0, min(NOISE_CHUNK, n_windows[0]), window, args.vae_codebook_size)
         step = _window_step(model, vq, kinds, pre, paper_protocol, amp, sampling, leak,
-                            [v[0] for v in inputs] + [seed, start] + [v[0] for v in noise],
+                            list(inputs) + [seed, start] + [v[0] for v in noise],
                             compiled=bool(getattr(args, "compile", False)))
         body_codes, face, pending = [], [], []
         for w in range(n_windows[0]):
             if w and w % NOISE_CHUNK == 0:
                 noise = window_noise(kinds, sampling, keys, w, min(w + NOISE_CHUNK, n_windows[0]), window,
                                      args.vae_codebook_size)
-            *part_codes, global_features, seed = step(*[v[w] for v in inputs], seed, start,
+            *part_codes, global_features, seed = step(*chunks.step_inputs(w), seed, start,
                                                       *[v[w % NOISE_CHUNK] for v in noise])
             body_codes.append(part_codes)
             pending.append(global_features)
             if len(pending) * len(ids) >= FACE_BATCH["cuda" if device.type == "cuda" else "cpu"] or \
                     w == n_windows[0] - 1:
                 # the face branch does not feed the seed: many windows at once
-                spk_face = cond["spk_face"][table.T[len(face):w + 1].flatten()]
+                spk_face = chunks.face_inputs(len(face), w + 1)
                 face_keys = torch.cat([keys + k for k in range(len(face), w + 1)])
                 codes_f = face_codes(model, vq, kinds, spk_face, torch.cat(pending), amp, sampling, face_keys)
                 face += list(codes_f.unflatten(0, (len(pending), len(ids))))
@@ -374,7 +390,7 @@ def generate(model, vq, sequences, args, paper_protocol=False, batch_size=64, pr
     for i, s in enumerate(sequences):
         merged = {p: (kinds[p], torch.cat([c[p] for c in codes[i]], dim=1)) for p in PARTS}
         decoded = decode_codes(vq, merged)
-        start_xz = starts[i][[0, 2]][None]
+        start_xz = starts[i][None, 0:3:2]  # a slice: an index list would make the host wait for the GPU
         start_y = starts[i][1:2] if leak > 0 else None
         pose, exps, trans, contacts = decoded_to_motion(vq, decoded, start_xz, leak, edge_pad, start_y)
         n = plans[i].n_out
@@ -382,33 +398,127 @@ def generate(model, vq, sequences, args, paper_protocol=False, batch_size=64, pr
                         "contacts": contacts[0, :n]})
     # to the host only now: a copy per sequence inside the loop would make the host wait for each sequence's decoding
     # before queueing the next one's
-    return [{k: v.cpu() for k, v in r.items()} for r in results]
+    # one copy for all: dozens of small ones took longer than the decoding on a slow host
+    sizes = [v.numel() for r in results for v in r.values()]
+    flat = torch.cat([v.reshape(-1) for r in results for v in r.values()])
+    host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=flat.is_cuda).copy_(flat) if flat.is_cuda else flat
+    pieces = iter(host.split(sizes))
+    return [{k: next(pieces).view(v.shape) for k, v in r.items()} for r in results]
 
 
 def encode_batch(device, amp):
     return ENCODE_BATCH["cuda" if device.type == "cuda" else "cpu-bf16" if amp else "cpu"]
 
 
-def encode_windows(model, sequences, plans, window, device, amp=False):
-    """MambaTalk.generation_condition for every window of `sequences`, batched: {name: (W, ...)} over all
-    windows in sequence order, and the index of each sequence's first window."""
-    audio, word, speaker, first = [], [], [], []
-    for s, p in zip(sequences, plans):
-        first.append(len(audio))
-        # zero-padded once, so every window below is a plain slice
-        a = _slice_pad(s.audio.to(device).float(), 0, p.audio_starts[-1] + p.audio_len)
-        t = _slice_pad(s.word.to(device).long(), 0, p.frame_starts[-1] + window)
-        audio += [a[k:k + p.audio_len] for k in p.audio_starts]
-        word += [t[f:f + window] for f in p.frame_starts]
-        speaker += [s.speaker] * p.n_windows
-    speaker = torch.tensor(speaker, device=device)[:, None, None].expand(-1, window, 1)
-    parts, n = [], encode_batch(device, amp)
-    for k in range(0, len(audio), n):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            cond = model.encode_condition(torch.stack(audio[k:k + n]), torch.stack(word[k:k + n]),
-                                          speaker[k:k + n], window)
-            parts.append(model.generation_condition(cond))
-    return {name: torch.cat([c[name] for c in parts]) for name in parts[0]}, first
+def _to_device(values, device, dtype):
+    """A list of numbers as a tensor on `device`, copied without making the host wait for the GPU (a plain
+    torch.tensor(..., device='cuda') from a list waits for all queued work first)."""
+    t = torch.tensor(values, dtype=dtype)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
+def _upload(t, device):
+    """A CPU tensor to a GPU without making the host wait (through pinned memory)."""
+    if device.type == "cuda" and not t.is_cuda:
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+class condition_chunks:
+    """MambaTalk.generation_condition of every window of a group of sequences (longest first), computed in chunks of
+    window steps of about encode_batch() windows each (one encoder call). On GPUs the chunks are queued at once on a
+    side stream (OVERLAP_CONDITION) and the window steps wait only for the chunk they read: the audio encoders'
+    large convolutions run beside the chain of small window-step kernels.
+    step_inputs(w): window step w's CONDITION tensors (B, ...); a sequence that has finished gets the first (longest)
+    sequence's rows, which its unused step does not mind. face_inputs(a, b): spk_face of steps a..b-1,
+    (steps * B, ...)."""
+
+    def __init__(self, model, sequences, plans, window, device, amp=False):
+        n_windows = [p.n_windows for p in plans]
+        self.batch, self.device = len(sequences), device
+        main = torch.cuda.current_stream(device) if device.type == "cuda" else None
+        side = torch.cuda.Stream(device) if device.type == "cuda" and OVERLAP_CONDITION else None
+        if side is not None:
+            side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():  # made and freed there
+            audio = [_slice_pad(_upload(s.audio, device).float(), 0, p.audio_starts[-1] + p.audio_len)
+                     for s, p in zip(sequences, plans)]
+            words = [_slice_pad(_upload(s.word, device).long(), 0, p.frame_starts[-1] + window)
+                     for s, p in zip(sequences, plans)]
+        self.chunks, self.events, self.first = [], [], []
+        n, w0 = encode_batch(device, amp), 0
+        graphs = CUDA_GRAPHS and device.type == "cuda"
+        # windows per chunk: a full encoder batch, the first chunk a small one (the chain starts when it is done)
+        size, first_size = max(1, n // len(sequences)), max(1, 8 // len(sequences))
+        while w0 < n_windows[0]:
+            w1 = min(n_windows[0], w0 + (first_size if w0 == 0 else size))
+            items = [(j, w) for w in range(w0, w1) for j in range(len(sequences)) if w < n_windows[j]]
+            # row of step w, sequence j within this chunk's items (a finished sequence: sequence 0's)
+            pos = {item: k for k, item in enumerate(items)}
+            rows = [pos.get((j, w), pos[0, w]) for w in range(w0, w1) for j in range(len(sequences))]
+            with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+                parts = []
+                for k in range(0, len(items), n):
+                    batch = items[k:k + n]
+                    if graphs:  # padded to a power of two (a graph per size), with copies of the last window
+                        batch = batch + batch[-1:] * (min(n, 1 << (len(batch) - 1).bit_length()) - len(batch))
+                    a = torch.stack([audio[j][plans[j].audio_starts[w]:plans[j].audio_starts[w] + plans[j].audio_len]
+                                     for j, w in batch])
+                    t = torch.stack([words[j][plans[j].frame_starts[w]:plans[j].frame_starts[w] + window]
+                                     for j, w in batch])
+                    spk = _to_device([sequences[j].speaker for j, _ in batch], device, torch.int64)
+                    parts.append(_encoder(model, window, amp, (a, t, spk))(a, t, spk))
+                index = _to_device(rows, device, torch.int64)
+                chunk = {name: torch.cat([c[i] for c in parts])[index].unflatten(0, (w1 - w0, len(sequences)))
+                         for i, name in enumerate(ENCODED)}
+                if side is not None:
+                    for v in chunk.values():
+                        v.record_stream(main)  # read there, freed here
+                    self.events.append(torch.cuda.Event())
+                    self.events[-1].record(side)
+            self.chunks.append(chunk)
+            self.first.append(w0)
+            w0 = w1
+        self.waited = 0
+
+    def _chunk(self, w):
+        c = bisect.bisect_right(self.first, w) - 1
+        while self.waited <= c and self.events:  # the main stream waits for the chunks it reads, once each
+            torch.cuda.current_stream(self.device).wait_event(self.events[self.waited])
+            self.waited += 1
+        return c
+
+    def step_inputs(self, w):
+        c = self._chunk(w)
+        return [self.chunks[c][name][w - self.first[c]] for name in CONDITION]
+
+    def face_inputs(self, a, b):
+        self._chunk(b - 1)
+        rows = [self.chunks[c]["spk_face"][max(a, f) - f:b - f] for c, f in enumerate(self.first)
+                if f < b and (c + 1 == len(self.first) or self.first[c + 1] > a)]
+        return torch.cat(rows).flatten(0, 1)
+
+
+def encode(model, window, amp, audio, words, speaker):
+    """MambaTalk.generation_condition of a batch of windows (audio (n, L, 3), words (n, T), speaker (n,)) as a tuple
+    in ENCODED order."""
+    with torch.autocast(audio.device.type, dtype=torch.bfloat16, enabled=amp):
+        cond = model.encode_condition(audio, words, speaker[:, None, None].expand(-1, window, 1), window)
+        cond = model.generation_condition(cond)
+    return tuple(cond[name] for name in ENCODED)
+
+
+def _encoder(model, window, amp, example):
+    """encode with its settings bound: on GPUs a CUDA graph per model and batch shape, kept while the model lives
+    (an eager call queues some 400 kernels, and the host took longer to issue them than the GPU to run them)."""
+    fn = functools.partial(encode, model, window, amp)
+    if not (CUDA_GRAPHS and example[0].is_cuda):
+        return fn
+    key = ("encode", window, amp, tuple((t.shape, t.dtype) for t in example))
+    cache = _graphs.setdefault(model, {})
+    if key not in cache:
+        cache[key] = ((), GraphedFunction(fn, example))
+    return cache[key][1]
 
 
 def window_step(model, vq, kinds, pre, paper_protocol, amp, sampling, leak, spk_body, face_feat, body_query, memory,
@@ -424,15 +534,24 @@ def window_step(model, vq, kinds, pre, paper_protocol, amp, sampling, leak, spk_
     mask = torch.ones_like(in_motion)
     mask[:, :pre] = 0
     with torch.autocast(seed.device.type, dtype=torch.bfloat16, enabled=amp):
-        out = model.predict_body(condition, mask, in_motion)
-    out = {k: v.float() for k, v in out.items()}
+        tokens, global_features = model.body_tokens(condition, mask, in_motion)
     temperature, top_k, hold, upper_block, upper_top_k = sampling
-    window_codes = choose_codes(vq, out, {p: 1.0 if kinds[p] == "index" else 0.0 for p in PARTS}, temperature, top_k,
-                                hold=hold, upper_block=upper_block, upper_top_k=upper_top_k,
-                                noise=dict(zip(sampled_parts(kinds, sampling), noise)))
-    decoded = decode_codes(vq, window_codes)
+    part_noise = dict(zip(sampled_parts(kinds, sampling), noise))
+
+    def part_branch(part):  # the part's latent, code and decoded motion: independent of the other parts
+        with torch.autocast(seed.device.type, dtype=torch.bfloat16, enabled=amp):
+            out = model.local_scan.part_output(part, *tokens, spk_body)
+        out = {k: v.float() for k, v in out.items()}
+        codes = choose_codes(vq, out, {part: 1.0 if kinds[part] == "index" else 0.0}, temperature, top_k, hold=hold,
+                             upper_block=upper_block, upper_top_k=upper_top_k, noise=part_noise)
+        return codes[part], decode_codes(vq, codes)[part]
+
+    # parallel branches of the window's CUDA graph (one after another elsewhere)
+    branches = run_parallel([functools.partial(part_branch, p) for p in PARTS[1:]])
+    window_codes = dict(zip(PARTS[1:], (b[0] for b in branches)))
+    decoded = dict(zip(PARTS[1:], (b[1] for b in branches)))
     next_seed = _next_seed(decoded, pre, start, paper_protocol, vq, seed, leak)
-    return tuple(window_codes[p][1] for p in PARTS[1:]) + (out["global_features"], next_seed)
+    return tuple(window_codes[p][1] for p in PARTS[1:]) + (global_features.float(), next_seed)
 
 
 def sampled_parts(kinds, sampling):
