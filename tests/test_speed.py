@@ -228,6 +228,25 @@ def test_noise_drawn_ahead_in_chunks_gives_the_same_motion(monkeypatch):
     assert gen.window_noise(kinds, (0.0, 0, 1, 0, 0), keys, 0, 4, 8, 6) == []
 
 
+def test_conditioning_chunks_give_the_same_motion(monkeypatch):
+    """The windows' conditioning is computed in chunks of window steps (condition_chunks) and the face branch in
+    batches of windows: chunk and batch sizes change nothing, including for sequences that finish before others
+    (their steps read the longest sequence's rows) and face batches that span chunks."""
+    args = small_args(**SAMPLED)
+    torch.manual_seed(0)
+    model = build(args).eval()
+    vq = {k: m.eval() for k, m in build_stage1_models(args).items()}
+    seqs = bench_gpu.random_sequences(args, [4.0, 2.5, 3.1])
+    base = gen.generate(model, vq, seqs, args)
+    for encode, face in ((4, 7), (7, 10)):  # windows per encoder call (chunks of encode // 3 steps), face rows per call
+        monkeypatch.setitem(gen.ENCODE_BATCH, "cpu", encode)
+        monkeypatch.setitem(gen.FACE_BATCH, "cpu", face)
+        other = gen.generate(model, vq, seqs, args)
+        for a, b in zip(base, other):
+            for k in a:
+                torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-5, msg=f"{k}, batches {encode}/{face}")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("decoding", [{}, SAMPLED], ids=["published", "sampled"])
 def test_graphed_generation_on_gpu_matches_eager(monkeypatch, decoding):

@@ -316,9 +316,10 @@ def generate(model, vq, sequences, args, paper_protocol=False, batch_size=64, pr
     """Generate motion for a list of `Sequence`s. Returns one dict per sequence with torch tensors on CPU:
     poses (n,165), expressions (n,100), trans (n,3), contacts (n,4).
 
-    The audio/text conditioning of every window is computed up front, in large batches (it does not depend on the
-    generated motion; the audio encoders are most of the model's work). Then sequences go in groups of
-    `batch_size`, longest first, and each group runs its windows one after another at a fixed batch size
+    Sequences go in groups of `batch_size`, longest first. The audio/text conditioning of all of a group's windows is
+    queued first, in large batches (condition_chunks: it does not depend on the generated motion, and the audio
+    encoders are most of the model's work; on GPUs it runs beside the window chain). Each group then runs its
+    windows one after another at a fixed batch size
     (a sequence that has finished repeats its last window, unused), so the per-window step needs no host
     synchronisation and replays as a CUDA graph on GPUs. `args.amp == 'bf16'` runs the generator under bf16
     autocast (codes can differ from float32 where two logits are within rounding); the VQ decoders stay float32.
@@ -341,7 +342,7 @@ def generate(model, vq, sequences, args, paper_protocol=False, batch_size=64, pr
         # (uploads through pinned memory and a neutral seed made once: a plain upload makes the host wait for the GPU)
         seed = _upload(s.seed, device).float() if s.seed is not None else _rest_seed(pre, device).clone()
         if s.seed is None and s.start_trans is not None:
-            seed[:, 330:333] = _upload(s.start_trans, device).float()  # a neutral pose, standing where the speaker starts
+            seed[:, 330:333] = _upload(s.start_trans, device).float()  # a neutral pose where the speaker starts
         seeds.append(seed)
         starts.append(seed[0, 330:333].clone() if s.start_trans is None else _upload(s.start_trans, device).float())
     kinds = {p: "index" if cls_weights[p] != 0 else "latent" for p in PARTS}
@@ -387,7 +388,7 @@ def generate(model, vq, sequences, args, paper_protocol=False, batch_size=64, pr
                 if w < n_windows[j]:
                     codes[i].append({p: c[j:j + 1, keep] for p, c in zip(PARTS, [face[w]] + part_codes)})
     results = []
-    for i, s in enumerate(sequences):
+    for i in range(len(sequences)):  # one sequence at a time: the decoders are convolutions over the whole sequence
         merged = {p: (kinds[p], torch.cat([c[p] for c in codes[i]], dim=1)) for p in PARTS}
         decoded = decode_codes(vq, merged)
         start_xz = starts[i][None, 0:3:2]  # a slice: an index list would make the host wait for the GPU
@@ -396,9 +397,8 @@ def generate(model, vq, sequences, args, paper_protocol=False, batch_size=64, pr
         n = plans[i].n_out
         results.append({"poses": pose[0, :n], "expressions": exps[0, :n], "trans": trans[0, :n],
                         "contacts": contacts[0, :n]})
-    # to the host only now: a copy per sequence inside the loop would make the host wait for each sequence's decoding
-    # before queueing the next one's
-    # one copy for all: dozens of small ones took longer than the decoding on a slow host
+    # to the host only now, and in one copy (into pinned memory): a copy per sequence inside the loop made the host
+    # wait for each sequence's decoding before queueing the next one's, and 60 small copies took 75 ms on a GPU host
     sizes = [v.numel() for r in results for v in r.values()]
     flat = torch.cat([v.reshape(-1) for r in results for v in r.values()])
     host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=flat.is_cuda).copy_(flat) if flat.is_cuda else flat
@@ -521,37 +521,45 @@ def _encoder(model, window, amp, example):
     return cache[key][1]
 
 
-def window_step(model, vq, kinds, pre, paper_protocol, amp, sampling, leak, spk_body, face_feat, body_query, memory,
-                seed, start, *noise):
+def window_step(model, vq, kinds, pre, paper_protocol, amp, sampling, leak, compiled, spk_body, face_feat, body_query,
+                memory, seed, start, *noise):
     """One window for a batch of sequences: codes of upper, hands and lower, the global features that the face
     branch needs (face_codes), and the next window's seed. sampling: choose_codes' (temperature, top_k, hold,
-    upper_block, upper_top_k); noise: its Gumbel noise for each of
-    sampled_parts(kinds, sampling), drawn ahead (window_noise). leak: see integrate."""
+    upper_block, upper_top_k); noise: its Gumbel noise for each of sampled_parts(kinds, sampling), drawn ahead
+    (window_noise). leak: see integrate. compiled: its three stages through torch.compile (_stage)."""
     condition = dict(spk_body=spk_body, face_feat=face_feat, body_query=body_query, memory=memory)
     n, window = spk_body.shape[:2]
     in_motion = seed.new_zeros(n, window, seed.shape[-1])
     in_motion[:, :pre] = seed
     mask = torch.ones_like(in_motion)
     mask[:, :pre] = 0
-    with torch.autocast(seed.device.type, dtype=torch.bfloat16, enabled=amp):
-        tokens, global_features = model.body_tokens(condition, mask, in_motion)
-    temperature, top_k, hold, upper_block, upper_top_k = sampling
+    tokens, global_features = _stage(body_tokens, compiled)(model, amp, condition, mask, in_motion)
     part_noise = dict(zip(sampled_parts(kinds, sampling), noise))
-
-    def part_branch(part):  # the part's latent, code and decoded motion: independent of the other parts
-        with torch.autocast(seed.device.type, dtype=torch.bfloat16, enabled=amp):
-            out = model.local_scan.part_output(part, *tokens, spk_body)
-        out = {k: v.float() for k, v in out.items()}
-        codes = choose_codes(vq, out, {part: 1.0 if kinds[part] == "index" else 0.0}, temperature, top_k, hold=hold,
-                             upper_block=upper_block, upper_top_k=upper_top_k, noise=part_noise)
-        return codes[part], decode_codes(vq, codes)[part]
-
-    # parallel branches of the window's CUDA graph (one after another elsewhere)
-    branches = run_parallel([functools.partial(part_branch, p) for p in PARTS[1:]])
+    # the parts as parallel branches of the window's CUDA graph (one after another elsewhere)
+    branches = run_parallel([functools.partial(_stage(part_branch, compiled), model, vq, part, kinds, amp, sampling,
+                                               tokens, spk_body, part_noise) for part in PARTS[1:]])
     window_codes = dict(zip(PARTS[1:], (b[0] for b in branches)))
     decoded = dict(zip(PARTS[1:], (b[1] for b in branches)))
-    next_seed = _next_seed(decoded, pre, start, paper_protocol, vq, seed, leak)
+    next_seed = _stage(_next_seed, compiled)(decoded, pre, start, paper_protocol, vq, seed, leak)
     return tuple(window_codes[p][1] for p in PARTS[1:]) + (global_features.float(), next_seed)
+
+
+def body_tokens(model, amp, condition, mask, in_motion):
+    """The window step up to the per-part branches: MambaTalk.body_tokens under the step's precision."""
+    with torch.autocast(in_motion.device.type, dtype=torch.bfloat16, enabled=amp):
+        return model.body_tokens(condition, mask, in_motion)
+
+
+def part_branch(model, vq, part, kinds, amp, sampling, tokens, spk_body, noise):
+    """One body part of a window step: its latent and logits, its code (choose_codes) and its decoded motion,
+    independent of the other parts."""
+    with torch.autocast(spk_body.device.type, dtype=torch.bfloat16, enabled=amp):
+        out = model.local_scan.part_output(part, *tokens, spk_body)
+    out = {k: v.float() for k, v in out.items()}
+    temperature, top_k, hold, upper_block, upper_top_k = sampling
+    codes = choose_codes(vq, out, {part: 1.0 if kinds[part] == "index" else 0.0}, temperature, top_k, hold=hold,
+                         upper_block=upper_block, upper_top_k=upper_top_k, noise=noise)
+    return codes[part], decode_codes(vq, codes)[part]
 
 
 def sampled_parts(kinds, sampling):
@@ -624,9 +632,9 @@ _graphs = weakref.WeakKeyDictionary()  # model -> {settings: (vq modules, Graphe
 def _window_step(model, vq, kinds, pre, paper_protocol, amp, sampling, leak, example, compiled=False):
     """window_step with its settings bound: a CUDA graph on GPUs (captured once per model, VQ set, batch size and
     settings, and kept while the model lives), else the eager function. `compiled` (config `compile: true`): the
-    step through torch.compile first (inductor fuses its ~300 small element-wise kernels; the first call of each
-    batch size compiles for about a minute), then captured."""
-    fn = functools.partial(window_step, model, vq, kinds, pre, paper_protocol, amp, sampling, leak)
+    step's stages through torch.compile first (inductor fuses its ~300 small element-wise kernels; the first call of
+    each batch size compiles for about a minute), then captured."""
+    fn = functools.partial(window_step, model, vq, kinds, pre, paper_protocol, amp, sampling, leak, compiled)
     graphs = CUDA_GRAPHS and example[0].is_cuda
     if not (graphs or compiled):
         return fn
@@ -635,9 +643,21 @@ def _window_step(model, vq, kinds, pre, paper_protocol, amp, sampling, leak, exa
            compiled)
     cache = _graphs.setdefault(model, {})
     if key not in cache or any(a is not b for a, b in zip(cache[key][0], vq_modules)):
-        step = _compiled(fn) if compiled else fn
-        cache[key] = (vq_modules, GraphedFunction(step, example) if graphs else step)
+        cache[key] = (vq_modules, GraphedFunction(fn, example) if graphs else fn)
     return cache[key][1]
+
+
+_STAGES = {}  # function -> its _compiled version, made once (torch.compile's cache is per function object)
+
+
+def _stage(fn, compiled):
+    """A stage of the window step, compiled or not. The step is compiled stage by stage rather than as one function
+    so that its body-part branches stay parallel streams of the captured graph (run_parallel), each branch fused."""
+    if not compiled:
+        return fn
+    if fn not in _STAGES:
+        _STAGES[fn] = _compiled(fn)
+    return _STAGES[fn]
 
 
 def _compiled(fn):
