@@ -3,6 +3,7 @@
     python run_scripts/profile_step.py --rows published fast            # this checkout
     python run_scripts/profile_step.py --repo /tmp/before --rows fast   # another checkout's model and trainer
     python run_scripts/profile_step.py --tiny                           # CPU, small sizes (CPU time instead)
+    python run_scripts/profile_step.py --rows --timeline                # generate(): host and GPU timeline
 
 Forward passes are labelled by module with hooks (innermost labelled module wins); a backward kernel is charged to
 the module whose forward op created its autograd node (matched by the profiler's sequence numbers); the losses and
@@ -294,6 +295,66 @@ def generate_phases(bg, args, device, seconds, amp="bf16", compiled=False, repea
     print(f"  {'other (host work between phases)':<45}{(wall - sum(spent.values()) / repeats) * 1e3:9.1f} ms")
 
 
+def generate_timeline(bg, args, device, seconds, amp="bf16", repeats=3):
+    """When the host queues each phase of generate() and when the GPU reaches it, without synchronising anything:
+    a CUDA event and the host clock at the entry and exit of each phase (window steps, the conditioning, face
+    branch, decoding), from the start of the call, for its first and last occurrence. Where the GPU column runs far
+    behind the host one the GPU is the bottleneck; where they are equal the GPU waits for the host. (On a CPU both
+    columns are host time.)"""
+    from trainers import generate as gen
+    model, vq = bg.build_models(args, device)
+    seqs = bg.random_sequences(args, seconds)
+    a = type(args)(**vars(args))
+    a.amp = amp
+    marks = []
+    cuda = device.type == "cuda"
+
+    def mark(name):
+        event = None
+        if cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+        marks.append((name, time.perf_counter(), event))
+
+    def wrap(fn, name):
+        def wrapper(*x, **k):
+            mark(name + " >")
+            out = fn(*x, **k)
+            mark(name + " <")
+            return out
+        return wrapper
+
+    names = ("condition_chunks", "face_codes", "decode_codes", "decoded_to_motion", "window_noise")
+    originals = {n: getattr(gen, n) for n in names + ("_window_step",)}
+    for n in names:
+        setattr(gen, n, wrap(originals[n], n))
+    gen._window_step = lambda *x, **k: wrap(originals["_window_step"](*x, **k), "window step")
+    try:
+        gen.generate(model, vq, seqs, a)  # captures its graphs
+        walls = []
+        for _ in range(repeats):
+            bg.sync(device)
+            marks.clear()
+            mark("start")
+            t0 = time.perf_counter()
+            gen.generate(model, vq, seqs, a)
+            mark("end")
+            bg.sync(device)
+            walls.append(time.perf_counter() - t0)
+    finally:
+        for n, f in originals.items():
+            setattr(gen, n, f)
+    _, host0, event0 = marks[0]
+    seen = defaultdict(list)
+    for name, host, event in marks:
+        seen[name].append(((host - host0) * 1e3, event0.elapsed_time(event) if cuda else (host - host0) * 1e3))
+    print(f"\ngenerate() timeline, {len(seconds)} sequence(s), {sum(seconds):.0f} s, amp {amp}: "
+          f"{statistics.median(walls) * 1e3:.1f} ms per call (median of {repeats}); ms from the call's start")
+    print(f"  {'phase':<24}{'calls':>6}{'first: host':>13}{'GPU':>9}{'last: host':>13}{'GPU':>9}")
+    for name, v in seen.items():
+        print(f"  {name:<24}{len(v):>6}{v[0][0]:>13.1f}{v[0][1]:>9.1f}{v[-1][0]:>13.1f}{v[-1][1]:>9.1f}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repo", default=str(Path(__file__).resolve().parents[1]),
@@ -308,6 +369,8 @@ def main():
     p.add_argument("--phases", action="store_true",
                    help="also time generate()'s phases for a 60-s clip and the 956-s test set (bf16)")
     p.add_argument("--phases_compiled", action="store_true", help="--phases also with the compiled window step")
+    p.add_argument("--timeline", action="store_true",
+                   help="also print when the host queues and the GPU runs generate()'s phases (60-s clip, test set)")
     opts = p.parse_args()
     repo = Path(opts.repo).resolve()
     sys.path[:0] = [str(repo), str(repo / "run_scripts")]
@@ -330,6 +393,9 @@ def main():
                 generate_phases(bg, args, device, seconds)
                 if opts.phases_compiled:
                     generate_phases(bg, args, device, seconds, compiled=True)
+    if opts.timeline:
+        for seconds in ([6.0], [3.0, 2.5]) if tiny else ([60.0], [float(x) for x in bg.TESTSET_SECONDS]):
+            generate_timeline(bg, args, device, seconds)
     if opts.audio_cnns:
         bench_audio_cnns(args, device)
     for row in opts.rows:

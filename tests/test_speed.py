@@ -296,6 +296,19 @@ def test_bench_prints_table():
 
 # ---- issue 17: speed options keep the float32 reference's outputs within stated tolerances -------------------------
 
+def test_generate_timeline_runs_on_cpu():
+    """profile_step.py --timeline (issue 17's generation timeline) at tiny sizes: every phase of generate() is listed,
+    the window steps once per window of the longest sequence."""
+    r = subprocess.run([sys.executable, "run_scripts/profile_step.py", "--rows", "--timeline"], cwd=REPO,
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    clip = r.stdout.split("generate() timeline")[1]
+    rows = {line.split("  ")[1].strip(): line.split() for line in clip.splitlines()[2:] if line.strip()}
+    assert {"condition_chunks >", "window step <", "face_codes <", "decoded_to_motion <", "end"} <= set(rows)
+    # a 6-s clip, 180 frames, in windows of 32 frames (tiny sizes) that each add 28 to the 4 seed frames: 7 steps
+    assert rows["window step <"][3] == "7"
+
+
 def test_wav_encoder_channels_last_matches_published_layout():
     """(B, C, 1, L) channels-last blocks: outputs, gradients and BatchNorm statistics equal the (B, C, L) ones to
     float32 rounding (relative 1e-4; conv biases before BatchNorm get no true gradient and are left out)."""
