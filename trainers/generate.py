@@ -320,7 +320,7 @@ def generate(model, vq, sequences, args, paper_protocol=False, batch_size=64, pr
     queued first, in large batches (condition_chunks: it does not depend on the generated motion, and the audio
     encoders are most of the model's work; on GPUs it runs beside the window chain). Each group then runs its
     windows one after another at a fixed batch size
-    (a sequence that has finished repeats its last window, unused), so the per-window step needs no host
+    (a sequence that has finished runs along, its steps unused), so the per-window step needs no host
     synchronisation and replays as a CUDA graph on GPUs. `args.amp == 'bf16'` runs the generator under bf16
     autocast (codes can differ from float32 where two logits are within rounding); the VQ decoders stay float32.
     """
@@ -439,7 +439,7 @@ class condition_chunks:
         main = torch.cuda.current_stream(device) if device.type == "cuda" else None
         side = torch.cuda.Stream(device) if device.type == "cuda" and OVERLAP_CONDITION else None
         if side is not None:
-            side.wait_stream(torch.cuda.current_stream(device))
+            side.wait_stream(main)
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():  # made and freed there
             audio = [_slice_pad(_upload(s.audio, device).float(), 0, p.audio_starts[-1] + p.audio_len)
                      for s, p in zip(sequences, plans)]
