@@ -1,6 +1,7 @@
 """Score decoding settings of a trained demo model on one split, with the one evaluator and both baselines.
 
-    python run_scripts/demo_decoding.py [--out outputs/demo] [--split val|test] [--whole] [--settings 0:0 1:0 1:0:0]
+    python run_scripts/demo_decoding.py [--out outputs/demo] [--seed N] [--split val|test] [--whole]
+        [--settings 0:0 1:0 1:0:0]
 
 Each setting is TEMPERATURE:TOP_K[:BLOCK_UPPER[:TOP_K_UPPER]] (0:0 = argmax; BLOCK_UPPER and TOP_K_UPPER default to
 the config's code_block_upper and code_top_k_upper). Prints one line of metrics per setting, then the table with the
@@ -46,7 +47,9 @@ def main():
     p.add_argument("--split", default="val", choices=("val", "test"))
     p.add_argument("--whole", action="store_true", help="val: whole recordings instead of 64-frame windows")
     p.add_argument("--settings", nargs="+", default=["0:0", "0.7:0", "1:0"])
+    p.add_argument("--seed", type=int, default=0, help="the demo's --seed (its sampling seed, as in its test)")
     opts = p.parse_args()
+    demo.SEED = opts.seed
     from test import run_test
     from trainers.evaluate import format_table
     demo.DEMO = Path(opts.out)

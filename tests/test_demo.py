@@ -18,7 +18,8 @@ def test_quick_demo_beats_static_pose(tmp_path):
     rows = json.loads((out / "test" / "table.json").read_text())
     model, static = rows["MambaTalk (demo)"], rows["static mean pose"]
     # at this shortened size (200 steps per model) runs measured FGD 34-46 % below the static pose's and motion
-    # energy ratios of 0.63-0.78 (the full demo's target band is 0.75-1.25); the bounds leave room for other machines
+    # energy ratios of 0.63-0.78 on two test recordings, 56 % and 0.87 on the five of data version 4 (the full demo's
+    # target band is 0.75-1.25); the bounds leave room for other machines
     assert model["fgd"] < 0.85 * static["fgd"]
     assert 0.5 < model["energy_ratio"] < 1.5, model
     assert rows["ground truth"]["energy_ratio"] == 1.0 and static["energy_ratio"] < 0.01

@@ -241,3 +241,23 @@ def test_sampled_generation_is_seeded_per_sequence(setup):
     paper = generate(model, vq, [Sequence(**{**vars(seqs[1]), "n_frames": 124})], sampled, paper_protocol=True)[0]
     paper_greedy = generate(model, vq, [Sequence(**{**vars(seqs[1]), "n_frames": 124})], argmax, paper_protocol=True)[0]
     assert torch.equal(paper["poses"], paper_greedy["poses"])
+
+
+def test_edge_padded_decoding_has_no_edge_transient():
+    """decode_codes(pad=...): the decoder sees the first and last codes continued past the ends, so a held code decodes
+    to a held pose up to the edges (with zeros past the ends the first frames move: the legs' transient became a
+    root-height dip); frames far from the ends decode as without padding."""
+    from trainers.generate import decode_codes
+    torch.manual_seed(0)
+    args = load_config(ROOT / "configs/demo/mambatalk.yaml", SMALL)
+    vq = {"lower": build_stage1_models(args)["lower"]}
+    held = torch.full((1, 40), 5, dtype=torch.long)
+    plain = decode_codes(vq, {"lower": ("index", held)})["lower"]
+    padded = decode_codes(vq, {"lower": ("index", held)}, pad={"lower": 16})["lower"]
+    assert padded.shape == plain.shape
+    assert torch.allclose(padded, padded[:, 20:21].expand_as(padded), atol=1e-5)
+    assert (plain[:, 0] - plain[:, 20]).abs().max() > 1e-3
+    varied = torch.randint(0, 16, (1, 60))
+    plain = decode_codes(vq, {"lower": ("index", varied)})["lower"]
+    padded = decode_codes(vq, {"lower": ("index", varied)}, pad={"lower": 16})["lower"]
+    assert torch.allclose(padded[:, 20:40], plain[:, 20:40], atol=1e-5)

@@ -258,3 +258,14 @@ def test_topics_and_gesture_lexicon(dataset):
     assert np.array_equal(a["direction"], b["direction"]) and a["hand"] == b["hand"]
     forms = {tuple(word_gesture(w, style, 2, 0)["direction"]) for w in content}
     assert len(forms) == len(content)  # one stroke per word
+
+
+def test_demo_preset_holds_out_enough_recordings():
+    """The demo scores its model on held-out recordings of its training speaker (2): enough of them, one per topic in
+    the test split, so that the demo's table does not hang on which one or two recordings were held out."""
+    from dataloaders.synthetic import TOPICS, sequence_plan
+    plan = sequence_plan(0, "demo")
+    held = {split: [p for p in plan if p[1] == split and p[2] == 2] for split in ("val", "test")}
+    assert len(held["val"]) >= 4 and len(held["test"]) >= TOPICS
+    assert sorted((int(p[0].split("_")[-1]) - 1) % TOPICS for p in held["test"]) == list(range(TOPICS))
+    assert all(20.0 <= p[3] <= 30.0 for p in plan)

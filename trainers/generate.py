@@ -232,11 +232,18 @@ def sample_noise(key, shape):
     return u.float().clamp_(1e-7, 1 - 1e-7).reshape(key.shape[0], *shape)
 
 
-def decode_codes(vq, codes):
-    """Codes -> decoded part motion {part: (B, T, C)}."""
+def decode_codes(vq, codes, pad=None):
+    """Codes -> decoded part motion {part: (B, T, C)}. pad {part: n}: that part's first and last codes repeated n
+    times on either side before decoding, cut back afterwards. The decoders' convolutions see zeros past the ends
+    otherwise; for the legs that made a transient in the first frames, which the global-motion model turned into a
+    height dip of some 4 cm at frame 0 (a demo model: a 2.3 cm root jump between frames 0 and 1)."""
     decoded = {}
     for part, (kind, value) in codes.items():
-        decoded[part] = vq[part].decode(value) if kind == "index" else vq[part].decoder(value)
+        n = (pad or {}).get(part, 0)
+        if n and kind == "index":
+            value = torch.cat([value[:, :1].expand(-1, n), value, value[:, -1:].expand(-1, n)], dim=1)
+        out = vq[part].decode(value) if kind == "index" else vq[part].decoder(value)
+        decoded[part] = out[:, n:out.shape[1] - n] if n and kind == "index" else out
     return decoded
 
 
@@ -390,7 +397,7 @@ def generate(model, vq, sequences, args, paper_protocol=False, batch_size=64, pr
     results = []
     for i in range(len(sequences)):  # one sequence at a time: the decoders are convolutions over the whole sequence
         merged = {p: (kinds[p], torch.cat([c[p] for c in codes[i]], dim=1)) for p in PARTS}
-        decoded = decode_codes(vq, merged)
+        decoded = decode_codes(vq, merged, pad={"lower": edge_pad})  # the legs feed the root: no edge transient
         start_xz = starts[i][None, 0:3:2]  # a slice: an index list would make the host wait for the GPU
         start_y = starts[i][1:2] if leak > 0 else None
         pose, exps, trans, contacts = decoded_to_motion(vq, decoded, start_xz, leak, edge_pad, start_y)
