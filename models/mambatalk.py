@@ -112,22 +112,27 @@ class LocalScan(nn.Module):
         return dict(rec_face=rec_face, cls_face=self.face_classifier(rec_face))
 
     def part_outputs(self, upper, hands, lower, spk_body):
-        out = {}
-        for part in BODY_PARTS:
-            out |= self.part_output(part, upper, hands, lower, spk_body)
-        return out
+        tokens = dict(upper=upper, hands=hands, lower=lower)
+        # the published op order (every part's scan, then the projections down, then the classifiers): the backward
+        # pass sums the shared tokens' gradients in the reverse of it, so training gives the same numbers as before
+        dec = {part: self.part_scan(part, tokens, spk_body) for part in BODY_PARTS}
+        rec = {part: getattr(self, f"motion_down_{part}")(dec[part] + tokens[part]) for part in BODY_PARTS}
+        cls = {part: getattr(self, f"{part}_classifier")(rec[part]) for part in ("upper", "lower", "hands")}
+        return {f"{kind}_{part}": out[part] for kind, out in (("rec", rec), ("cls", cls))
+                for part in ("upper", "lower", "hands")}
 
     def part_output(self, part, upper, hands, lower, spk_body):
-        """One body part's latent and code logits: the part sees its own tokens (with speaker and position) and the
-        sum of the other two parts'. The parts are independent of each other from here on (generation runs them as
-        parallel branches of its CUDA graph)."""
+        """part_outputs for one part (generation runs the parts as parallel branches of its CUDA graph)."""
         tokens = dict(upper=upper, hands=hands, lower=lower)
-        own = tokens.pop(part)
-        first, second = tokens.values()
-        dec = getattr(self, f"{part}_scan")(getattr(self, f"{part}_proj")(
-            torch.cat([self.position_embeddings(own + spk_body), first + second], dim=-1)))
-        rec = getattr(self, f"motion_down_{part}")(dec + own)
+        rec = getattr(self, f"motion_down_{part}")(self.part_scan(part, tokens, spk_body) + tokens[part])
         return {f"rec_{part}": rec, f"cls_{part}": getattr(self, f"{part}_classifier")(rec)}
+
+    def part_scan(self, part, tokens, spk_body):
+        """A body part's Mamba scan over its own tokens (with speaker and position) and the sum of the other two
+        parts' tokens."""
+        first, second = (t for p, t in tokens.items() if p != part)
+        x = torch.cat([self.position_embeddings(tokens[part] + spk_body), first + second], dim=-1)
+        return getattr(self, f"{part}_scan")(getattr(self, f"{part}_proj")(x))
 
 
 def word_embedding_weights(args, vocab=None, from_checkpoint=False):
