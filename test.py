@@ -42,8 +42,9 @@ def data_fingerprint(paths):
     return h.hexdigest()[:16]
 
 
-def run_test(args, ckpt=None, out_dir=None, log=None, split="test"):
-    """Generate and score every sequence of `split` (the test split; the demo chooses its decoding on val)."""
+def run_test(args, ckpt=None, out_dir=None, log=None, split="test", whole=None):
+    """Generate and score every sequence of `split` (the test split; the demo chooses its decoding on val), cut as
+    build_dataset's `whole` says (default: whole recordings for test, training windows for train and val)."""
     device = resolve_device(args.device)
     ckpt = ckpt or args.test_ckpt
     if not os.path.isfile(ckpt):
@@ -52,7 +53,7 @@ def run_test(args, ckpt=None, out_dir=None, log=None, split="test"):
     os.makedirs(out_dir, exist_ok=True)
     log = log or setup_logging(os.path.join(out_dir, "test.txt"))
     save_config(args, os.path.join(out_dir, "config.yaml"))
-    test_data = build_dataset(args, split)
+    test_data = build_dataset(args, split, whole)
     model = MambaTalk(args, vocab=test_data.vocab, from_checkpoint=True)
     load_weights(model, ckpt)
     model.to(device).eval()

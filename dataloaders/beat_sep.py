@@ -8,5 +8,5 @@ def speaker_minus_one(speaker):
 
 
 class CustomDataset(BeatDataset):
-    def __init__(self, args, loader_type):
-        super().__init__(args, loader_type, with_contacts=False, speaker_id=speaker_minus_one)
+    def __init__(self, args, loader_type, whole=None):
+        super().__init__(args, loader_type, with_contacts=False, speaker_id=speaker_minus_one, whole=whole)

@@ -5,5 +5,5 @@ from utils.skeleton import speaker_index
 
 
 class CustomDataset(BeatDataset):
-    def __init__(self, args, loader_type):
-        super().__init__(args, loader_type, with_contacts=True, speaker_id=speaker_index)
+    def __init__(self, args, loader_type, whole=None):
+        super().__init__(args, loader_type, with_contacts=True, speaker_id=speaker_index, whole=whole)

@@ -368,12 +368,14 @@ def _start_frames(args):
 
 class BeatDataset(torch.utils.data.Dataset):
     """Windows of the cached features. train/val: `pose_length`-frame windows every `stride` frames over whole
-    seconds; test: one item per file, the whole sequence. Items: dict of tensors as spec §3.8."""
+    seconds; test: one item per file, the whole sequence. `whole` (default: test only) cuts any split into whole
+    sequences (the demo scores its decoding on whole val recordings). Items: dict of tensors as spec §3.8."""
 
-    def __init__(self, args, loader_type, with_contacts, speaker_id):
+    def __init__(self, args, loader_type, with_contacts, speaker_id, whole=None):
         if loader_type not in ("train", "val", "test"):
             raise ValueError(f"loader_type must be train, val or test, got {loader_type!r}")
         self.loader_type = loader_type
+        self.whole = loader_type == "test" if whole is None else bool(whole)
         self.vocab = beat2.get_vocab(args) if args.word_rep else None
         manifest, self._arrays = load_or_build(args, loader_type, with_contacts, speaker_id, self.vocab)
         self.cache_dir = cache_root(args) / loader_type
@@ -392,7 +394,7 @@ class BeatDataset(torch.utils.data.Dataset):
             s0, e = first * fps, rec["n_frames"] - last * fps
             if e <= s0:
                 continue
-            if self.loader_type == "test":  # one whole sequence (the published code also mutates args.stride here)
+            if self.whole:  # one whole sequence (the published code's test also mutates args.stride here)
                 rows.append((f, s0, e - s0, first * afps, (e - s0) * afps // fps))
                 continue
             for ratio in args.multi_length_training:

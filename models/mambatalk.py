@@ -247,16 +247,10 @@ class MambaTalk(nn.Module):
         the memory could be too, but would hold 16x the memory's size for every window of a long recording."""
         return dict(condition, body_query=self.global_scan.body_q_self_attn(condition["spk_body"]))
 
-    def predict_body(self, condition, mask, in_motion):
-        """predict() for the three body parts only, from generation_condition's output; also returns the
-        'global_features' that predict_face needs (the face codes do not feed the next window's seed, so generation
-        runs the face branch for all windows at once afterwards)."""
-        tokens, global_features = self.body_tokens(condition, mask, in_motion)
-        return self.local_scan.part_outputs(*tokens, condition["spk_body"]) | dict(global_features=global_features)
-
     def body_tokens(self, condition, mask, in_motion):
-        """predict_body up to the per-part branches: the upper, hands and lower tokens (LocalScan.part_output's
-        inputs) and the global features."""
+        """Generation's window step up to the body parts, from generation_condition's output: the upper, hands and
+        lower tokens (LocalScan.part_output's inputs) and the 'global_features' that predict_face needs (the face
+        codes do not feed the next window's seed, so generation runs the face branch for all windows at once)."""
         c = condition
         global_motion, global_features = self.global_scan(in_motion, mask, c["spk_body"], c["face_feat"],
                                                           c["body_query"])

@@ -10,7 +10,6 @@ window as the test split is, instead of the training's 64-frame windows (each of
 pose). This is how the default decoding was chosen (README, Decoding).
 """
 import argparse
-import contextlib
 import sys
 from pathlib import Path
 
@@ -19,26 +18,6 @@ import run_scripts.demo as demo  # noqa: E402  (also moves to the repository roo
 
 KEYS = ("fgd", "bc", "bc_gt", "l1div", "l1div_gt", "energy", "energy_gt", "energy_ratio", "root_jump", "root_drift",
         "root_drift_gt")
-
-
-@contextlib.contextmanager
-def whole_recordings(on):
-    """While active, the val split is cut like the test split: one item per recording."""
-    from dataloaders.cache import BeatDataset
-    cut = BeatDataset._cut
-
-    def whole(self, args):
-        kind, self.loader_type = self.loader_type, "test" if self.loader_type == "val" else self.loader_type
-        try:
-            return cut(self, args)
-        finally:
-            self.loader_type = kind
-    if on:
-        BeatDataset._cut = whole
-    try:
-        yield
-    finally:
-        BeatDataset._cut = cut
 
 
 def main():
@@ -63,9 +42,9 @@ def main():
             p.error(f"setting {spec!r}: expected TEMPERATURE:TOP_K[:BLOCK_UPPER[:TOP_K_UPPER]]")
         args.code_temperature, args.code_top_k = float(fields[0]), int(fields[1])
         args.code_block_upper, args.code_top_k_upper = [int(f) for f in fields[2:]] + list(defaults[len(fields) - 2:])
-        with whole_recordings(opts.whole):
-            report, test_dir = run_test(args, ckpt=str(demo.DEMO / demo.GENERATOR[2]),
-                                        out_dir=str(demo.DEMO / f"decoding_{split}_{spec}"), split=opts.split)
+        report, test_dir = run_test(args, ckpt=str(demo.DEMO / demo.GENERATOR[2]),
+                                    out_dir=str(demo.DEMO / f"decoding_{split}_{spec}"), split=opts.split,
+                                    whole=True if opts.whole else None)
         name = f"T={fields[0]} top-k={fields[1]} upper block={args.code_block_upper} top-k={args.code_top_k_upper}"
         rows[name] = report["metrics"]
         print(spec, {k: round(report["metrics"][k], 5) for k in KEYS if report["metrics"].get(k) is not None},

@@ -242,59 +242,6 @@ def profile_generate(bg, args, device, seconds=60.0):
         print(prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=70))
 
 
-def generate_phases(bg, args, device, seconds, amp="bf16", compiled=False, repeats=3):
-    """Wall time of generate()'s phases (the device synchronised around each): conditioning of all windows, the
-    window chain, the face branch, decoding to motion and copying to the host."""
-    from trainers import generate as gen
-    model, vq = bg.build_models(args, device)
-    seqs = bg.random_sequences(args, seconds)
-    a = type(args)(**vars(args))
-    a.amp, a.compile = amp, compiled
-    spent, depth = defaultdict(float), [0]
-
-    def timed(fn, name):
-        def wrapper(*x, **k):
-            if depth[0] or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-                return fn(*x, **k)  # inside another phase (decoding within a window step), or being captured
-            depth[0] += 1
-            bg.sync(device)
-            t0 = time.perf_counter()
-            try:
-                out = fn(*x, **k)
-                bg.sync(device)
-            finally:
-                depth[0] -= 1
-            spent[name] += time.perf_counter() - t0
-            return out
-        return wrapper
-
-    originals = {n: getattr(gen, n) for n in ("condition_chunks", "face_codes", "decode_codes", "decoded_to_motion",
-                                              "_window_step", "window_noise")}
-    gen.condition_chunks = timed(originals["condition_chunks"], "conditioning (audio/text encoders)")
-    gen.face_codes = timed(originals["face_codes"], "face branch")
-    gen.decode_codes = timed(originals["decode_codes"], "decoding codes (VQ decoders)")
-    gen.decoded_to_motion = timed(originals["decoded_to_motion"], "decoded parts to motion (global model)")
-    gen.window_noise = timed(originals["window_noise"], "sampling noise drawn ahead")
-    gen._window_step = lambda *x, **k: timed(originals["_window_step"](*x, **k), "window chain (steps)")
-    try:
-        gen.generate(model, vq, seqs, a)  # captures / compiles
-        spent.clear()
-        bg.sync(device)
-        t0 = time.perf_counter()
-        for _ in range(repeats):
-            gen.generate(model, vq, seqs, a)
-        bg.sync(device)
-        wall = (time.perf_counter() - t0) / repeats
-    finally:
-        for n, f in originals.items():
-            setattr(gen, n, f)
-    print(f"\ngenerate() phases, {len(seconds)} sequence(s), {sum(seconds):.0f} s, amp {amp}"
-          f"{', compiled step' if compiled else ''}: {wall * 1e3:.1f} ms per call (synchronised around each phase)")
-    for name, t in sorted(spent.items(), key=lambda kv: -kv[1]):
-        print(f"  {name:<45}{t / repeats * 1e3:9.1f} ms")
-    print(f"  {'other (host work between phases)':<45}{(wall - sum(spent.values()) / repeats) * 1e3:9.1f} ms")
-
-
 def generate_timeline(bg, args, device, seconds, amp="bf16", repeats=3):
     """When the host queues each phase of generate() and when the GPU reaches it, without synchronising anything:
     a CUDA event and the host clock at the entry and exit of each phase (window steps, the conditioning, face
@@ -324,7 +271,7 @@ def generate_timeline(bg, args, device, seconds, amp="bf16", repeats=3):
             return out
         return wrapper
 
-    names = ("condition_chunks", "face_codes", "decode_codes", "decoded_to_motion", "window_noise")
+    names = ("ConditionChunks", "face_codes", "decode_codes", "decoded_to_motion", "window_noise")
     originals = {n: getattr(gen, n) for n in names + ("_window_step",)}
     for n in names:
         setattr(gen, n, wrap(originals[n], n))
@@ -366,9 +313,6 @@ def main():
     p.add_argument("--audio_cnns", action="store_true", help="also time the audio CNN variants")
     p.add_argument("--generate", action="store_true", help="also profile generate() on a 60-s clip")
     p.add_argument("--kernels", type=int, default=0, help="also print the N ops/kernels with the most self time")
-    p.add_argument("--phases", action="store_true",
-                   help="also time generate()'s phases for a 60-s clip and the 956-s test set (bf16)")
-    p.add_argument("--phases_compiled", action="store_true", help="--phases also with the compiled window step")
     p.add_argument("--timeline", action="store_true",
                    help="also print when the host queues and the GPU runs generate()'s phases (60-s clip, test set)")
     opts = p.parse_args()
@@ -386,13 +330,6 @@ def main():
           f"{args.pose_length} frames")
     if opts.generate:
         profile_generate(bg, args, device, 6.0 if tiny else 60.0)
-    if opts.phases:
-        testset = [float(x) for x in bg.TESTSET_SECONDS] if hasattr(bg, "TESTSET_SECONDS") else None
-        for seconds in ([6.0] if tiny else [60.0]), ([3.0, 2.5] if tiny else testset):
-            if seconds:
-                generate_phases(bg, args, device, seconds)
-                if opts.phases_compiled:
-                    generate_phases(bg, args, device, seconds, compiled=True)
     if opts.timeline:
         for seconds in ([6.0], [3.0, 2.5]) if tiny else ([60.0], [float(x) for x in bg.TESTSET_SECONDS]):
             generate_timeline(bg, args, device, seconds)

@@ -87,6 +87,17 @@ def test_train_windows(sample_sets):
     assert args.stride == 20  # the test loader must not overwrite it (published bug #13)
 
 
+def test_whole_cut_of_a_training_split(sample_sets):
+    """whole=True cuts any split like the test split (one whole sequence per file): the demo scores decoding on whole
+    val recordings; whole=False gives the test split training windows."""
+    args, train, test = sample_sets
+    whole = beat_sep_lower.CustomDataset(args, "train", whole=True)
+    assert len(whole) == 1 and whole.windows.tolist() == test.windows.tolist()
+    assert whole[0]["pose"].shape == test[0]["pose"].shape
+    windows = beat_sep_lower.CustomDataset(args, "test", whole=False)
+    assert windows.windows.tolist() == train.windows.tolist()
+
+
 def test_test_item_and_content(sample_sets, beat2_sample):
     """The test item is the whole sequence cut to 63 whole seconds; every channel checked against its source."""
     _, train, test = sample_sets

@@ -229,7 +229,7 @@ def test_noise_drawn_ahead_in_chunks_gives_the_same_motion(monkeypatch):
 
 
 def test_conditioning_chunks_give_the_same_motion(monkeypatch):
-    """The windows' conditioning is computed in chunks of window steps (condition_chunks) and the face branch in
+    """The windows' conditioning is computed in chunks of window steps (ConditionChunks) and the face branch in
     batches of windows: chunk and batch sizes change nothing, including for sequences that finish before others
     (their steps read the longest sequence's rows) and face batches that span chunks."""
     args = small_args(**SAMPLED)
@@ -304,7 +304,7 @@ def test_generate_timeline_runs_on_cpu():
     assert r.returncode == 0, r.stderr[-3000:]
     clip = r.stdout.split("generate() timeline")[1]
     rows = {line.split("  ")[1].strip(): line.split() for line in clip.splitlines()[2:] if line.strip()}
-    assert {"condition_chunks >", "window step <", "face_codes <", "decoded_to_motion <", "end"} <= set(rows)
+    assert {"ConditionChunks >", "window step <", "face_codes <", "decoded_to_motion <", "end"} <= set(rows)
     # a 6-s clip, 180 frames, in windows of 32 frames (tiny sizes) that each add 28 to the 4 seed frames: 7 steps
     assert rows["window step <"][3] == "7"
 
@@ -347,8 +347,11 @@ def test_generation_split_equals_predict():
     with torch.no_grad():
         cond = model.encode_condition(inputs["in_audio"], inputs["in_word"], inputs["in_id"], args.pose_length)
         full = model.predict(cond, masks[1], inputs["in_motion"])
-        body = model.predict_body(model.generation_condition(cond), masks[1], inputs["in_motion"])
-        face = model.predict_face(cond["spk_face"], body.pop("global_features"))
+        gen_cond = model.generation_condition(cond)
+        tokens, global_features = model.body_tokens(gen_cond, masks[1], inputs["in_motion"])
+        body = {k: v for part in ("upper", "hands", "lower")
+                for k, v in model.local_scan.part_output(part, *tokens, gen_cond["spk_body"]).items()}
+        face = model.predict_face(cond["spk_face"], global_features)
     assert set(body) | set(face) == set(full)
     for k, v in (body | face).items():
         torch.testing.assert_close(v, full[k], rtol=1e-5, atol=1e-5)

@@ -174,10 +174,11 @@ def check_data_path(args):
                                 "`python -m dataloaders.synthetic --out outputs/demo/beat2 --preset demo`")
 
 
-def build_dataset(args, split):
+def build_dataset(args, split, whole=None):
+    """The split's dataset; whole=True: whole sequences, as the test split always is (BeatDataset)."""
     check_data_path(args)
     module = importlib.import_module(f"dataloaders.{args.dataset}")
-    return module.CustomDataset(args, split)
+    return module.CustomDataset(args, split, whole=whole)
 
 
 def to_device(batch, device):

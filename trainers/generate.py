@@ -127,14 +127,19 @@ def root_leak(args, paper_protocol):
     return 1.0 / (seconds * FPS) if seconds > 0 else 0.0
 
 
-def global_motion(vq, to_global, pad):
-    """The global-motion model on (B, T, C) with the first and last frames repeated `pad` times on either side, cut
-    back afterwards: its convolutions see zeros past the ends otherwise, and the root height of the first frames came
-    out some 10 cm off and then rose 4 cm per frame."""
+def edge_padded(fn, x, pad):
+    """fn(x) for a sequence model over dim 1 of x (B, T, ...), with x's first and last frames repeated `pad` times on
+    either side and the output cut back to T frames: convolutions see zeros past the ends otherwise."""
     if pad == 0:
-        return vq["global_motion"](to_global)["rec_pose"]
-    x = torch.cat([to_global[:, :1].expand(-1, pad, -1), to_global, to_global[:, -1:].expand(-1, pad, -1)], dim=1)
-    return vq["global_motion"](x)["rec_pose"][:, pad:pad + to_global.shape[1]]
+        return fn(x)
+    ends = (x[:, :1].expand(-1, pad, *x.shape[2:]), x[:, -1:].expand(-1, pad, *x.shape[2:]))
+    return fn(torch.cat([ends[0], x, ends[1]], dim=1))[:, pad:pad + x.shape[1]]
+
+
+def global_motion(vq, to_global, pad):
+    """The global-motion model on (B, T, C), edge-padded by `pad` frames: with zero padding the root height of the
+    first frames came out some 10 cm off and then rose 4 cm per frame."""
+    return edge_padded(lambda x: vq["global_motion"](x)["rec_pose"], to_global, pad)
 
 
 def choose_codes(vq, out, cls_weights, temperature=0.0, top_k=0, noise_key=None, hold=1, upper_block=0,
@@ -233,18 +238,12 @@ def sample_noise(key, shape):
 
 
 def decode_codes(vq, codes, pad=None):
-    """Codes -> decoded part motion {part: (B, T, C)}. pad {part: n}: that part's first and last codes repeated n
-    times on either side before decoding, cut back afterwards. The decoders' convolutions see zeros past the ends
-    otherwise; for the legs that made a transient in the first frames, which the global-motion model turned into a
-    height dip of some 4 cm at frame 0 (a demo model: a 2.3 cm root jump between frames 0 and 1)."""
-    decoded = {}
-    for part, (kind, value) in codes.items():
-        n = (pad or {}).get(part, 0)
-        if n and kind == "index":
-            value = torch.cat([value[:, :1].expand(-1, n), value, value[:, -1:].expand(-1, n)], dim=1)
-        out = vq[part].decode(value) if kind == "index" else vq[part].decoder(value)
-        decoded[part] = out[:, n:out.shape[1] - n] if n and kind == "index" else out
-    return decoded
+    """Codes -> decoded part motion {part: (B, T, C)}. pad {part: n}: that part decoded edge-padded by n frames
+    (edge_padded). For the legs, zero padding made a transient in the first frames, which the global-motion model
+    turned into a height dip of some 4 cm at frame 0 (a demo model: a 2.3 cm root jump between frames 0 and 1)."""
+    pad = pad or {}
+    return {part: edge_padded(vq[part].decode if kind == "index" else vq[part].decoder, value, pad.get(part, 0))
+            for part, (kind, value) in codes.items()}
 
 
 def decoded_to_motion(vq, decoded, start_xz, leak=0.0, edge_pad=0, start_y=None):
@@ -324,7 +323,7 @@ def generate(model, vq, sequences, args, paper_protocol=False, batch_size=64, pr
     poses (n,165), expressions (n,100), trans (n,3), contacts (n,4).
 
     Sequences go in groups of `batch_size`, longest first. The audio/text conditioning of all of a group's windows is
-    queued first, in large batches (condition_chunks: it does not depend on the generated motion, and the audio
+    queued first, in large batches (ConditionChunks: it does not depend on the generated motion, and the audio
     encoders are most of the model's work; on GPUs it runs beside the window chain). Each group then runs its
     windows one after another at a fixed batch size
     (a sequence that has finished runs along, its steps unused), so the per-window step needs no host
@@ -361,7 +360,7 @@ def generate(model, vq, sequences, args, paper_protocol=False, batch_size=64, pr
         n_windows = [plans[i].n_windows for i in ids]
         # every window's conditioning, in chunks of window steps, queued ahead of the chain (on GPUs on a side
         # stream, so that the audio encoders run while the window steps do)
-        chunks = condition_chunks(model, [sequences[i] for i in ids], [plans[i] for i in ids], window, device, amp)
+        chunks = ConditionChunks(model, [sequences[i] for i in ids], [plans[i] for i in ids], window, device, amp)
         seed, start = torch.stack([seeds[i] for i in ids]), torch.stack([starts[i] for i in ids])
         inputs = chunks.step_inputs(0)
         keys = _to_device([sequences[i].sample_key for i in ids], device, torch.int64) * 1000003
@@ -418,10 +417,9 @@ def encode_batch(device, amp):
 
 
 def _to_device(values, device, dtype):
-    """A list of numbers as a tensor on `device`, copied without making the host wait for the GPU (a plain
-    torch.tensor(..., device='cuda') from a list waits for all queued work first)."""
-    t = torch.tensor(values, dtype=dtype)
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+    """A list of numbers as a tensor on `device` (_upload: torch.tensor(..., device='cuda') from a list waits for all
+    queued work first)."""
+    return _upload(torch.tensor(values, dtype=dtype), device)
 
 
 def _upload(t, device):
@@ -431,7 +429,7 @@ def _upload(t, device):
     return t.to(device)
 
 
-class condition_chunks:
+class ConditionChunks:
     """MambaTalk.generation_condition of every window of a group of sequences (longest first), computed in chunks of
     window steps of about encode_batch() windows each (one encoder call). On GPUs the chunks are queued at once on a
     side stream (OVERLAP_CONDITION) and the window steps wait only for the chunk they read: the audio encoders'
