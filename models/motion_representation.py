@@ -19,6 +19,23 @@ STAGE1_FILES = dict(face="face.bin", upper="upper.bin", hands="hands.bin", lower
 # ----------------------------------------------------------------------------------------------------------------
 # Per-frame conv encoder / decoder and the quantiser (§4.2.1)
 
+def run_layers(layers, x, keep=None):
+    """x (B, C, T) through a Sequential of stride-1 Conv1d / LeakyReLU / ResBlock layers. keep (B, 1, T): 1 on the
+    frames of each row's sequence, 0 past its end; every convolution's output is zeroed past the end, so each row
+    sees zeros there as if it had been run alone at its own length (sequences of different lengths in one batch)."""
+    if keep is None:
+        return layers(x)
+    x = x * keep
+    for layer in layers:
+        if isinstance(layer, ResBlock):
+            x = x + run_layers(layer.model, x, keep)
+        else:
+            x = layer(x)
+            if isinstance(layer, nn.Conv1d):
+                x = x * keep
+    return x
+
+
 class VQEncoderV5(nn.Module):
     """n x [Conv1d(k3), LeakyReLU(0.2), ResBlock]; no temporal down-sampling (one latent per frame)."""
 
@@ -31,8 +48,13 @@ class VQEncoderV5(nn.Module):
         self.main = nn.Sequential(*layers)
         self.main.apply(init_weight)
 
-    def forward(self, x):
-        return self.main(x.permute(0, 2, 1)).permute(0, 2, 1)
+    def forward(self, x, keep=None):
+        """keep (B, T, 1): see run_layers."""
+        return run_layers(self.main, x.permute(0, 2, 1), _channels_first(keep)).permute(0, 2, 1)
+
+
+def _channels_first(keep):
+    return None if keep is None else keep.permute(0, 2, 1)
 
 
 # The published code defines V6 separately, with the same layers; MambaTalk's motion encoder uses that name.
@@ -52,8 +74,9 @@ class VQDecoderV5(nn.Module):
         self.main = nn.Sequential(*layers)
         self.main.apply(init_weight)
 
-    def forward(self, x):
-        return self.main(x.permute(0, 2, 1)).permute(0, 2, 1)
+    def forward(self, x, keep=None):
+        """keep (B, T, 1): see run_layers."""
+        return run_layers(self.main, x.permute(0, 2, 1), _channels_first(keep)).permute(0, 2, 1)
 
 
 class VQDecoderV3(nn.Module):
@@ -126,8 +149,8 @@ class VQVAEConvZero(nn.Module):
         """Code vectors of the nearest codes (no straight-through path): MambaTalk's regression targets."""
         return self.quantizer.get_codebook_entry(self.map2index(x))
 
-    def decode(self, indices):
-        return self.decoder(self.quantizer.get_codebook_entry(indices))
+    def decode(self, indices, keep=None):
+        return self.decoder(self.quantizer.get_codebook_entry(indices), keep)
 
 
 class VAEConvZero(nn.Module):
@@ -138,8 +161,8 @@ class VAEConvZero(nn.Module):
         self.encoder = VQEncoderV5(args.vae_test_dim, args.vae_length, args.vae_layer)
         self.decoder = VQDecoderV5(args.vae_length, args.vae_test_dim, args.vae_layer)
 
-    def forward(self, x):
-        return dict(rec_pose=self.decoder(self.encoder(x)))
+    def forward(self, x, keep=None):
+        return dict(rec_pose=self.decoder(self.encoder(x, keep), keep))
 
 
 # Input widths of the five stage-1 models (§4.2.2): face = jaw 6D + 100 expressions, upper = 13 joints x 6D,

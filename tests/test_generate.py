@@ -74,8 +74,11 @@ def test_batched_generation_equals_one_by_one(setup):
     alone = [generate(model, vq, [s], args)[0] for s in seqs]
     for a, b, s in zip(together, alone, seqs):
         assert a["poses"].shape == (s.n_frames, 165) and a["expressions"].shape == (s.n_frames, 100)
-        assert torch.allclose(a["poses"], b["poses"], atol=1e-5)
+        # the final decoding runs the sequences as one padded batch: float rounding of the batched convolutions
+        # (2e-5 rad at most in the pose seen, after the 6D -> axis-angle conversion; expressions 1e-7)
+        assert torch.allclose(a["poses"], b["poses"], atol=1e-4)
         assert torch.allclose(a["trans"], b["trans"], atol=1e-5)
+        assert torch.allclose(a["expressions"], b["expressions"], atol=1e-5)
 
 
 def test_full_test_run_writes_results(setup):
@@ -231,7 +234,7 @@ def test_sampled_generation_is_seeded_per_sequence(setup):
     sampled = load_config(ROOT / "configs/demo/mambatalk.yaml", {**vars_subset(args), "code_temperature": 1.0})
     together = generate(model, vq, seqs, sampled)
     alone = generate(model, vq, seqs[1:], sampled)[0]
-    assert torch.allclose(together[1]["poses"], alone["poses"], atol=1e-5)
+    assert torch.allclose(together[1]["poses"], alone["poses"], atol=1e-4)  # rounding of the batched decoding
     seqs[1].sample_key = 99
     other = generate(model, vq, seqs[1:], sampled)[0]
     assert not torch.allclose(other["poses"], alone["poses"], atol=1e-3)
@@ -261,3 +264,34 @@ def test_edge_padded_decoding_has_no_edge_transient():
     plain = decode_codes(vq, {"lower": ("index", varied)})["lower"]
     padded = decode_codes(vq, {"lower": ("index", varied)}, pad={"lower": 16})["lower"]
     assert torch.allclose(padded[:, 20:40], plain[:, 20:40], atol=1e-5)
+
+
+@pytest.mark.parametrize("edge_pad, leak", [(0, 0.0), (16, 0.01)])
+def test_rows_of_different_lengths_decode_as_alone(edge_pad, leak):
+    """generate() decodes a group's sequences as one batch padded to the longest (decode_codes / decoded_to_motion
+    with lengths): each row's frames equal decoding that sequence alone at its own length, edges included, under
+    both the published root (no padding, no leak) and the demo's (edge padding, leak, standing height)."""
+    from trainers.generate import decode_codes, decoded_to_motion
+    torch.manual_seed(0)
+    args = load_config(ROOT / "configs/demo/mambatalk.yaml", SMALL)
+    vq = build_stage1_models(args)
+    lengths = [37, 64, 5]
+    codes = {p: torch.randint(0, 16, (3, 64)) for p in ("face", "upper", "hands", "lower")}
+    start_xz, start_y = torch.randn(3, 2), torch.rand(3) + 0.5
+    pad = {"lower": edge_pad}
+
+    def motion(rows, n=None, lengths_t=None):
+        merged = {p: ("index", c[rows, :n]) for p, c in codes.items()}
+        decoded = decode_codes(vq, merged, pad=pad, lengths=lengths_t)
+        return decoded_to_motion(vq, decoded, start_xz[rows], leak, edge_pad,
+                                 start_y[rows] if leak else None, lengths_t)
+
+    together = motion(slice(None), lengths_t=torch.tensor(lengths))
+    for b, n in enumerate(lengths):
+        alone = motion(slice(b, b + 1), n)
+        for t, a, tol in zip(together, alone, (1e-4, 1e-5, 1e-5, 1e-5)):  # pose: 6D -> axis-angle amplifies rounding
+            assert a.shape[1] == n
+            torch.testing.assert_close(t[b:b + 1, :n], a, atol=tol, rtol=1e-5)
+    # without the masking, the short rows would see their neighbours' codes past their ends: the check can fail
+    unmasked = decode_codes(vq, {"upper": ("index", codes["upper"])})["upper"][2, :5]
+    assert (unmasked - decode_codes(vq, {"upper": ("index", codes["upper"][2:3, :5])})["upper"][0]).abs().max() > 1e-4

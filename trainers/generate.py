@@ -41,6 +41,9 @@ LEAK_BLOCK = 256   # frames per block of the leaky integration's closed form
 # On GPUs the audio/text conditioning of a group's windows is queued on a side stream, chunk by chunk, and each window
 # step waits only for its chunk (the encoders' large convolutions overlap the chain of small window-step kernels).
 OVERLAP_CONDITION = True
+# ... and the window chain then runs on a high-priority stream: the GPU schedules its small kernels ahead of the
+# encoders' blocks waiting beside them (at the default priority the chain at batch 15 ran ~40 % slower beside them).
+CHAIN_PRIORITY = True
 NOISE_CHUNK = 32   # windows whose sampling noise is drawn at once, ahead of their steps
 GLOBAL_PAD = 16    # frames repeated at each end before the global-motion model (its receptive field is smaller)
 # MambaTalk.generation_condition's outputs that window_step reads, in its argument order
@@ -127,19 +130,29 @@ def root_leak(args, paper_protocol):
     return 1.0 / (seconds * FPS) if seconds > 0 else 0.0
 
 
-def edge_padded(fn, x, pad):
-    """fn(x) for a sequence model over dim 1 of x (B, T, ...), with x's first and last frames repeated `pad` times on
-    either side and the output cut back to T frames: convolutions see zeros past the ends otherwise."""
-    if pad == 0:
-        return fn(x)
-    ends = (x[:, :1].expand(-1, pad, *x.shape[2:]), x[:, -1:].expand(-1, pad, *x.shape[2:]))
-    return fn(torch.cat([ends[0], x, ends[1]], dim=1))[:, pad:pad + x.shape[1]]
+def edge_padded(fn, x, pad, lengths=None):
+    """fn(x, keep) for a sequence model over dim 1 of x (B, T, ...), with x's first and last frames repeated `pad`
+    times on either side and the output cut back to T frames: convolutions see zeros past the ends otherwise.
+    lengths (B,) int tensor: row b holds a sequence of lengths[b] frames (zeros or anything after): its edges are its
+    own, and fn gets keep (B, T + 2 pad, 1), 1 on each row's padded sequence (run_layers); keep is None without
+    lengths. The output past each row's length is not meaningful."""
+    if lengths is None:
+        if pad == 0:
+            return fn(x, None)
+        ends = (x[:, :1].expand(-1, pad, *x.shape[2:]), x[:, -1:].expand(-1, pad, *x.shape[2:]))
+        return fn(torch.cat([ends[0], x, ends[1]], dim=1), None)[:, pad:pad + x.shape[1]]
+    frames = torch.arange(-pad, x.shape[1] + pad, device=x.device)
+    keep = (frames[None] < lengths[:, None] + pad)[..., None].float()
+    if pad:  # frame t of row b reads x[b, clamp(t, 0, lengths[b] - 1)]: each row's own ends, repeated
+        index = torch.minimum(frames.clamp(min=0)[None], lengths[:, None] - 1)
+        x = x.gather(1, index.view(*index.shape, *[1] * (x.dim() - 2)).expand(-1, -1, *x.shape[2:]))
+    return fn(x, keep)[:, pad:pad + x.shape[1] - 2 * pad]
 
 
-def global_motion(vq, to_global, pad):
+def global_motion(vq, to_global, pad, lengths=None):
     """The global-motion model on (B, T, C), edge-padded by `pad` frames: with zero padding the root height of the
-    first frames came out some 10 cm off and then rose 4 cm per frame."""
-    return edge_padded(lambda x: vq["global_motion"](x)["rec_pose"], to_global, pad)
+    first frames came out some 10 cm off and then rose 4 cm per frame. lengths: see edge_padded."""
+    return edge_padded(lambda x, keep: vq["global_motion"](x, keep)["rec_pose"], to_global, pad, lengths)
 
 
 def choose_codes(vq, out, cls_weights, temperature=0.0, top_k=0, noise_key=None, hold=1, upper_block=0,
@@ -237,32 +250,40 @@ def sample_noise(key, shape):
     return u.float().clamp_(1e-7, 1 - 1e-7).reshape(key.shape[0], *shape)
 
 
-def decode_codes(vq, codes, pad=None):
+def decode_codes(vq, codes, pad=None, lengths=None):
     """Codes -> decoded part motion {part: (B, T, C)}. pad {part: n}: that part decoded edge-padded by n frames
     (edge_padded). For the legs, zero padding made a transient in the first frames, which the global-motion model
-    turned into a height dip of some 4 cm at frame 0 (a demo model: a 2.3 cm root jump between frames 0 and 1)."""
+    turned into a height dip of some 4 cm at frame 0 (a demo model: a 2.3 cm root jump between frames 0 and 1).
+    lengths (B,): rows of different lengths, each decoded as if alone (edge_padded)."""
     pad = pad or {}
-    return {part: edge_padded(vq[part].decode if kind == "index" else vq[part].decoder, value, pad.get(part, 0))
-            for part, (kind, value) in codes.items()}
+    return {part: edge_padded(vq[part].decode if kind == "index" else vq[part].decoder, value, pad.get(part, 0),
+                              lengths) for part, (kind, value) in codes.items()}
 
 
-def decoded_to_motion(vq, decoded, start_xz, leak=0.0, edge_pad=0, start_y=None):
+def decoded_to_motion(vq, decoded, start_xz, leak=0.0, edge_pad=0, start_y=None, lengths=None):
     """Decoded parts -> pose (B,T,165), expressions (B,T,100), translation (B,T,3), contacts (B,T,4) (§7.1 step 6).
     leak: see integrate; edge_pad: see global_motion (0, 0: as published). start_y (B,): the height the speaker
     stands at; the predicted height then only says how it varies (its mean is moved there), as a briefly trained
-    global-motion model's height was off by 11 cm (None: the predicted height as it is, published)."""
+    global-motion model's height was off by 11 cm (None: the predicted height as it is, published).
+    lengths (B,): rows of different lengths (edge_padded); each row's frames past its length are not meaningful."""
     lower = decoded["lower"]
     legs6d = orthonormalise_6d(lower[..., :54])
     pose = assemble_pose(decoded["upper"], decoded["hands"], legs6d, decoded["face"][..., :6])
     contacts = lower[..., 57:61]
     to_global = torch.cat([legs6d, torch.zeros_like(lower[..., 54:57]), contacts], dim=-1)
-    rec_global = global_motion(vq, to_global, edge_pad)
-    # x and z as one batch of rows (strided slices: see _next_seed)
+    rec_global = global_motion(vq, to_global, edge_pad, lengths)
+    # x and z as one batch of rows (strided slices: see _next_seed); the integration is causal, so frames past a
+    # row's length do not reach its own frames
     x, z = integrate(rec_global[..., 54:57:2].transpose(1, 2).flatten(0, 1), start_xz.flatten(), leak) \
         .unflatten(0, (-1, 2)).unbind(1)
     y = rec_global[..., 55]
     if start_y is not None:
-        y = y - y.mean(dim=1, keepdim=True) + start_y[:, None]
+        if lengths is None:
+            mean = y.mean(dim=1, keepdim=True)
+        else:
+            inside = torch.arange(y.shape[1], device=y.device)[None] < lengths[:, None]
+            mean = (y * inside).sum(dim=1, keepdim=True) / lengths[:, None]
+        y = y - mean + start_y[:, None]
     trans = torch.stack([x, y, z], dim=-1)
     return pose, decoded["face"][..., 6:], trans, contacts
 
@@ -331,6 +352,23 @@ def generate(model, vq, sequences, args, paper_protocol=False, batch_size=64, pr
     autocast (codes can differ from float32 where two logits are within rounding); the VQ decoders stay float32.
     """
     device = next(model.parameters()).device
+    if device.type != "cuda" or not (OVERLAP_CONDITION and CHAIN_PRIORITY):
+        return _generate(model, vq, sequences, args, paper_protocol, batch_size, progress, device)
+    caller = torch.cuda.current_stream(device)
+    if device not in _chain_streams:
+        _chain_streams[device] = torch.cuda.Stream(device, priority=-1)
+    chain = _chain_streams[device]
+    chain.wait_stream(caller)
+    with torch.cuda.stream(chain):  # everything, down to the copy of the results to the host
+        results = _generate(model, vq, sequences, args, paper_protocol, batch_size, progress, device)
+    caller.wait_stream(chain)
+    return results
+
+
+_chain_streams = {}  # device -> the high-priority stream generate() runs on (CHAIN_PRIORITY)
+
+
+def _generate(model, vq, sequences, args, paper_protocol, batch_size, progress, device):
     window, pre = args.pose_length, args.pre_frames
     cls_weights = {"face": args.cf, "upper": args.cu, "hands": args.ch, "lower": args.cl}
     amp = getattr(args, "amp", "none") == "bf16"
@@ -355,7 +393,7 @@ def generate(model, vq, sequences, args, paper_protocol=False, batch_size=64, pr
     order = sorted(range(len(sequences)), key=lambda i: -plans[i].n_windows)
     groups = [order[g:g + batch_size] for g in range(0, len(order), batch_size)]
     total_steps, done_steps = sum(plans[g[0]].n_windows for g in groups), 0
-    codes = [[] for _ in sequences]  # per sequence: list of per-window {part: codes of the kept frames}
+    results = [None] * len(sequences)
     for ids in groups:
         n_windows = [plans[i].n_windows for i in ids]
         # every window's conditioning, in chunks of window steps, queued ahead of the chain (on GPUs on a side
@@ -388,21 +426,23 @@ def generate(model, vq, sequences, args, paper_protocol=False, batch_size=64, pr
             done_steps += 1
             if progress is not None:
                 progress(done_steps, total_steps)
-        for w, part_codes in enumerate(body_codes):
-            keep = slice(0, window) if w == 0 else slice(pre, window)
-            for j, i in enumerate(ids):
-                if w < n_windows[j]:
-                    codes[i].append({p: c[j:j + 1, keep] for p, c in zip(PARTS, [face[w]] + part_codes)})
-    results = []
-    for i in range(len(sequences)):  # one sequence at a time: the decoders are convolutions over the whole sequence
-        merged = {p: (kinds[p], torch.cat([c[p] for c in codes[i]], dim=1)) for p in PARTS}
-        decoded = decode_codes(vq, merged, pad={"lower": edge_pad})  # the legs feed the root: no edge transient
-        start_xz = starts[i][None, 0:3:2]  # a slice: an index list would make the host wait for the GPU
-        start_y = starts[i][1:2] if leak > 0 else None
-        pose, exps, trans, contacts = decoded_to_motion(vq, decoded, start_xz, leak, edge_pad, start_y)
-        n = plans[i].n_out
-        results.append({"poses": pose[0, :n], "expressions": exps[0, :n], "trans": trans[0, :n],
-                        "contacts": contacts[0, :n]})
+        # the group's codes as one batch: window 0 whole, then each later window's frames after its seed; a sequence
+        # that finished early holds its own codes first (its later steps' codes follow and are cut off)
+        keep = lambda w: slice(0, window) if w == 0 else slice(pre, window)  # noqa: E731
+        merged = {p: (kinds[p], torch.cat([c[:, keep(w)] for w, c in enumerate(part_codes)], dim=1))
+                  for p, part_codes in zip(PARTS, [face] + [list(c) for c in zip(*body_codes)])}
+        # one batch of sequences of different lengths, each decoded as if alone (edge_padded): a decode per
+        # sequence issued ~500 small kernels each, and the host took longer to issue them than the GPU to run them
+        n_codes = [window + (window - pre) * (plans[i].n_windows - 1) for i in ids]
+        lengths = _to_device(n_codes, device, torch.int64)
+        decoded = decode_codes(vq, merged, pad={"lower": edge_pad}, lengths=lengths)  # legs feed the root: no transient
+        start_xz = torch.stack([starts[i][0:3:2] for i in ids])  # slices: an index list makes the host wait for the GPU
+        start_y = torch.stack([starts[i][1] for i in ids]) if leak > 0 else None
+        pose, exps, trans, contacts = decoded_to_motion(vq, decoded, start_xz, leak, edge_pad, start_y, lengths)
+        for j, i in enumerate(ids):
+            n = plans[i].n_out
+            results[i] = {"poses": pose[j, :n], "expressions": exps[j, :n], "trans": trans[j, :n],
+                          "contacts": contacts[j, :n]}
     # to the host only now, and in one copy (into pinned memory): a copy per sequence inside the loop made the host
     # wait for each sequence's decoding before queueing the next one's, and 60 small copies took 75 ms on a GPU host
     sizes = [v.numel() for r in results for v in r.values()]
