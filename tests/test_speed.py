@@ -266,24 +266,6 @@ def test_graphed_generation_on_gpu_matches_eager(monkeypatch, decoding):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_high_priority_chain_stream_on_gpu_changes_nothing(monkeypatch):
-    """CHAIN_PRIORITY: generate() on its own high-priority stream runs the same kernels on the same data as on the
-    caller's stream (the encoders' side stream then waits on it): identical results, twice in a row."""
-    args = small_args(**SAMPLED)
-    model = build(args).cuda().eval()
-    torch.manual_seed(3)
-    vq = {k: m.cuda().eval() for k, m in build_stage1_models(args).items()}
-    seqs = bench_gpu.random_sequences(args, [2.5, 5.0, 3.2])
-    monkeypatch.setattr(gen, "CHAIN_PRIORITY", False)
-    plain = gen.generate(model, vq, seqs, args)
-    monkeypatch.setattr(gen, "CHAIN_PRIORITY", True)
-    for _ in range(2):
-        for p, c in zip(plain, gen.generate(model, vq, seqs, args)):
-            for k in p:
-                assert torch.equal(c[k], p[k]), k
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_compiled_window_step_on_gpu_matches_eager():
     """`compile: true`: the window step through torch.compile, then captured; float32 results as eager."""
     args = small_args(**SAMPLED)

@@ -41,9 +41,7 @@ LEAK_BLOCK = 256   # frames per block of the leaky integration's closed form
 # On GPUs the audio/text conditioning of a group's windows is queued on a side stream, chunk by chunk, and each window
 # step waits only for its chunk (the encoders' large convolutions overlap the chain of small window-step kernels).
 OVERLAP_CONDITION = True
-# ... and the window chain then runs on a high-priority stream: the GPU schedules its small kernels ahead of the
-# encoders' blocks waiting beside them (at the default priority the chain at batch 15 ran ~40 % slower beside them).
-CHAIN_PRIORITY = True
+CHUNKS_AHEAD = 2   # chunks of conditioning queued ahead of the one the window chain reads
 NOISE_CHUNK = 32   # windows whose sampling noise is drawn at once, ahead of their steps
 GLOBAL_PAD = 16    # frames repeated at each end before the global-motion model (its receptive field is smaller)
 # MambaTalk.generation_condition's outputs that window_step reads, in its argument order
@@ -352,23 +350,6 @@ def generate(model, vq, sequences, args, paper_protocol=False, batch_size=64, pr
     autocast (codes can differ from float32 where two logits are within rounding); the VQ decoders stay float32.
     """
     device = next(model.parameters()).device
-    if device.type != "cuda" or not (OVERLAP_CONDITION and CHAIN_PRIORITY):
-        return _generate(model, vq, sequences, args, paper_protocol, batch_size, progress, device)
-    caller = torch.cuda.current_stream(device)
-    if device not in _chain_streams:
-        _chain_streams[device] = torch.cuda.Stream(device, priority=-1)
-    chain = _chain_streams[device]
-    chain.wait_stream(caller)
-    with torch.cuda.stream(chain):  # everything, down to the copy of the results to the host
-        results = _generate(model, vq, sequences, args, paper_protocol, batch_size, progress, device)
-    caller.wait_stream(chain)
-    return results
-
-
-_chain_streams = {}  # device -> the high-priority stream generate() runs on (CHAIN_PRIORITY)
-
-
-def _generate(model, vq, sequences, args, paper_protocol, batch_size, progress, device):
     window, pre = args.pose_length, args.pre_frames
     cls_weights = {"face": args.cf, "upper": args.cu, "hands": args.ch, "lower": args.cl}
     amp = getattr(args, "amp", "none") == "bf16"
@@ -471,9 +452,9 @@ def _upload(t, device):
 
 class ConditionChunks:
     """MambaTalk.generation_condition of every window of a group of sequences (longest first), computed in chunks of
-    window steps of about encode_batch() windows each (one encoder call). On GPUs the chunks are queued at once on a
-    side stream (OVERLAP_CONDITION) and the window steps wait only for the chunk they read: the audio encoders'
-    large convolutions run beside the chain of small window-step kernels.
+    window steps of about encode_batch() windows each (one encoder call), queued CHUNKS_AHEAD chunks ahead of the
+    one the window chain reads. On GPUs they are queued on a side stream (OVERLAP_CONDITION) and the window steps wait
+    only for the chunk they read: the audio encoders' large convolutions run beside the chain of small kernels.
     step_inputs(w): window step w's CONDITION tensors (B, ...); a sequence that has finished gets the first (longest)
     sequence's rows, which its unused step does not mind. face_inputs(a, b): spk_face of steps a..b-1,
     (steps * B, ...)."""
@@ -490,44 +471,55 @@ class ConditionChunks:
                      for s, p in zip(sequences, plans)]
             words = [_slice_pad(_upload(s.word, device).long(), 0, p.frame_starts[-1] + window)
                      for s, p in zip(sequences, plans)]
-        self.chunks, self.events, self.first = [], [], []
-        n, w0 = encode_batch(device, amp), 0
-        graphs = CUDA_GRAPHS and device.type == "cuda"
+        self.model, self.sequences, self.plans, self.window, self.amp = model, sequences, plans, window, amp
+        self.main, self.side, self.audio, self.words = main, side, audio, words
         # windows per chunk: a full encoder batch, the first chunk a small one (the chain starts when it is done)
-        size, first_size = max(1, n // len(sequences)), max(1, 8 // len(sequences))
-        while w0 < n_windows[0]:
-            w1 = min(n_windows[0], w0 + (first_size if w0 == 0 else size))
-            items = [(j, w) for w in range(w0, w1) for j in range(len(sequences)) if w < n_windows[j]]
-            # row of step w, sequence j within this chunk's items (a finished sequence: sequence 0's)
-            pos = {item: k for k, item in enumerate(items)}
-            rows = [pos.get((j, w), pos[0, w]) for w in range(w0, w1) for j in range(len(sequences))]
-            with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-                parts = []
-                for k in range(0, len(items), n):
-                    batch = items[k:k + n]
-                    if graphs:  # padded to a power of two (a graph per size), with copies of the last window
-                        batch = batch + batch[-1:] * (min(n, 1 << (len(batch) - 1).bit_length()) - len(batch))
-                    a = torch.stack([audio[j][plans[j].audio_starts[w]:plans[j].audio_starts[w] + plans[j].audio_len]
-                                     for j, w in batch])
-                    t = torch.stack([words[j][plans[j].frame_starts[w]:plans[j].frame_starts[w] + window]
-                                     for j, w in batch])
-                    spk = _to_device([sequences[j].speaker for j, _ in batch], device, torch.int64)
-                    parts.append(_encoder(model, window, amp, (a, t, spk))(a, t, spk))
-                index = _to_device(rows, device, torch.int64)
-                chunk = {name: torch.cat([c[i] for c in parts])[index].unflatten(0, (w1 - w0, len(sequences)))
-                         for i, name in enumerate(ENCODED)}
-                if side is not None:
-                    for v in chunk.values():
-                        v.record_stream(main)  # read there, freed here
-                    self.events.append(torch.cuda.Event())
-                    self.events[-1].record(side)
-            self.chunks.append(chunk)
-            self.first.append(w0)
-            w0 = w1
-        self.waited = 0
+        size, first_size = max(1, encode_batch(device, amp) // len(sequences)), max(1, 8 // len(sequences))
+        self.first = [0] + list(range(first_size, n_windows[0], size))
+        self.chunks, self.events, self.waited = [], [], 0
+        self._queue_until(0)
+
+    def _queue_until(self, c):
+        """Queue the chunks up to c + CHUNKS_AHEAD. Queued as the chain reaches them rather than all at once: queueing
+        all of the test set's took the host 35 ms, and the chain could not start before."""
+        while len(self.chunks) <= min(c + CHUNKS_AHEAD, len(self.first) - 1):
+            self.chunks.append(self._queue(len(self.chunks)))
+
+    def _queue(self, c):
+        seqs, plans, window, side = self.sequences, self.plans, self.window, self.side
+        n_windows = [p.n_windows for p in plans]
+        w0 = self.first[c]
+        w1 = self.first[c + 1] if c + 1 < len(self.first) else n_windows[0]
+        n, graphs = encode_batch(self.device, self.amp), CUDA_GRAPHS and self.device.type == "cuda"
+        items = [(j, w) for w in range(w0, w1) for j in range(len(seqs)) if w < n_windows[j]]
+        # row of step w, sequence j within this chunk's items (a finished sequence: sequence 0's)
+        pos = {item: k for k, item in enumerate(items)}
+        rows = [pos.get((j, w), pos[0, w]) for w in range(w0, w1) for j in range(len(seqs))]
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            parts = []
+            for k in range(0, len(items), n):
+                batch = items[k:k + n]
+                if graphs:  # padded to a power of two (a graph per size), with copies of the last window
+                    batch = batch + batch[-1:] * (min(n, 1 << (len(batch) - 1).bit_length()) - len(batch))
+                a = torch.stack([self.audio[j][plans[j].audio_starts[w]:plans[j].audio_starts[w] + plans[j].audio_len]
+                                 for j, w in batch])
+                t = torch.stack([self.words[j][plans[j].frame_starts[w]:plans[j].frame_starts[w] + window]
+                                 for j, w in batch])
+                spk = _to_device([seqs[j].speaker for j, _ in batch], self.device, torch.int64)
+                parts.append(_encoder(self.model, window, self.amp, (a, t, spk))(a, t, spk))
+            index = _to_device(rows, self.device, torch.int64)
+            chunk = {name: torch.cat([p[i] for p in parts])[index].unflatten(0, (w1 - w0, len(seqs)))
+                     for i, name in enumerate(ENCODED)}
+            if side is not None:
+                for v in chunk.values():
+                    v.record_stream(self.main)  # read there, freed here
+                self.events.append(torch.cuda.Event())
+                self.events[-1].record(side)
+        return chunk
 
     def _chunk(self, w):
         c = bisect.bisect_right(self.first, w) - 1
+        self._queue_until(c)
         while self.waited <= c and self.events:  # the main stream waits for the chunks it reads, once each
             torch.cuda.current_stream(self.device).wait_event(self.events[self.waited])
             self.waited += 1
