@@ -412,18 +412,22 @@ def generate(model, vq, sequences, args, paper_protocol=False, batch_size=64, pr
         keep = lambda w: slice(0, window) if w == 0 else slice(pre, window)  # noqa: E731
         merged = {p: (kinds[p], torch.cat([c[:, keep(w)] for w, c in enumerate(part_codes)], dim=1))
                   for p, part_codes in zip(PARTS, [face] + [list(c) for c in zip(*body_codes)])}
-        # one batch of sequences of different lengths, each decoded as if alone (edge_padded): a decode per
-        # sequence issued ~500 small kernels each, and the host took longer to issue them than the GPU to run them
         n_codes = [window + (window - pre) * (plans[i].n_windows - 1) for i in ids]
-        lengths = _to_device(n_codes, device, torch.int64)
-        decoded = decode_codes(vq, merged, pad={"lower": edge_pad}, lengths=lengths)  # legs feed the root: no transient
         start_xz = torch.stack([starts[i][0:3:2] for i in ids])  # slices: an index list makes the host wait for the GPU
         start_y = torch.stack([starts[i][1] for i in ids]) if leak > 0 else None
-        pose, exps, trans, contacts = decoded_to_motion(vq, decoded, start_xz, leak, edge_pad, start_y, lengths)
-        for j, i in enumerate(ids):
-            n = plans[i].n_out
-            results[i] = {"poses": pose[j, :n], "expressions": exps[j, :n], "trans": trans[j, :n],
-                          "contacts": contacts[j, :n]}
+        # on GPUs the group is one batch of sequences of different lengths, each decoded as if alone (edge_padded): a
+        # decode per sequence issued ~500 small kernels, and the host took longer to issue them than the GPU to run
+        # them. On CPUs, where launches cost nothing, one sequence at a time (batched convolutions round differently)
+        rows = [slice(None)] if device.type == "cuda" else [slice(j, j + 1) for j in range(len(ids))]
+        for r in rows:
+            lengths = _to_device(n_codes[r], device, torch.int64) if device.type == "cuda" else None
+            part_codes = {p: (kind, v[r, :max(n_codes[r])]) for p, (kind, v) in merged.items()}
+            decoded = decode_codes(vq, part_codes, pad={"lower": edge_pad}, lengths=lengths)  # legs feed the root
+            motion = decoded_to_motion(vq, decoded, start_xz[r], leak, edge_pad,
+                                       None if start_y is None else start_y[r], lengths)
+            for j, i in list(enumerate(ids))[r]:
+                results[i] = dict(zip(("poses", "expressions", "trans", "contacts"),
+                                      (m[j - (r.start or 0), :plans[i].n_out] for m in motion)))
     # to the host only now, and in one copy (into pinned memory): a copy per sequence inside the loop made the host
     # wait for each sequence's decoding before queueing the next one's, and 60 small copies took 75 ms on a GPU host
     sizes = [v.numel() for r in results for v in r.values()]
@@ -461,7 +465,7 @@ class ConditionChunks:
 
     def __init__(self, model, sequences, plans, window, device, amp=False):
         n_windows = [p.n_windows for p in plans]
-        self.batch, self.device = len(sequences), device
+        self.device = device
         main = torch.cuda.current_stream(device) if device.type == "cuda" else None
         side = torch.cuda.Stream(device) if device.type == "cuda" and OVERLAP_CONDITION else None
         if side is not None:
