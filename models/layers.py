@@ -82,12 +82,13 @@ def _conv2d(conv, x):
 
 
 def _bn2d(bn, x):
-    """A BatchNorm1d applied to (B, C, 1, L), with its running-statistics bookkeeping (nn.BatchNorm1d refuses 4-D)."""
+    """A BatchNorm1d applied to (B, C, 1, L), with its running-statistics bookkeeping (nn.BatchNorm1d refuses 4-D).
+    With a momentum, the batch counter is not advanced here: WavEncoder advances all of its counters with one
+    multi-tensor add (one GPU launch instead of one per layer)."""
     factor = 0.0 if bn.momentum is None else bn.momentum
-    if bn.training and bn.track_running_stats:
+    if bn.training and bn.track_running_stats and bn.momentum is None:
         bn.num_batches_tracked.add_(1)
-        if bn.momentum is None:
-            factor = 1.0 / float(bn.num_batches_tracked)
+        factor = 1.0 / float(bn.num_batches_tracked)
     use_batch = bn.training or bn.running_mean is None
     return F.batch_norm(x, bn.running_mean if not bn.training or bn.track_running_stats else None,
                         bn.running_var if not bn.training or bn.track_running_stats else None,
@@ -147,6 +148,10 @@ class WavEncoder(nn.Module):
         feats = torch.cat([self.multi_scale[0](fine), self.multi_scale[1](mid), coarse], dim=1)
         if nhwc:
             feats = feats.squeeze(2)                  # channel stride 1: the transpose below is contiguous
+            counters = [m.num_batches_tracked for m in self.modules() if isinstance(m, nn.BatchNorm1d)
+                        and m.training and m.track_running_stats and m.momentum is not None]
+            if counters:  # the batch counters _bn2d left to us
+                torch._foreach_add_(counters, 1)
         return self.out(feats.transpose(1, 2))
 
 
@@ -171,3 +176,46 @@ class PeriodicPositionalEncoding(nn.Module):
             raise ValueError(f"sequence of {x.shape[1]} frames is longer than the positional table "
                              f"({self.pe.shape[1]})")
         return self.dropout(x + self.pe[:, : x.shape[1]])
+
+
+class PackedAttention(nn.MultiheadAttention):
+    """nn.MultiheadAttention with the same parameters (so the same checkpoint keys) and, for GPU training, its forward
+    written out for the batch-first, unmasked case this model uses.
+
+    Why: F.multi_head_attention_forward picks q, k and v out of the packed projection by indexing, and the backward
+    of each index writes a zero-filled gradient of the whole projection, then adds them up: 8 kernels over three
+    full-size tensors per attention, where one `unbind` (backward: one stack) does. Same maths: one packed
+    projection, scaled-dot-product attention with dropout on the weights, the output projection.
+
+    `packed`: None uses it for training on GPUs only (CPU training and all inference keep PyTorch's code, so their
+    numbers stay those of earlier runs); True/False: always/never (tests compare the two)."""
+
+    packed = None
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        use = self.packed if self.packed is not None else (self.training and query.is_cuda)
+        if not (use and self.batch_first and key is value and key_padding_mask is None and attn_mask is None
+                and not need_weights and not is_causal and self._qkv_same_embed_dim and self.in_proj_bias is not None
+                and self.bias_k is None and not self.add_zero_attn and query.dim() == 3):
+            return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
+                                   attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal)
+        B, T, E = query.shape
+        h = self.num_heads
+        w, b = self.in_proj_weight, self.in_proj_bias
+        if query is key:
+            q, k, v = F.linear(query, w, b).unflatten(-1, (3, h, E // h)).unbind(2)
+        else:
+            q = F.linear(query, w[:E], b[:E]).unflatten(-1, (h, E // h))
+            k, v = F.linear(key, w[E:], b[E:]).unflatten(-1, (2, h, E // h)).unbind(2)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             dropout_p=self.dropout if self.training else 0.0)
+        return self.out_proj(out.transpose(1, 2).reshape(B, T, E)), None
+
+
+def use_packed_attention(module):
+    """Every nn.MultiheadAttention inside `module` becomes a PackedAttention (same parameters, in place)."""
+    for m in module.modules():
+        if type(m) is nn.MultiheadAttention:
+            m.__class__ = PackedAttention
+    return module

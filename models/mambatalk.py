@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from models import ssm
-from models.layers import MLP, PeriodicPositionalEncoding, WavEncoder
+from models.layers import MLP, PeriodicPositionalEncoding, WavEncoder, use_packed_attention
 from models.motion_representation import VQEncoderV6
 
 NUM_SPEAKERS = 25  # BEAT2 English speakers after the id remapping of dataloaders (spec §2)
@@ -191,6 +191,7 @@ class MambaTalk(nn.Module):
         self.local_scan = LocalScan(args)
         self.speaker_encoder_face = nn.Embedding(NUM_SPEAKERS, H)
         self.speaker_encoder_body = nn.Embedding(NUM_SPEAKERS, H)
+        use_packed_attention(self)  # GPU training: fewer kernels per attention (models.layers.PackedAttention)
 
     @staticmethod
     def fuse(text, audio, gate):
@@ -266,18 +267,29 @@ class MambaTalk(nn.Module):
 
     @torch.no_grad()
     def _bn_stats(self):
-        return [(m.running_mean.clone(), m.running_var.clone()) for m in self._audio_batchnorms()]
+        stats = [t for m in self._audio_batchnorms() for t in (m.running_mean, m.running_var)]
+        saved = [torch.empty_like(t) for t in stats]
+        torch._foreach_copy_(saved, stats)  # one multi-tensor copy instead of a clone per tensor (launch-bound GPUs)
+        return saved
 
     @torch.no_grad()
     def _repeat_bn_update(self, saved, passes):
-        """After one update r1 = (1-m) r0 + m x, set r = (1-m)^k r0 + (1-(1-m)^k) x: k updates with the same x."""
-        for m, (mean0, var0) in zip(self._audio_batchnorms(), saved):
-            keep = 1.0 - m.momentum
-            c1 = (1.0 - keep ** passes) / m.momentum  # weight of r1; r0 gets keep^k - c1 * keep
+        """After one update r1 = (1-m) r0 + m x, set r = (1-m)^k r0 + (1-(1-m)^k) x: k updates with the same x.
+        Multi-tensor ops per momentum value (the same arithmetic as per-tensor ops; ~300 fewer GPU launches)."""
+        bns = self._audio_batchnorms()
+        groups = {}
+        for m, r0_mean, r0_var in zip(bns, saved[0::2], saved[1::2]):
+            # .data: batch_norm saved these for backward (unused in training)
+            runs, r0s = groups.setdefault(m.momentum, ([], []))
+            runs += [m.running_mean.data, m.running_var.data]
+            r0s += [r0_mean, r0_var]
+        for momentum, (runs, r0s) in groups.items():
+            keep = 1.0 - momentum
+            c1 = (1.0 - keep ** passes) / momentum  # weight of r1; r0 gets keep^k - c1 * keep
             c0 = keep ** passes - c1 * keep
-            for r, r0 in ((m.running_mean, mean0), (m.running_var, var0)):
-                r.data.mul_(c1).add_(r0, alpha=c0)  # .data: batch_norm saved these for backward (unused in training)
-            m.num_batches_tracked.add_(passes - 1)
+            torch._foreach_mul_(runs, c1)
+            torch._foreach_add_(runs, r0s, alpha=c0)
+        torch._foreach_add_([m.num_batches_tracked for m in bns], passes - 1)
 
     def forward(self, in_audio, in_word, mask, in_motion, in_id, condition=None, **kwargs):
         """in_audio (B,L,3), in_word (B,T) long, mask and in_motion (B,T,pose_dims+7), in_id (B,T,1) long.

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models import conv_triton
 from models.scan import BACKENDS, resolve_backend, selective_scan
 
 _backend = "auto"
@@ -27,6 +28,16 @@ def set_ssm_backend(name):
 
 def get_ssm_backend():
     return _backend
+
+
+# Training on GPUs (the torch backend, autograd on): the causal conv + SiLU as models/conv_triton.py's kernels.
+TRITON_CONV = True
+
+
+def _triton_conv(x, backend):
+    """Same rule as the scan's Triton kernels (models.scan.resolve_backend): training on a GPU with Triton; generation
+    and CPUs keep PyTorch's convolution (their numbers stay those of earlier runs)."""
+    return TRITON_CONV and backend == "torch" and x.is_cuda and torch.is_grad_enabled() and conv_triton.available()
 
 
 @functools.lru_cache(maxsize=None)
@@ -84,7 +95,11 @@ class Mamba(nn.Module):
                          self.dt_proj.weight, self.out_proj.weight, self.out_proj.bias, A, None, None,
                          self.D.float(), delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
         x, z = xz.chunk(2, dim=1)
-        x = F.silu(self.conv1d(x)[..., :L])  # causal: keep the first L outputs of the padded conv
+        if _triton_conv(x, backend):  # (b, l, E) in and out: the x-projection reads it, the scan its transpose
+            x = conv_triton.causal_conv1d_silu(x.transpose(1, 2), self.conv1d.weight[:, 0], self.conv1d.bias)
+            x = x.transpose(1, 2)
+        else:
+            x = F.silu(self.conv1d(x)[..., :L])  # causal: keep the first L outputs of the padded conv
         dt, B, C = torch.split(self.x_proj(x.transpose(1, 2)), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.linear(dt, self.dt_proj.weight)  # the bias is added inside the scan, before softplus
         y = selective_scan(x, dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(),

@@ -32,6 +32,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from utils.checkpoint import (TRAINING_STATE_KEYS, CheckpointMismatchError, check_state_dict, load_training_state,
                               load_weights, save_training_state, save_weights)
+from utils.amp_weights import autocast_weights, call_with_cast_weights
 from utils.config import save_config
 from utils.log import setup_logging
 
@@ -450,15 +451,19 @@ class Trainer:
 
     # ---- the loop -------------------------------------------------------------------------------------------------
     def train_step(self, batch):
+        self.check_previous_loss()
         batch = to_device(batch, self.device)
         losses = self.compute_losses(self.model, batch, self.epoch)
         total = sum(losses.values())
-        if not torch.isfinite(total):  # the step's one host sync; nothing has been updated yet
-            where = f"epoch {self.epoch}, step {self.global_step + 1}"
-            check_finite(batch, where)
-            bad = [k for k, v in losses.items() if not torch.isfinite(v)]
-            raise FloatingPointError(f"{where}: non-finite loss {bad}; the inputs were finite, so lower lr_base "
-                                     "or check the stage-1 models")
+        where = f"epoch {self.epoch}, step {self.global_step + 1}"
+        if self.device.type == "cuda":
+            # Checked at the start of the next step (or at the next log line): a host sync here would leave the GPU
+            # idle while the backward pass is launched (~4 ms of a ~130-ms eager bf16 step on an H200). A non-finite
+            # loss gives non-finite gradients, whose update apply_gradients skips on the device, so the weights are
+            # untouched when the error is raised.
+            self._unchecked_loss = (total.detach(), losses, batch, where)
+        else:
+            self._raise_if_not_finite(total, losses, batch, where)  # nothing has been updated yet
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
         if self.scaler.is_enabled():  # fp16: the scaler skips steps with non-finite gradients itself
@@ -470,6 +475,20 @@ class Trainer:
         else:
             self.apply_gradients()
         return {k: v.detach() for k, v in losses.items()} | {"total": total.detach()}
+
+    @staticmethod
+    def _raise_if_not_finite(total, losses, batch, where):
+        if not torch.isfinite(total):  # a host sync
+            check_finite(batch, where)
+            bad = [k for k, v in losses.items() if not torch.isfinite(v)]
+            raise FloatingPointError(f"{where}: non-finite loss {bad}; the inputs were finite, so lower lr_base "
+                                     "or check the stage-1 models")
+
+    def check_previous_loss(self):
+        """Raise for the last step's loss if it was not finite and has not been checked yet (GPU training)."""
+        pending, self._unchecked_loss = getattr(self, "_unchecked_loss", None), None
+        if pending is not None:
+            self._raise_if_not_finite(*pending)
 
     def apply_gradients(self):
         """Clip (`grad_norm` > 0) and update, skipping the update when the gradients are not finite although the loss
@@ -514,6 +533,29 @@ class Trainer:
         model, log-softmax) on float32 outputs outside it, where bf16 rounding would give NaN or bias."""
         return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
 
+    # Under bf16/fp16 autocast the eager training model runs on low-precision weight copies made for all weights at
+    # once (utils.amp_weights: the same numbers, ~700 fewer kernel launches per MambaTalk step). None: on GPUs, where
+    # the eager step is launch-bound (on a CPU the copies cost more host time than the launches they save);
+    # True/False: always/never.
+    cast_weights_once = None
+
+    def call_model(self, model, *args, **kwargs):
+        """model(*args, **kwargs); call it under self.autocast(). When `model` is the plain (not DDP-wrapped, not
+        compiled) training model under autocast with gradients on, through utils.amp_weights.call_with_cast_weights
+        (DDP's gradient hooks and torch.compile's graphs expect the parameters themselves)."""
+        once = self.cast_weights_once
+        if once is None:
+            once = self.device.type == "cuda"
+        if not (once and self.autocast_dtype is not None and torch.is_grad_enabled()
+                and model is self.raw_model and self.model is self.raw_model):
+            return model(*args, **kwargs)
+        weights = getattr(self, "_cast_weights", None)
+        if weights is None or weights[0] is not model:
+            weights = self._cast_weights = (model, autocast_weights(model))
+        if not weights[1]:
+            return model(*args, **kwargs)
+        return call_with_cast_weights(model, self.autocast_dtype, weights[1], *args, **kwargs)
+
     def _done(self):
         return self.epoch >= self.args.epochs or (self.args.max_steps and self.global_step >= self.args.max_steps)
 
@@ -541,6 +583,7 @@ class Trainer:
             self.global_step += 1
             self.batch_in_epoch += 1
             if self.global_step % args.log_period == 0 or self.batch_in_epoch == n_batches:
+                self.check_previous_loss()
                 n = window["n"]
                 self.check_skipped_steps(n)
                 window["sums"] = {k: float(v) for k, v in window["sums"].items()}
@@ -559,6 +602,7 @@ class Trainer:
                 break
             t_data = time.perf_counter()
         bar.close()
+        self.check_previous_loss()  # where max_steps stopped between log lines
         if count:
             fps = args.batch_size * args.pose_length * count / max(time.perf_counter() - t_epoch, 1e-9)
             summary = " ".join(f"{k} {float(v) / count:.4f}" for k, v in sums.items())

@@ -181,7 +181,8 @@ class MambaTalkTrainer(Trainer):
     def forward(self, model, t, mask):
         """One call of the generator under the configured autocast (losses take .float() of its outputs)."""
         with self.autocast():
-            return model(in_audio=t["audio"], in_word=t["word"], mask=mask, in_motion=t["motion"], in_id=t["id"])
+            return self.call_model(model, in_audio=t["audio"], in_word=t["word"], mask=mask, in_motion=t["motion"],
+                                   in_id=t["id"])
 
     def seeded_mask(self, motion):
         mask = torch.ones_like(motion)

@@ -99,7 +99,7 @@ class Stage1Trainer(Trainer):
     def run(self, model, x):
         """The network under the configured autocast; its outputs, and all the loss math after it, in float32."""
         with self.autocast():
-            out = model(x)
+            out = self.call_model(model, x)
         return {k: v.float() for k, v in out.items()}
 
     def model_input(self, batch):

@@ -1,0 +1,153 @@
+"""Mamba's causal depthwise convolution and SiLU, as two Triton kernels (forward, backward) for training on GPUs.
+
+Reference (models/ssm.py, Mamba.forward): y = silu(conv1d(x)[..., :L]), a depthwise Conv1d of kernel K with K-1
+zeros of padding in front, on x (b, E, l). Here x comes in the in-projection's own layout, (b, l, E) with any strides,
+and y goes out as a contiguous (b, l, E) tensor in x's dtype, which is what the x-projection reads; the scan reads its
+transpose without a copy.
+
+Why kernels: in PyTorch this is a layout copy, cuDNN's/ATen's depthwise kernel (slow for 4 taps: ~0.2 ms per layer
+at batch 192 x 64 frames x 1536 channels on an H200), a slice, SiLU, and in the backward the same again with a
+zero-filled slice gradient: ~10 launches and ~0.55 ms per Mamba layer. One program here owns a (time x channel) tile;
+the backward recomputes the pre-activation instead of storing it. The sums are float32; the result is rounded once to
+x's dtype (the PyTorch path under bf16 autocast also rounds the convolution's output and its weights to bf16 before
+SiLU, so the two differ by bf16 rounding: tests/test_ssm.py states the bound). Weight and bias gradients are written
+as per-program partial sums and added up in PyTorch, so results are deterministic.
+"""
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+BLOCK_L, BLOCK_E = 64, 64
+
+
+def available():
+    return triton is not None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, L, E, sx_b, sx_l, sx_e,
+                    K: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_E: tl.constexpr):
+        pb = tl.program_id(0).to(tl.int64)
+        t = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
+        e = tl.program_id(2) * BLOCK_E + tl.arange(0, BLOCK_E)
+        me = e < E
+        s = tl.zeros((BLOCK_L, BLOCK_E), dtype=tl.float32) + tl.load(b_ptr + e, mask=me, other=0.0)[None, :]
+        for k in tl.static_range(K):
+            ts = t - (K - 1) + k
+            m = ((ts >= 0) & (ts < L))[:, None] & me[None, :]
+            xv = tl.load(x_ptr + pb * sx_b + ts[:, None] * sx_l + e[None, :] * sx_e, mask=m, other=0.0)
+            s += xv.to(tl.float32) * tl.load(w_ptr + e * K + k, mask=me, other=0.0)[None, :]
+        y = s * tl.sigmoid(s)
+        out = (t < L)[:, None] & me[None, :]
+        tl.store(y_ptr + pb * L * E + t[:, None] * E + e[None, :], y.to(y_ptr.dtype.element_ty), mask=out)
+
+    @triton.jit
+    def _preact(x_ptr, w_ptr, bias, pb, tau, e, me, L, sx_b, sx_l, sx_e, K: tl.constexpr):
+        """The convolution's output (before SiLU) at times tau (BLOCK_L,), channels e (BLOCK_E,)."""
+        s = bias[None, :] + tl.zeros((tau.shape[0], e.shape[0]), dtype=tl.float32)
+        for k in tl.static_range(K):
+            ts = tau - (K - 1) + k
+            m = ((ts >= 0) & (ts < L))[:, None] & me[None, :]
+            xv = tl.load(x_ptr + pb * sx_b + ts[:, None] * sx_l + e[None, :] * sx_e, mask=m, other=0.0)
+            s += xv.to(tl.float32) * tl.load(w_ptr + e * K + k, mask=me, other=0.0)[None, :]
+        return s
+
+    @triton.jit
+    def _bwd_kernel(x_ptr, w_ptr, b_ptr, gy_ptr, gx_ptr, gw_ptr, gb_ptr, L, E, sx_b, sx_l, sx_e,
+                    K: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_E: tl.constexpr):
+        # gy, gx: (b, l, E) contiguous; gw: (programs over b and l, E, K) and gb: (programs over b and l, E) partials
+        pb = tl.program_id(0).to(tl.int64)
+        pl = tl.program_id(1)
+        t = pl * BLOCK_L + tl.arange(0, BLOCK_L)
+        e = tl.program_id(2) * BLOCK_E + tl.arange(0, BLOCK_E)
+        me = e < E
+        bias = tl.load(b_ptr + e, mask=me, other=0.0)
+        part = pb * tl.num_programs(1) + pl
+        gx = tl.zeros((BLOCK_L, BLOCK_E), dtype=tl.float32)
+        # x_t feeds the outputs at times t + j (j = 0..K-1) through tap K-1-j; dL/ds there is gy * silu'(s)
+        for j in tl.static_range(K):
+            tau = t + j
+            s = _preact(x_ptr, w_ptr, bias, pb, tau, e, me, L, sx_b, sx_l, sx_e, K)
+            m = (tau < L)[:, None] & me[None, :]
+            gy = tl.load(gy_ptr + pb * L * E + tau[:, None] * E + e[None, :], mask=m, other=0.0).to(tl.float32)
+            sig = tl.sigmoid(s)
+            gs = gy * sig * (1.0 + s * (1.0 - sig))
+            gx += gs * tl.load(w_ptr + e * K + (K - 1 - j), mask=me, other=0.0)[None, :]
+            if j == 0:  # the weight and bias gradients of this tile's own outputs
+                tl.store(gb_ptr + part * E + e, tl.sum(gs, axis=0), mask=me)
+                for k in tl.static_range(K):
+                    ts = t - (K - 1) + k
+                    mk = ((ts >= 0) & (ts < L))[:, None] & me[None, :]
+                    xv = tl.load(x_ptr + pb * sx_b + ts[:, None] * sx_l + e[None, :] * sx_e, mask=mk, other=0.0)
+                    tl.store(gw_ptr + part * E * K + e * K + k, tl.sum(gs * xv.to(tl.float32), axis=0), mask=me)
+        out = (t < L)[:, None] & me[None, :]
+        tl.store(gx_ptr + pb * L * E + t[:, None] * E + e[None, :], gx.to(gx_ptr.dtype.element_ty), mask=out)
+
+
+def _grid(x):
+    b, L, E = x.shape
+    return (b, triton.cdiv(L, BLOCK_L), triton.cdiv(E, BLOCK_E))
+
+
+@torch.library.custom_op("mambatalk::causal_conv_silu_fwd", mutates_args=())
+def conv_silu_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    b, L, E = x.shape
+    y = x.new_empty(b, L, E)
+    _fwd_kernel[_grid(x)](x, weight, bias, y, L, E, *x.stride(), K=weight.shape[1], BLOCK_L=BLOCK_L,
+                          BLOCK_E=BLOCK_E, num_warps=4)
+    return y
+
+
+@conv_silu_fwd.register_fake
+def _(x, weight, bias):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("mambatalk::causal_conv_silu_bwd", mutates_args=())
+def conv_silu_bwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                  gy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    b, L, E = x.shape
+    K = weight.shape[1]
+    grid = _grid(x)
+    gy = gy.contiguous()
+    gx = x.new_empty(b, L, E)
+    gw = weight.new_empty(b * grid[1], E, K)
+    gb = bias.new_empty(b * grid[1], E)
+    _bwd_kernel[grid](x, weight, bias, gy, gx, gw, gb, L, E, *x.stride(), K=K, BLOCK_L=BLOCK_L, BLOCK_E=BLOCK_E,
+                      num_warps=4)
+    return gx, gw.sum(0), gb.sum(0)
+
+
+@conv_silu_bwd.register_fake
+def _(x, weight, bias, gy):
+    return x.new_empty(x.shape), torch.empty_like(weight), torch.empty_like(bias)
+
+
+def _setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, gy):
+    return conv_silu_bwd(*ctx.saved_tensors, gy)
+
+
+conv_silu_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+def causal_conv1d_silu(x, weight, bias):
+    """silu(causal depthwise conv) of x (b, l, E) with weight (E, K) and bias (E,) (float32); -> (b, l, E) contiguous
+    in x's dtype. Differentiable in all three."""
+    return conv_silu_fwd(x, weight.contiguous(), bias.contiguous())
+
+
+def causal_conv1d_silu_reference(x, weight, bias):
+    """The same in PyTorch, as Mamba.forward computes it (the tests' ground truth)."""
+    E, K = weight.shape
+    y = torch.nn.functional.conv1d(x.transpose(1, 2), weight[:, None, :], bias, padding=K - 1, groups=E)
+    return torch.nn.functional.silu(y[..., :x.shape[1]]).transpose(1, 2)

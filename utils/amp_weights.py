@@ -1,0 +1,65 @@
+"""Autocast's weight casts, done for all weights at once (issue 17: the eager bf16 training step is launch-bound).
+
+Under autocast every Linear and convolution casts its float32 weight and bias to bf16 with a kernel of its own, and
+the backward pass casts each of their gradients back with another: about 700 of the eager MambaTalk step's ~5,800
+kernel launches. `call_with_cast_weights` makes the same bf16 copies with one multi-tensor copy before the forward
+pass and runs the model on them (torch.func.functional_call); the copies' gradients come back to the float32
+parameters through one autograd node that casts them all with one multi-tensor copy.
+
+The maths is autocast's: the same bf16 weights enter the same ops (autocast leaves bf16 tensors alone), and each
+parameter receives the same bf16 gradient sum, cast to float32. tests/test_train.py checks that the gradients are
+bit-identical to plain autocast.
+"""
+import torch
+import torch.nn as nn
+
+# modules whose weights autocast casts to the low-precision dtype (linear and convolution ops; attention's
+# projections are linear ops)
+CAST_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d, nn.MultiheadAttention)
+
+
+def autocast_weights(model):
+    """[(name, parameter)] of the trainable float32 weights autocast casts: those of CAST_MODULES, except the ones
+    marked `_keep_float32` (Mamba's conv1d and dt bias, which other code reads in float32)."""
+    out = []
+    for module_name, module in model.named_modules():
+        if isinstance(module, CAST_MODULES):
+            for name, p in module.named_parameters(recurse=False):
+                if p.requires_grad and p.dtype == torch.float32 and not getattr(p, "_keep_float32", False):
+                    out.append((f"{module_name}.{name}" if module_name else name, p))
+    return out
+
+
+class _CastAll(torch.autograd.Function):
+    """params (float32) -> copies in `dtype`, views of one buffer; backward: every gradient cast back at once."""
+
+    @staticmethod
+    def forward(ctx, dtype, *params):
+        ctx.set_materialize_grads(False)  # unused copies get None, not a zero tensor each
+        flat = params[0].new_empty(sum(p.numel() for p in params), dtype=dtype)
+        copies = list(torch.split(flat, [p.numel() for p in params]))
+        copies = [c.view(p.shape) for c, p in zip(copies, params)]
+        torch._foreach_copy_(copies, params)
+        ctx.shapes = [(p.shape, p.numel()) for p in params]
+        return tuple(copies)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        used = [i for i, g in enumerate(grads) if g is not None]
+        if not used:
+            return (None,) * (len(grads) + 1)
+        flat = grads[used[0]].new_empty(sum(ctx.shapes[i][1] for i in used), dtype=torch.float32)
+        views = [v.view(ctx.shapes[i][0]) for v, i in zip(torch.split(flat, [ctx.shapes[i][1] for i in used]), used)]
+        torch._foreach_copy_(views, [grads[i] for i in used])
+        out = [None] * len(grads)
+        for v, i in zip(views, used):
+            out[i] = v
+        return (None, *out)
+
+
+def call_with_cast_weights(model, dtype, weights, *args, **kwargs):
+    """model(*args, **kwargs) with the parameters of `weights` (autocast_weights(model)) replaced by `dtype` copies.
+    Call it under autocast with the same dtype."""
+    names = [n for n, _ in weights]
+    copies = _CastAll.apply(dtype, *(p for _, p in weights))
+    return torch.func.functional_call(model, dict(zip(names, copies)), args, kwargs, strict=False)
