@@ -80,15 +80,16 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     if backend == "reference":
         return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     dtype, work = u.dtype, _work_dtype(u)
+    if USE_TRITON and u.is_cuda and work == torch.float32 and scan_triton.available():
+        # one kernel each way with bias, softplus, D, z and the casts inside (custom ops: no graph break under
+        # torch.compile)
+        return scan_triton.selective_scan_fused(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     with torch.autocast(u.device.type, enabled=False):
         u, delta, A, B, C = (t.to(work) for t in (u, delta, A, B, C))
         dt = delta if delta_bias is None else delta + delta_bias.to(work)[:, None]
         if delta_softplus:
             dt = F.softplus(dt)
-        if USE_TRITON and u.is_cuda and work == torch.float32 and scan_triton.available():
-            y = scan_triton.selective_scan_core(u, dt, A, B, C)  # custom ops: no graph break under torch.compile
-        else:
-            y = _scan_loop(u, dt, A, B, C)
+        y = _scan_loop(u, dt, A, B, C)
         if D is not None:
             y = y + D.to(work)[:, None] * u
         if z is not None:

@@ -1,19 +1,25 @@
-"""The torch backend's selective scan on CUDA as two Triton kernels (forward, backward).
+"""The torch backend's selective scan on CUDA as two Triton kernels (forward, backward), with Mamba's extras fused.
 
-Same core as models/scan.py's `_ScanFn`: u, dt (b, d, l) with dt already biased and softplus'ed, A (d, n),
-B, C (b, n, l), all float32, any strides; returns y (b, d, l) with y_t = <C_t, h_t>,
-h_t = exp(dt_t A) h_{t-1} + dt_t u_t B_t. D, z, bias and softplus stay in autograd around it.
+Same recurrence as models/scan.py (`selective_scan_reference`): u, delta (b, d, l), A (d, n), B, C (b, n, l), and
+optionally D, delta_bias (d,) and z (b, d, l); dt = softplus(delta + delta_bias) (softplus optional),
+h_t = exp(dt_t A) h_{t-1} + dt_t u_t B_t, y_t = <C_t, h_t> + D u_t, out = y * silu(z). Any strides and float dtypes
+(bf16 under autocast): inputs are read as float32 and all arithmetic is float32, as in the PyTorch path; the output
+and the gradients are written in the inputs' dtypes.
 
 Why kernels: in plain PyTorch every time step is a separate launch over a (b, d, n) state that lives in device
 memory; here one program owns BLOCK_D channels x n states of one sequence and keeps them in registers for the
-whole sequence, so the forward reads u, dt, B, C once and writes y once. The backward first re-runs the forward
-and parks the states in a scratch buffer (its own slice, so it stays mostly in L2), then walks time backwards.
-Reductions across channels (dB, dC) and across the batch (dA) are written as per-program partial sums and added
-up in PyTorch, so results are deterministic.
+whole sequence, so the forward reads its inputs once and writes out once. The bias, softplus, D and z terms and the
+dtype conversions are done in the same kernels: in PyTorch they are ~20 launches and as many passes over
+(b, d, l) float32 tensors per layer, forward and backward (issue 17: the eager training step is launch-bound).
+The backward first re-runs the forward and parks the states in a scratch buffer (its own slice, so it stays mostly
+in L2), then walks time backwards. Reductions across channels (dB, dC) and across the batch (dA, dD, d bias) are
+written as per-program partial sums and added up in PyTorch, so results are deterministic.
 
 Both passes are registered as torch.library custom ops (opaque to torch.compile, capturable in CUDA graphs).
 Triton's interpreter (TRITON_INTERPRET=1) runs the same kernels on CPU tensors; the tests use it.
 """
+from typing import Optional
+
 import torch
 
 try:
@@ -32,30 +38,63 @@ def available():
 if triton is not None:
 
     @triton.jit
-    def _fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, y_ptr, D, N,
+    def _dt(delta_ptr, bias, off, m, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+        """(dt, raw): raw = delta + bias, dt = softplus(raw) or raw."""
+        raw = tl.load(delta_ptr + off, mask=m, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            raw += bias
+        if SOFTPLUS:  # max(raw, 0) + log1p(exp(-|raw|)), log1p by Kahan's trick (exact for tiny arguments)
+            e = tl.exp(-tl.abs(raw))
+            e1 = 1.0 + e
+            dt = tl.maximum(raw, 0.0) + tl.where(e1 == 1.0, e, tl.log(e1) * e / (e1 - 1.0))
+            dt = tl.where(m, dt, 0.0)  # padded channels: dt = 0 keeps their states at 0
+        else:
+            dt = raw
+        return dt, raw
+
+    @triton.jit
+    def _fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr, D, N,
                     su_b, su_d, su_l, st_b, st_d, st_l, sa_d, sa_n, sb_b, sb_n, sb_l, sc_b, sc_n, sc_l,
-                    sy_b, sy_d, sy_l, L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+                    sz_b, sz_d, sz_l, sy_b, sy_d, sy_l, L: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_N: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    SOFTPLUS: tl.constexpr):
         b = tl.program_id(0).to(tl.int64)
         d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         n = tl.arange(0, BLOCK_N)
         md, mn = d < D, n < N
         # padded channels/states load A = 0 and u = dt = B = C = 0: their states stay 0 and add nothing
         A2 = tl.load(A_ptr + d[:, None] * sa_d + n[None, :] * sa_n, mask=md[:, None] & mn[None, :], other=0.0) * 1.4426950408889634
+        bias = 0.0
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + d, mask=md, other=0.0).to(tl.float32)
+        Dv = 0.0
+        if HAS_D:
+            Dv = tl.load(D_ptr + d, mask=md, other=0.0).to(tl.float32)
         h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
         for t in range(L):
-            u = tl.load(u_ptr + b * su_b + d * su_d + t * su_l, mask=md, other=0.0)
-            dt = tl.load(dt_ptr + b * st_b + d * st_d + t * st_l, mask=md, other=0.0)
-            Bt = tl.load(B_ptr + b * sb_b + n * sb_n + t * sb_l, mask=mn, other=0.0)
-            Ct = tl.load(C_ptr + b * sc_b + n * sc_n + t * sc_l, mask=mn, other=0.0)
+            u = tl.load(u_ptr + b * su_b + d * su_d + t * su_l, mask=md, other=0.0).to(tl.float32)
+            dt, _ = _dt(delta_ptr, bias, b * st_b + d * st_d + t * st_l, md, HAS_BIAS, SOFTPLUS)
+            Bt = tl.load(B_ptr + b * sb_b + n * sb_n + t * sb_l, mask=mn, other=0.0).to(tl.float32)
+            Ct = tl.load(C_ptr + b * sc_b + n * sc_n + t * sc_l, mask=mn, other=0.0).to(tl.float32)
             h = tl.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * Bt[None, :]
-            tl.store(y_ptr + b * sy_b + d * sy_d + t * sy_l, tl.sum(h * Ct[None, :], axis=1), mask=md)
+            y = tl.sum(h * Ct[None, :], axis=1)
+            if HAS_D:
+                y += Dv * u
+            if HAS_Z:
+                z = tl.load(z_ptr + b * sz_b + d * sz_d + t * sz_l, mask=md, other=0.0).to(tl.float32)
+                y = y * z * tl.sigmoid(z)
+            tl.store(y_ptr + b * sy_b + d * sy_d + t * sy_l, y.to(y_ptr.dtype.element_ty), mask=md)
 
     @triton.jit
-    def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, gy_ptr, hs_ptr, gu_ptr, gdt_ptr, gA_ptr, gB_ptr, gC_ptr,
+    def _bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, gy_ptr, hs_ptr,
+                    gu_ptr, gdelta_ptr, gz_ptr, gA_ptr, gB_ptr, gC_ptr, gD_ptr, gbias_ptr,
                     D, N, su_b, su_d, su_l, st_b, st_d, st_l, sa_d, sa_n, sb_b, sb_n, sb_l, sc_b, sc_n, sc_l,
-                    sg_b, sg_d, sg_l, L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-        # gu, gdt: (b, l, D) contiguous; gA: (b, D, N) per-sequence partials; gB, gC: (b, n_blocks, L, N)
-        # per-channel-block partials; hs: (b, n_blocks, L, BLOCK_D, BLOCK_N) scratch for this program's states.
+                    sz_b, sz_d, sz_l, sg_b, sg_d, sg_l, L: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_N: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    SOFTPLUS: tl.constexpr):
+        # gu, gdelta, gz: (b, l, D) contiguous; gA: (b, D, N), gD and gbias: (b, D) per-sequence partials;
+        # gB, gC: (b, n_blocks, L, N) per-channel-block partials; hs: (b, n_blocks, L, BLOCK_D, BLOCK_N) scratch
+        # for this program's states.
         b = tl.program_id(0).to(tl.int64)
         blk = tl.program_id(1)
         n_blocks = tl.num_programs(1)
@@ -65,103 +104,176 @@ if triton is not None:
         mdn = md[:, None] & mn[None, :]
         A = tl.load(A_ptr + d[:, None] * sa_d + n[None, :] * sa_n, mask=mdn, other=0.0)
         A2 = A * 1.4426950408889634
+        bias = 0.0
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + d, mask=md, other=0.0).to(tl.float32)
+        Dv = 0.0
+        if HAS_D:
+            Dv = tl.load(D_ptr + d, mask=md, other=0.0).to(tl.float32)
         tile = tl.arange(0, BLOCK_D)[:, None] * BLOCK_N + n[None, :]
         hs_base = hs_ptr + (b * n_blocks + blk) * L * BLOCK_D * BLOCK_N
         # pass 1: the forward recurrence again, parking every state
         h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
         for t in range(L):
-            u = tl.load(u_ptr + b * su_b + d * su_d + t * su_l, mask=md, other=0.0)
-            dt = tl.load(dt_ptr + b * st_b + d * st_d + t * st_l, mask=md, other=0.0)
-            Bt = tl.load(B_ptr + b * sb_b + n * sb_n + t * sb_l, mask=mn, other=0.0)
+            u = tl.load(u_ptr + b * su_b + d * su_d + t * su_l, mask=md, other=0.0).to(tl.float32)
+            dt, _ = _dt(delta_ptr, bias, b * st_b + d * st_d + t * st_l, md, HAS_BIAS, SOFTPLUS)
+            Bt = tl.load(B_ptr + b * sb_b + n * sb_n + t * sb_l, mask=mn, other=0.0).to(tl.float32)
             h = tl.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * Bt[None, :]
             tl.store(hs_base + t * BLOCK_D * BLOCK_N + tile, h)
         tl.debug_barrier()
-        # pass 2, backwards in time. G_t = dLoss/dh_t = gy_t C_t + a_{t+1} G_{t+1}; `carry` holds a_{t+1} G_{t+1}.
+        # pass 2, backwards in time. G_t = dLoss/dh_t = g_t C_t + a_{t+1} G_{t+1} (g_t: the gradient of the scan's
+        # own output <C_t, h_t>); `carry` holds a_{t+1} G_{t+1}.
         carry = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
         gA = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+        gD = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        gbias = tl.zeros((BLOCK_D,), dtype=tl.float32)
         h_t = h
         for i in range(L):
             t = L - 1 - i
-            u = tl.load(u_ptr + b * su_b + d * su_d + t * su_l, mask=md, other=0.0)
-            dt = tl.load(dt_ptr + b * st_b + d * st_d + t * st_l, mask=md, other=0.0)
-            gy = tl.load(gy_ptr + b * sg_b + d * sg_d + t * sg_l, mask=md, other=0.0)
-            Bt = tl.load(B_ptr + b * sb_b + n * sb_n + t * sb_l, mask=mn, other=0.0)
-            Ct = tl.load(C_ptr + b * sc_b + n * sc_n + t * sc_l, mask=mn, other=0.0)
+            u = tl.load(u_ptr + b * su_b + d * su_d + t * su_l, mask=md, other=0.0).to(tl.float32)
+            dt, raw = _dt(delta_ptr, bias, b * st_b + d * st_d + t * st_l, md, HAS_BIAS, SOFTPLUS)
+            g = tl.load(gy_ptr + b * sg_b + d * sg_d + t * sg_l, mask=md, other=0.0).to(tl.float32)
+            Bt = tl.load(B_ptr + b * sb_b + n * sb_n + t * sb_l, mask=mn, other=0.0).to(tl.float32)
+            Ct = tl.load(C_ptr + b * sc_b + n * sc_n + t * sc_l, mask=mn, other=0.0).to(tl.float32)
             h_prev = tl.load(hs_base + (t - 1) * BLOCK_D * BLOCK_N + tile, mask=(tile >= 0) & (t > 0), other=0.0)
             a = tl.exp2(dt[:, None] * A2)
-            G = gy[:, None] * Ct[None, :] + carry
+            row = b * L * D + t * D + d
+            if HAS_Z:  # out = y * silu(z), y = <C, h> + D u
+                z = tl.load(z_ptr + b * sz_b + d * sz_d + t * sz_l, mask=md, other=0.0).to(tl.float32)
+                sz = tl.sigmoid(z)
+                y = tl.sum(h_t * Ct[None, :], axis=1)
+                if HAS_D:
+                    y += Dv * u
+                tl.store(gz_ptr + row, (g * y * sz * (1.0 + z * (1.0 - sz))).to(gz_ptr.dtype.element_ty), mask=md)
+                g = g * z * sz
+            if HAS_D:
+                gD += g * u
+            G = g[:, None] * Ct[None, :] + carry
             part = (b * n_blocks + blk) * L * N + t * N + n
-            tl.store(gC_ptr + part, tl.sum(gy[:, None] * h_t, axis=0), mask=mn)
+            tl.store(gC_ptr + part, tl.sum(g[:, None] * h_t, axis=0), mask=mn)
             tl.store(gB_ptr + part, tl.sum(G * (dt * u)[:, None], axis=0), mask=mn)
             g_dtu = tl.sum(G * Bt[None, :], axis=1)  # x_t = dt u B receives G_t
             g_w = G * h_prev * a                     # w = dt A (a = exp(w)) receives G_t h_{t-1} a_t
             gA += g_w * dt[:, None]
-            row = b * L * D + t * D + d
-            tl.store(gdt_ptr + row, tl.sum(g_w * A, axis=1) + g_dtu * u, mask=md)
-            tl.store(gu_ptr + row, g_dtu * dt, mask=md)
+            g_dt = tl.sum(g_w * A, axis=1) + g_dtu * u
+            if SOFTPLUS:
+                g_dt = g_dt * tl.sigmoid(raw)
+            if HAS_BIAS:
+                gbias += g_dt
+            g_u = g_dtu * dt
+            if HAS_D:
+                g_u += Dv * g
+            tl.store(gdelta_ptr + row, g_dt.to(gdelta_ptr.dtype.element_ty), mask=md)
+            tl.store(gu_ptr + row, g_u.to(gu_ptr.dtype.element_ty), mask=md)
             carry = a * G
             h_t = h_prev
         tl.store(gA_ptr + b * D * N + d[:, None] * N + n[None, :], gA, mask=mdn)
+        if HAS_D:
+            tl.store(gD_ptr + b * D + d, gD, mask=md)
+        if HAS_BIAS:
+            tl.store(gbias_ptr + b * D + d, gbias, mask=md)
 
 
 def _block_n(N):
     return max(2, triton.next_power_of_2(N))
 
 
+def _strides(t, like):
+    """A tensor's (b, d, l) strides, or like's for an absent one (its kernel branch is compiled out)."""
+    return t.stride() if t is not None else like.stride()
+
+
 @torch.library.custom_op("mambatalk::selective_scan_fwd", mutates_args=())
-def scan_fwd(u: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
-    b, D, L = u.shape
+def scan_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+             D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
+             delta_softplus: bool) -> torch.Tensor:
+    b, Dn, L = u.shape
     N = A.shape[1]
-    y = u.new_empty(b, L, D).transpose(1, 2)  # (b, d, l) view of a (b, l, d) buffer, like Mamba's activations
-    grid = (b, triton.cdiv(D, BLOCK_D))
-    _fwd_kernel[grid](u, dt, A, B, C, y, D, N, *u.stride(), *dt.stride(), *A.stride(), *B.stride(), *C.stride(),
-                      *y.stride(), L=L, BLOCK_D=BLOCK_D, BLOCK_N=_block_n(N), num_warps=4)
+    y = u.new_empty(b, L, Dn).transpose(1, 2)  # (b, d, l) view of a (b, l, d) buffer, like Mamba's activations
+    grid = (b, triton.cdiv(Dn, BLOCK_D))
+    _fwd_kernel[grid](u, delta, A, B, C, u if D is None else D, u if z is None else z,
+                      u if delta_bias is None else delta_bias, y, Dn, N, *u.stride(), *delta.stride(), *A.stride(),
+                      *B.stride(), *C.stride(), *_strides(z, u), *y.stride(), L=L, BLOCK_D=BLOCK_D,
+                      BLOCK_N=_block_n(N), HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+                      SOFTPLUS=delta_softplus, num_warps=4)
     return y
 
 
 @scan_fwd.register_fake
-def _(u, dt, A, B, C):
-    b, D, L = u.shape
-    return u.new_empty(b, L, D).transpose(1, 2)
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    b, Dn, L = u.shape
+    return u.new_empty(b, L, Dn).transpose(1, 2)
 
 
 @torch.library.custom_op("mambatalk::selective_scan_bwd", mutates_args=())
-def scan_bwd(u: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-             gy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    b, D, L = u.shape
+def scan_bwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+             D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
+             delta_softplus: bool, gy: torch.Tensor) -> list[torch.Tensor]:
+    """[g_u, g_delta, g_A, g_B, g_C] + [g_D] + [g_z] + [g_delta_bias] for the inputs that are given."""
+    b, Dn, L = u.shape
     N = A.shape[1]
     BN = _block_n(N)
-    n_blocks = triton.cdiv(D, BLOCK_D)
-    hs = u.new_empty(b * n_blocks * L * BLOCK_D * BN)
-    g_u, g_dt = u.new_empty(b, L, D), u.new_empty(b, L, D)
-    g_A = u.new_empty(b, D, N)
-    g_B, g_C = u.new_empty(b, n_blocks, L, N), u.new_empty(b, n_blocks, L, N)
-    _bwd_kernel[(b, n_blocks)](u, dt, A, B, C, gy, hs, g_u, g_dt, g_A, g_B, g_C, D, N, *u.stride(),
-                               *dt.stride(), *A.stride(), *B.stride(), *C.stride(), *gy.stride(),
-                               L=L, BLOCK_D=BLOCK_D, BLOCK_N=BN, num_warps=4)
-    return (g_u.transpose(1, 2), g_dt.transpose(1, 2), g_A.sum(0),
-            g_B.sum(1).transpose(1, 2).contiguous(), g_C.sum(1).transpose(1, 2).contiguous())
+    n_blocks = triton.cdiv(Dn, BLOCK_D)
+    hs = u.new_empty(b * n_blocks * L * BLOCK_D * BN, dtype=torch.float32)
+    g_u, g_delta = u.new_empty(b, L, Dn), delta.new_empty(b, L, Dn)
+    g_z = z.new_empty(b, L, Dn) if z is not None else g_u
+    f32 = dict(dtype=torch.float32)
+    g_A = u.new_empty(b, Dn, N, **f32)
+    g_B, g_C = u.new_empty(b, n_blocks, L, N, **f32), u.new_empty(b, n_blocks, L, N, **f32)
+    g_D = u.new_empty(b, Dn, **f32) if D is not None else g_A
+    g_bias = u.new_empty(b, Dn, **f32) if delta_bias is not None else g_A
+    _bwd_kernel[(b, n_blocks)](u, delta, A, B, C, u if D is None else D, u if z is None else z,
+                               u if delta_bias is None else delta_bias, gy, hs, g_u, g_delta, g_z, g_A, g_B, g_C,
+                               g_D, g_bias, Dn, N, *u.stride(), *delta.stride(), *A.stride(), *B.stride(),
+                               *C.stride(), *_strides(z, u), *gy.stride(), L=L, BLOCK_D=BLOCK_D, BLOCK_N=BN,
+                               HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+                               SOFTPLUS=delta_softplus, num_warps=4)
+    out = [g_u.transpose(1, 2), g_delta.transpose(1, 2), g_A.sum(0).to(A.dtype),
+           g_B.sum(1).transpose(1, 2).contiguous().to(B.dtype), g_C.sum(1).transpose(1, 2).contiguous().to(C.dtype)]
+    if D is not None:
+        out.append(g_D.sum(0).to(D.dtype))
+    if z is not None:
+        out.append(g_z.transpose(1, 2))
+    if delta_bias is not None:
+        out.append(g_bias.sum(0).to(delta_bias.dtype))
+    return out
 
 
 @scan_bwd.register_fake
-def _(u, dt, A, B, C, gy):
-    b, D, L = u.shape
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, gy):
+    b, Dn, L = u.shape
     N = A.shape[1]
-    g = u.new_empty(b, L, D).transpose(1, 2)
-    return g, torch.empty_like(g), A.new_empty(D, N), B.new_empty(b, N, L), C.new_empty(b, N, L)
+    g = lambda t: t.new_empty(b, L, Dn).transpose(1, 2)
+    out = [g(u), g(delta), torch.empty_like(A), B.new_empty(b, N, L), C.new_empty(b, N, L)]
+    out += [torch.empty_like(D)] if D is not None else []
+    out += [g(z)] if z is not None else []
+    out += [torch.empty_like(delta_bias)] if delta_bias is not None else []
+    return out
 
 
 def _setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+    ctx.save_for_backward(*inputs[:8])
+    ctx.softplus = inputs[8]
 
 
 def _backward(ctx, gy):
-    return scan_bwd(*ctx.saved_tensors, gy)
+    u, delta, A, B, C, D, z, bias = ctx.saved_tensors
+    grads = iter(scan_bwd(u, delta, A, B, C, D, z, bias, ctx.softplus, gy))
+    out = [next(grads) for _ in range(5)]
+    out += [next(grads) if t is not None else None for t in (D, z, bias)]
+    return (*out, None)
 
 
 scan_fwd.register_autograd(_backward, setup_context=_setup)
 
 
+def selective_scan_fused(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+    """models.scan.selective_scan for CUDA tensors in one forward and one backward kernel: y (b, d, l) in u's dtype.
+    Inputs in any float dtype (bf16 under autocast) and strides, read as float32 in the kernels, which compute in
+    float32 as the PyTorch path does; gradients come back in each input's dtype."""
+    return scan_fwd(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus))
+
+
 def selective_scan_core(u, dt, A, B, C):
     """y (b, d, l) for float32 u, dt (b, d, l), A (d, n), B, C (b, n, l); differentiable in all five."""
-    return scan_fwd(u, dt, A, B, C)
+    return scan_fwd(u, dt, A, B, C, None, None, None, False)

@@ -220,6 +220,22 @@ def test_triton_conv_kernels_in_interpreter():
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
 
 
+TRITON_FUSED_CHECK = """
+import warnings
+warnings.simplefilter("error", RuntimeWarning)  # no overflow anywhere in the kernels
+""" + 'import torch\nfrom models import scan_triton as st\nfrom models.scan import selective_scan_reference\ntorch.manual_seed(0)\nworst = 0.0\nfor b, d, l, n in [(2, 5, 7, 3), (1, 40, 9, 16), (2, 33, 12, 16)]:\n    for use_D, use_z, use_bias, sp in [(True, True, True, True), (False, False, False, False), (True, False, True, False), (False, True, False, True)]:\n        u = torch.randn(b, l, 2 * d)[..., :d].transpose(1, 2)\n        delta = torch.randn(b, l, d).transpose(1, 2) * 0.5 - (0 if sp else -1.5)\n        if not sp: delta = delta.abs() * 0.3\n        A = -torch.exp(torch.randn(d, n) * 0.5 + 1)\n        B, C = torch.randn(b, l, n).transpose(1, 2), torch.randn(b, n, l)\n        D = torch.randn(d) if use_D else None\n        z = torch.randn(b, l, 2 * d)[..., d:].transpose(1, 2) if use_z else None\n        bias = (torch.randn(d) * 0.3 - (1 if sp else -0.5)).abs() * (1 if not sp else -1) if use_bias else None\n        ins = [u, delta, A, B, C, D, z, bias]\n        xs = [t.clone().requires_grad_() if t is not None else None for t in ins]\n        y = st.selective_scan_fused(*xs, delta_softplus=sp)\n        gy = torch.randn_like(y)\n        live = [t for t in xs if t is not None]\n        g = torch.autograd.grad((y * gy).sum(), live)\n        ref = [t.detach().double().requires_grad_() if t is not None else None for t in ins]\n        y_ref = selective_scan_reference(*ref, delta_softplus=sp)\n        g_ref = torch.autograd.grad((y_ref * gy.double()).sum(), [t for t in ref if t is not None])\n        errs = [((a.double() - r).norm() / r.norm()).item() for a, r in zip((y,) + g, (y_ref,) + g_ref)]\n        worst = max(worst, max(errs))\n    # bf16 inputs: output and grads in bf16\n    xb = [t.to(torch.bfloat16).requires_grad_() if t is not None and t.dim() == 3 else t for t in ins]\n    yb = st.selective_scan_fused(*xb, delta_softplus=sp)\n    assert yb.dtype == torch.bfloat16\n    gb = torch.autograd.grad(yb.float().sum(), [t for t in xb if t is not None and t.requires_grad])\n    assert all(x.dtype == torch.bfloat16 for x in gb)\nassert worst < 1e-6, worst\nprint("worst", worst)\n'
+
+
+def test_triton_fused_scan_in_interpreter():
+    """The fused kernels (bias, softplus, D, z inside; inputs in the in-projection's strided layout) against the
+    float64 step-by-step recurrence, every combination of the optional terms; bf16 in, bf16 out and gradients."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
+    r = subprocess.run([sys.executable, "-c", TRITON_FUSED_CHECK], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+
+
 def test_triton_scan_kernels_in_interpreter():
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
