@@ -53,11 +53,12 @@ if triton is not None:
         return dt, raw
 
     @triton.jit
-    def _fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr, D, N,
+    def _fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr, saved_ptr, D, N,
                     su_b, su_d, su_l, st_b, st_d, st_l, sa_d, sa_n, sb_b, sb_n, sb_l, sc_b, sc_n, sc_l,
                     sz_b, sz_d, sz_l, sy_b, sy_d, sy_l, L: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_N: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    SOFTPLUS: tl.constexpr):
+                    SOFTPLUS: tl.constexpr, SAVE: tl.constexpr):
+        # SAVE (for the backward): dt and the ungated output y, float32 (2, b, l, D) in saved
         b = tl.program_id(0).to(tl.int64)
         d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         n = tl.arange(0, BLOCK_N)
@@ -80,18 +81,23 @@ if triton is not None:
             y = tl.sum(h * Ct[None, :], axis=1)
             if HAS_D:
                 y += Dv * u
+            if SAVE:
+                row = b * L * D + t * D + d
+                tl.store(saved_ptr + row, dt, mask=md)
+                tl.store(saved_ptr + tl.num_programs(0) * L * D + row, y, mask=md)
             if HAS_Z:
                 z = tl.load(z_ptr + b * sz_b + d * sz_d + t * sz_l, mask=md, other=0.0).to(tl.float32)
                 y = y * z * tl.sigmoid(z)
             tl.store(y_ptr + b * sy_b + d * sy_d + t * sy_l, y.to(y_ptr.dtype.element_ty), mask=md)
 
     @triton.jit
-    def _bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, gy_ptr, hs_ptr,
+    def _bwd_kernel(u_ptr, saved_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, gy_ptr, hs_ptr,
                     gu_ptr, gdelta_ptr, gz_ptr, gA_ptr, gB_ptr, gC_ptr, gD_ptr, gbias_ptr,
-                    D, N, su_b, su_d, su_l, st_b, st_d, st_l, sa_d, sa_n, sb_b, sb_n, sb_l, sc_b, sc_n, sc_l,
+                    D, N, su_b, su_d, su_l, sa_d, sa_n, sb_b, sb_n, sb_l, sc_b, sc_n, sc_l,
                     sz_b, sz_d, sz_l, sg_b, sg_d, sg_l, L: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_N: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
                     SOFTPLUS: tl.constexpr):
+        # saved: the forward's dt and ungated y, (2, b, l, D) float32.
         # gu, gdelta, gz: (b, l, D) contiguous; gA: (b, D, N), gD and gbias: (b, D) per-sequence partials;
         # gB, gC: (b, n_blocks, L, N) per-channel-block partials; hs: (b, n_blocks, L, BLOCK_D, BLOCK_N) scratch
         # for this program's states.
@@ -104,9 +110,7 @@ if triton is not None:
         mdn = md[:, None] & mn[None, :]
         A = tl.load(A_ptr + d[:, None] * sa_d + n[None, :] * sa_n, mask=mdn, other=0.0)
         A2 = A * 1.4426950408889634
-        bias = 0.0
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + d, mask=md, other=0.0).to(tl.float32)
+        y_off = tl.num_programs(0) * L * D
         Dv = 0.0
         if HAS_D:
             Dv = tl.load(D_ptr + d, mask=md, other=0.0).to(tl.float32)
@@ -116,7 +120,7 @@ if triton is not None:
         h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
         for t in range(L):
             u = tl.load(u_ptr + b * su_b + d * su_d + t * su_l, mask=md, other=0.0).to(tl.float32)
-            dt, _ = _dt(delta_ptr, bias, b * st_b + d * st_d + t * st_l, md, HAS_BIAS, SOFTPLUS)
+            dt = tl.load(saved_ptr + b * L * D + t * D + d, mask=md, other=0.0)
             Bt = tl.load(B_ptr + b * sb_b + n * sb_n + t * sb_l, mask=mn, other=0.0).to(tl.float32)
             h = tl.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * Bt[None, :]
             tl.store(hs_base + t * BLOCK_D * BLOCK_N + tile, h)
@@ -130,20 +134,18 @@ if triton is not None:
         h_t = h
         for i in range(L):
             t = L - 1 - i
+            row = b * L * D + t * D + d
             u = tl.load(u_ptr + b * su_b + d * su_d + t * su_l, mask=md, other=0.0).to(tl.float32)
-            dt, raw = _dt(delta_ptr, bias, b * st_b + d * st_d + t * st_l, md, HAS_BIAS, SOFTPLUS)
+            dt = tl.load(saved_ptr + row, mask=md, other=0.0)
             g = tl.load(gy_ptr + b * sg_b + d * sg_d + t * sg_l, mask=md, other=0.0).to(tl.float32)
             Bt = tl.load(B_ptr + b * sb_b + n * sb_n + t * sb_l, mask=mn, other=0.0).to(tl.float32)
             Ct = tl.load(C_ptr + b * sc_b + n * sc_n + t * sc_l, mask=mn, other=0.0).to(tl.float32)
             h_prev = tl.load(hs_base + (t - 1) * BLOCK_D * BLOCK_N + tile, mask=(tile >= 0) & (t > 0), other=0.0)
             a = tl.exp2(dt[:, None] * A2)
-            row = b * L * D + t * D + d
-            if HAS_Z:  # out = y * silu(z), y = <C, h> + D u
+            if HAS_Z:  # out = y * silu(z), y = <C, h> + D u (saved by the forward)
                 z = tl.load(z_ptr + b * sz_b + d * sz_d + t * sz_l, mask=md, other=0.0).to(tl.float32)
                 sz = tl.sigmoid(z)
-                y = tl.sum(h_t * Ct[None, :], axis=1)
-                if HAS_D:
-                    y += Dv * u
+                y = tl.load(saved_ptr + y_off + row, mask=md, other=0.0)
                 tl.store(gz_ptr + row, (g * y * sz * (1.0 + z * (1.0 - sz))).to(gz_ptr.dtype.element_ty), mask=md)
                 g = g * z * sz
             if HAS_D:
@@ -156,8 +158,8 @@ if triton is not None:
             g_w = G * h_prev * a                     # w = dt A (a = exp(w)) receives G_t h_{t-1} a_t
             gA += g_w * dt[:, None]
             g_dt = tl.sum(g_w * A, axis=1) + g_dtu * u
-            if SOFTPLUS:
-                g_dt = g_dt * tl.sigmoid(raw)
+            if SOFTPLUS:  # d softplus(raw) / d raw = sigmoid(raw) = 1 - exp(-dt) (its series for small dt)
+                g_dt = g_dt * tl.where(dt < 1e-4, dt * (1.0 - 0.5 * dt), 1.0 - tl.exp(-dt))
             if HAS_BIAS:
                 gbias += g_dt
             g_u = g_dtu * dt
@@ -186,29 +188,31 @@ def _strides(t, like):
 @torch.library.custom_op("mambatalk::selective_scan_fwd", mutates_args=())
 def scan_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
              D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
-             delta_softplus: bool) -> torch.Tensor:
+             delta_softplus: bool, save: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, saved): saved holds dt and the ungated y for the backward when `save`, else it is empty."""
     b, Dn, L = u.shape
     N = A.shape[1]
     y = u.new_empty(b, L, Dn).transpose(1, 2)  # (b, d, l) view of a (b, l, d) buffer, like Mamba's activations
+    saved = u.new_empty((2, b, L, Dn) if save else (0,), dtype=torch.float32)
     grid = (b, triton.cdiv(Dn, BLOCK_D))
     _fwd_kernel[grid](u, delta, A, B, C, u if D is None else D, u if z is None else z,
-                      u if delta_bias is None else delta_bias, y, Dn, N, *u.stride(), *delta.stride(), *A.stride(),
-                      *B.stride(), *C.stride(), *_strides(z, u), *y.stride(), L=L, BLOCK_D=BLOCK_D,
+                      u if delta_bias is None else delta_bias, y, saved, Dn, N, *u.stride(), *delta.stride(),
+                      *A.stride(), *B.stride(), *C.stride(), *_strides(z, u), *y.stride(), L=L, BLOCK_D=BLOCK_D,
                       BLOCK_N=_block_n(N), HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-                      SOFTPLUS=delta_softplus, num_warps=4)
-    return y
+                      SOFTPLUS=delta_softplus, SAVE=save, num_warps=4)
+    return y, saved
 
 
 @scan_fwd.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, save):
     b, Dn, L = u.shape
-    return u.new_empty(b, L, Dn).transpose(1, 2)
+    return u.new_empty(b, L, Dn).transpose(1, 2), u.new_empty((2, b, L, Dn) if save else (0,), dtype=torch.float32)
 
 
 @torch.library.custom_op("mambatalk::selective_scan_bwd", mutates_args=())
 def scan_bwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
              D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
-             delta_softplus: bool, gy: torch.Tensor) -> list[torch.Tensor]:
+             delta_softplus: bool, saved: torch.Tensor, gy: torch.Tensor) -> list[torch.Tensor]:
     """[g_u, g_delta, g_A, g_B, g_C] + [g_D] + [g_z] + [g_delta_bias] for the inputs that are given."""
     b, Dn, L = u.shape
     N = A.shape[1]
@@ -222,9 +226,9 @@ def scan_bwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Ten
     g_B, g_C = u.new_empty(b, n_blocks, L, N, **f32), u.new_empty(b, n_blocks, L, N, **f32)
     g_D = u.new_empty(b, Dn, **f32) if D is not None else g_A
     g_bias = u.new_empty(b, Dn, **f32) if delta_bias is not None else g_A
-    _bwd_kernel[(b, n_blocks)](u, delta, A, B, C, u if D is None else D, u if z is None else z,
-                               u if delta_bias is None else delta_bias, gy, hs, g_u, g_delta, g_z, g_A, g_B, g_C,
-                               g_D, g_bias, Dn, N, *u.stride(), *delta.stride(), *A.stride(), *B.stride(),
+    _bwd_kernel[(b, n_blocks)](u, saved, A, B, C, u if D is None else D, u if z is None else z, gy, hs,
+                               g_u, g_delta, g_z, g_A, g_B, g_C, g_D, g_bias, Dn, N, *u.stride(), *A.stride(),
+                               *B.stride(),
                                *C.stride(), *_strides(z, u), *gy.stride(), L=L, BLOCK_D=BLOCK_D, BLOCK_N=BN,
                                HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
                                SOFTPLUS=delta_softplus, num_warps=4)
@@ -240,7 +244,7 @@ def scan_bwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Ten
 
 
 @scan_bwd.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, gy):
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, saved, gy):
     b, Dn, L = u.shape
     N = A.shape[1]
     g = lambda t: t.new_empty(b, L, Dn).transpose(1, 2)
@@ -252,16 +256,18 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, gy):
 
 
 def _setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:8])
+    if not inputs[9]:
+        raise RuntimeError("selective_scan_fwd was called with save=False where gradients are needed")
+    ctx.save_for_backward(*inputs[:8], output[1])
     ctx.softplus = inputs[8]
 
 
-def _backward(ctx, gy):
-    u, delta, A, B, C, D, z, bias = ctx.saved_tensors
-    grads = iter(scan_bwd(u, delta, A, B, C, D, z, bias, ctx.softplus, gy))
+def _backward(ctx, gy, _):
+    u, delta, A, B, C, D, z, bias, saved = ctx.saved_tensors
+    grads = iter(scan_bwd(u, delta, A, B, C, D, z, bias, ctx.softplus, saved, gy))
     out = [next(grads) for _ in range(5)]
     out += [next(grads) if t is not None else None for t in (D, z, bias)]
-    return (*out, None)
+    return (*out, None, None)
 
 
 scan_fwd.register_autograd(_backward, setup_context=_setup)
@@ -271,9 +277,11 @@ def selective_scan_fused(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     """models.scan.selective_scan for CUDA tensors in one forward and one backward kernel: y (b, d, l) in u's dtype.
     Inputs in any float dtype (bf16 under autocast) and strides, read as float32 in the kernels, which compute in
     float32 as the PyTorch path does; gradients come back in each input's dtype."""
-    return scan_fwd(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus))
+    ins = (u, delta, A, B, C, D, z, delta_bias)
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ins)
+    return scan_fwd(*ins, bool(delta_softplus), save)[0]
 
 
 def selective_scan_core(u, dt, A, B, C):
     """y (b, d, l) for float32 u, dt (b, d, l), A (d, n), B, C (b, n, l); differentiable in all five."""
-    return scan_fwd(u, dt, A, B, C, None, None, None, False)
+    return selective_scan_fused(u, dt, A, B, C)
