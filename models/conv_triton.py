@@ -10,7 +10,7 @@ at batch 192 x 64 frames x 1536 channels on an H200), a slice, SiLU, and in the 
 zero-filled slice gradient: ~10 launches and ~0.55 ms per Mamba layer. One program here owns a (time x channel) tile;
 the backward recomputes the pre-activation instead of storing it. The sums are float32; the result is rounded once to
 x's dtype (the PyTorch path under bf16 autocast also rounds the convolution's output and its weights to bf16 before
-SiLU, so the two differ by bf16 rounding: tests/test_ssm.py states the bound). Weight and bias gradients are written
+SiLU, so the two differ by bf16 rounding: tests/test_speed.py states the bound). Weight and bias gradients are written
 as per-program partial sums and added up in PyTorch, so results are deterministic.
 """
 import torch

@@ -13,8 +13,9 @@ Backends:
              multiply-add per step, and the backward pass is written by hand (a reverse scan of the same
              form) and recomputes states block by block, so memory stays O(b * block * d * n).
              It only ever multiplies decays in (0, 1], so it is stable for any length and decay.
-             On CUDA the core recurrence runs as Triton kernels instead (models/scan_triton.py: states
-             stay in registers; ~1 launch instead of one per time step) when Triton imports.
+             On CUDA the whole function (bias, softplus, D, z included) runs as two Triton kernels
+             instead (models/scan_triton.py: states stay in registers; one launch each way) when Triton
+             imports.
   cuda       mamba-ssm's fused kernel (needs `mamba_ssm` built for this GPU and CUDA tensors).
 `auto` (the default) picks torch (Triton) for training on a GPU, cuda for generation, torch on CPU.
 """

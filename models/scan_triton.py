@@ -11,8 +11,8 @@ memory; here one program owns BLOCK_D channels x n states of one sequence and ke
 whole sequence, so the forward reads its inputs once and writes out once. The bias, softplus, D and z terms and the
 dtype conversions are done in the same kernels: in PyTorch they are ~20 launches and as many passes over
 (b, d, l) float32 tensors per layer, forward and backward (issue 17: the eager training step is launch-bound).
-The backward first re-runs the forward and parks the states in a scratch buffer (its own slice, so it stays mostly
-in L2), then walks time backwards. Reductions across channels (dB, dC) and across the batch (dA, dD, d bias) are
+The forward also writes dt and the ungated output for the backward, which re-runs the recurrence, parks the states
+in a scratch buffer (its own slice, so it stays mostly in L2), then walks time backwards. Reductions across channels (dB, dC) and across the batch (dA, dD, d bias) are
 written as per-program partial sums and added up in PyTorch, so results are deterministic.
 
 Both passes are registered as torch.library custom ops (opaque to torch.compile, capturable in CUDA graphs).
@@ -39,7 +39,7 @@ if triton is not None:
 
     @triton.jit
     def _dt(delta_ptr, bias, off, m, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-        """(dt, raw): raw = delta + bias, dt = softplus(raw) or raw."""
+        """dt = softplus(delta + bias), or delta + bias."""
         raw = tl.load(delta_ptr + off, mask=m, other=0.0).to(tl.float32)
         if HAS_BIAS:
             raw += bias
@@ -50,7 +50,7 @@ if triton is not None:
             dt = tl.where(m, dt, 0.0)  # padded channels: dt = 0 keeps their states at 0
         else:
             dt = raw
-        return dt, raw
+        return dt
 
     @triton.jit
     def _fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr, saved_ptr, D, N,
@@ -74,7 +74,7 @@ if triton is not None:
         h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
         for t in range(L):
             u = tl.load(u_ptr + b * su_b + d * su_d + t * su_l, mask=md, other=0.0).to(tl.float32)
-            dt, _ = _dt(delta_ptr, bias, b * st_b + d * st_d + t * st_l, md, HAS_BIAS, SOFTPLUS)
+            dt = _dt(delta_ptr, bias, b * st_b + d * st_d + t * st_l, md, HAS_BIAS, SOFTPLUS)
             Bt = tl.load(B_ptr + b * sb_b + n * sb_n + t * sb_l, mask=mn, other=0.0).to(tl.float32)
             Ct = tl.load(C_ptr + b * sc_b + n * sc_n + t * sc_l, mask=mn, other=0.0).to(tl.float32)
             h = tl.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * Bt[None, :]
