@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 DEMO = Path("outputs/demo")
-QUICK_STEPS = 200  # --quick: at most this many steps per stage-1 model (the full demo: 200-600)
+QUICK_STEPS = 120  # --quick: at most this many steps per stage-1 model (the full demo: 200-600; 200 here cost ~50 s more)
 QUICK_GEN_STEPS = 100  # --quick: MambaTalk's steps (the full demo: 300); 200 took 6.4 of the quick run's 10.6 min
 # (config, best checkpoint the trainer writes, where MambaTalk expects it)
 STAGE1 = [
