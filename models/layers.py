@@ -132,6 +132,13 @@ class WavEncoder(nn.Module):
         ])
         self.out = nn.Linear(3 * c3, out_dim)
 
+    def _counted_batchnorms(self):
+        """The BatchNorms whose counter _bn2d does not advance (found once: the training step is host-bound)."""
+        if "_bn_list" not in self.__dict__:
+            self.__dict__["_bn_list"] = [m for m in self.modules() if isinstance(m, nn.BatchNorm1d)
+                                         and m.track_running_stats and m.momentum is not None]
+        return self.__dict__["_bn_list"]
+
     def forward(self, wav):
         if wav.dim() == 2:
             wav = wav.unsqueeze(-1)
@@ -148,10 +155,10 @@ class WavEncoder(nn.Module):
         feats = torch.cat([self.multi_scale[0](fine), self.multi_scale[1](mid), coarse], dim=1)
         if nhwc:
             feats = feats.squeeze(2)                  # channel stride 1: the transpose below is contiguous
-            counters = [m.num_batches_tracked for m in self.modules() if isinstance(m, nn.BatchNorm1d)
-                        and m.training and m.track_running_stats and m.momentum is not None]
-            if counters:  # the batch counters _bn2d left to us
-                torch._foreach_add_(counters, 1)
+            if self.training:  # the batch counters _bn2d left to us
+                counters = [m.num_batches_tracked for m in self._counted_batchnorms() if m.training]
+                if counters:
+                    torch._foreach_add_(counters, 1)
         return self.out(feats.transpose(1, 2))
 
 

@@ -281,7 +281,3 @@ def selective_scan_fused(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ins)
     return scan_fwd(*ins, bool(delta_softplus), save)[0]
 
-
-def selective_scan_core(u, dt, A, B, C):
-    """y (b, d, l) for float32 u, dt (b, d, l), A (d, n), B, C (b, n, l); differentiable in all five."""
-    return selective_scan_fused(u, dt, A, B, C)

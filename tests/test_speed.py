@@ -149,30 +149,45 @@ def test_generate_equals_published_window_loop(monkeypatch):
             torch.testing.assert_close(g[k], r[k], rtol=1e-4, atol=1e-4)
 
 
-TRITON_CHECK = textwrap.dedent("""
+TRITON_SCAN_CHECK = textwrap.dedent("""
+    import warnings
     import torch
     from models import scan_triton
-    from models.scan import _ScanFn
+    from models.scan import selective_scan_reference
+    warnings.simplefilter("error", RuntimeWarning)  # no overflow anywhere in the kernels
     torch.manual_seed(0)
     worst = 0.0
     for b, d, l, n in [(2, 5, 7, 3), (1, 40, 9, 16), (2, 33, 12, 16)]:
-        # u, B in the (b, l, .) memory layout Mamba produces, the others contiguous: strides are honoured
-        u = torch.randn(b, l, d).transpose(1, 2)
-        dt = torch.nn.functional.softplus(torch.randn(b, d, l) * 0.5 - 1)
-        A = -torch.exp(torch.randn(d, n) * 0.5 + 1)
-        B, C = torch.randn(b, l, n).transpose(1, 2), torch.randn(b, n, l)
-        xs = [t.clone().requires_grad_() for t in (u, dt, A, B, C)]
-        y = scan_triton.selective_scan_core(*xs)
-        gy = torch.randn_like(y)
-        g = torch.autograd.grad((y * gy).sum(), xs)
-        ref_in = [t.detach().double().requires_grad_() for t in xs]
-        y_ref = _ScanFn.apply(*ref_in)
-        g_ref = torch.autograd.grad((y_ref * gy.double()).sum(), ref_in)
-        for a, r in zip((y,) + g, (y_ref,) + g_ref):
-            assert a.shape == r.shape and a.dtype == torch.float32
-            worst = max(worst, ((a.double() - r).norm() / r.norm()).item())
+        for use_D, use_z, use_bias, softplus in [(1, 1, 1, 1), (0, 0, 0, 0), (1, 0, 1, 0), (0, 1, 0, 1)]:
+            # u and z as the in-projection leaves them: (b, d, l) views of a (b, l, 2d) tensor
+            u = torch.randn(b, l, 2 * d)[..., :d].transpose(1, 2)
+            z = torch.randn(b, l, 2 * d)[..., d:].transpose(1, 2) if use_z else None
+            delta = torch.randn(b, l, d).transpose(1, 2) * 0.5
+            bias = torch.randn(d) * 0.3 - 1 if use_bias else None
+            if not softplus:  # dt = delta + bias directly: keep it positive (a negative dt makes the states grow)
+                delta, bias = delta.abs() * 0.3, None if bias is None else bias.abs()
+            A = -torch.exp(torch.randn(d, n) * 0.5 + 1)
+            B, C = torch.randn(b, l, n).transpose(1, 2), torch.randn(b, n, l)
+            D = torch.randn(d) if use_D else None
+            ins = [u, delta, A, B, C, D, z, bias]
+            xs = [t.clone().requires_grad_() if t is not None else None for t in ins]
+            y = scan_triton.selective_scan_fused(*xs, delta_softplus=softplus)
+            gy = torch.randn_like(y)
+            g = torch.autograd.grad((y * gy).sum(), [t for t in xs if t is not None])
+            ref = [t.detach().double().requires_grad_() if t is not None else None for t in ins]
+            y_ref = selective_scan_reference(*ref, delta_softplus=softplus)
+            g_ref = torch.autograd.grad((y_ref * gy.double()).sum(), [t for t in ref if t is not None])
+            for a, r in zip((y,) + g, (y_ref,) + g_ref):
+                assert a.shape == r.shape and a.dtype == torch.float32
+                worst = max(worst, ((a.double() - r).norm() / r.norm()).item())
+        # bf16 in (as under autocast): bf16 out, bf16 gradients
+        xb = [t.to(torch.bfloat16).requires_grad_() if t is not None and t.dim() == 3 else t for t in ins]
+        yb = scan_triton.selective_scan_fused(*xb, delta_softplus=softplus)
+        assert yb.dtype == torch.bfloat16
+        gb = torch.autograd.grad(yb.float().sum(), [t for t in xb if t is not None and t.requires_grad])
+        assert all(x.dtype == torch.bfloat16 for x in gb)
     print("worst", worst)
-    assert worst < 1e-5, worst
+    assert worst < 1e-6, worst
 """)
 
 
@@ -211,36 +226,15 @@ TRITON_CONV_CHECK = textwrap.dedent("""
 """)
 
 
-def test_triton_conv_kernels_in_interpreter():
-    """models/conv_triton.py against float64 PyTorch, and inside a Mamba layer (forward and all gradients)."""
+@pytest.mark.parametrize("script", ["scan", "conv"])
+def test_triton_kernels_in_interpreter(script):
+    """Triton's interpreter runs the GPU kernels on CPU tensors. scan: models/scan_triton.py (bias, softplus, D, z
+    inside; strided inputs) against the float64 step-by-step recurrence, every combination of the optional terms.
+    conv: models/conv_triton.py against float64 PyTorch, and inside a Mamba layer (forward and all gradients)."""
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
-    r = subprocess.run([sys.executable, "-c", TRITON_CONV_CHECK], cwd=REPO, env=env, capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
-
-
-TRITON_FUSED_CHECK = """
-import warnings
-warnings.simplefilter("error", RuntimeWarning)  # no overflow anywhere in the kernels
-""" + 'import torch\nfrom models import scan_triton as st\nfrom models.scan import selective_scan_reference\ntorch.manual_seed(0)\nworst = 0.0\nfor b, d, l, n in [(2, 5, 7, 3), (1, 40, 9, 16), (2, 33, 12, 16)]:\n    for use_D, use_z, use_bias, sp in [(True, True, True, True), (False, False, False, False), (True, False, True, False), (False, True, False, True)]:\n        u = torch.randn(b, l, 2 * d)[..., :d].transpose(1, 2)\n        delta = torch.randn(b, l, d).transpose(1, 2) * 0.5 - (0 if sp else -1.5)\n        if not sp: delta = delta.abs() * 0.3\n        A = -torch.exp(torch.randn(d, n) * 0.5 + 1)\n        B, C = torch.randn(b, l, n).transpose(1, 2), torch.randn(b, n, l)\n        D = torch.randn(d) if use_D else None\n        z = torch.randn(b, l, 2 * d)[..., d:].transpose(1, 2) if use_z else None\n        bias = (torch.randn(d) * 0.3 - (1 if sp else -0.5)).abs() * (1 if not sp else -1) if use_bias else None\n        ins = [u, delta, A, B, C, D, z, bias]\n        xs = [t.clone().requires_grad_() if t is not None else None for t in ins]\n        y = st.selective_scan_fused(*xs, delta_softplus=sp)\n        gy = torch.randn_like(y)\n        live = [t for t in xs if t is not None]\n        g = torch.autograd.grad((y * gy).sum(), live)\n        ref = [t.detach().double().requires_grad_() if t is not None else None for t in ins]\n        y_ref = selective_scan_reference(*ref, delta_softplus=sp)\n        g_ref = torch.autograd.grad((y_ref * gy.double()).sum(), [t for t in ref if t is not None])\n        errs = [((a.double() - r).norm() / r.norm()).item() for a, r in zip((y,) + g, (y_ref,) + g_ref)]\n        worst = max(worst, max(errs))\n    # bf16 inputs: output and grads in bf16\n    xb = [t.to(torch.bfloat16).requires_grad_() if t is not None and t.dim() == 3 else t for t in ins]\n    yb = st.selective_scan_fused(*xb, delta_softplus=sp)\n    assert yb.dtype == torch.bfloat16\n    gb = torch.autograd.grad(yb.float().sum(), [t for t in xb if t is not None and t.requires_grad])\n    assert all(x.dtype == torch.bfloat16 for x in gb)\nassert worst < 1e-6, worst\nprint("worst", worst)\n'
-
-
-def test_triton_fused_scan_in_interpreter():
-    """The fused kernels (bias, softplus, D, z inside; inputs in the in-projection's strided layout) against the
-    float64 step-by-step recurrence, every combination of the optional terms; bf16 in, bf16 out and gradients."""
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
-    r = subprocess.run([sys.executable, "-c", TRITON_FUSED_CHECK], cwd=REPO, env=env, capture_output=True,
-                       text=True, timeout=300)
-    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
-
-
-def test_triton_scan_kernels_in_interpreter():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
-    r = subprocess.run([sys.executable, "-c", TRITON_CHECK], cwd=REPO, env=env, capture_output=True, text=True,
-                       timeout=300)
+    code = TRITON_SCAN_CHECK if script == "scan" else TRITON_CONV_CHECK
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
 
 
