@@ -10,8 +10,9 @@ code and the fast configuration, with peak GPU memory, then the agreement betwee
   train    full MambaTalk training step (frozen VQ encoders, three passes, six losses, backward, clipping, Adam)
            at batch x 64 frames through the trainer's own train_step. published: fp32, three full passes, Adam,
            mamba-ssm's scan. fast: bf16 autocast, conditioning shared by the three passes, passes batched, fused Adam,
-           Triton scan (+ torch.compile with CUDA graphs, as the trainer's `compile: true`: --compile; + the whole
-           eager step as one CUDA graph, as `cuda_graph: true`: the row "graph", run after every other section).
+           Triton scan (+ the whole eager step as one CUDA graph, as `cuda_graph: true`: the row "graph"; + that with
+           the model compiled, as `compile: true` with `cuda_graph: true`: --compile, the row "compile-graph"; the
+           graphed rows run after every other section). SIGTERM (e.g. `timeout`) prints the rows measured so far.
            The published rows run with the published code's cuDNN flags (benchmark, deterministic).
   window   one 64-frame window at batch 1, the generator's forward. published: eager fp32. fast: CUDA graph (bf16:
            on bf16 weights, as generate() runs); and generate()'s per-window step alone.
@@ -29,6 +30,7 @@ Weights are random (speed only); data are random tensors already on the device (
 import argparse
 import copy
 import gc
+import signal
 import statistics
 import sys
 import time
@@ -69,7 +71,12 @@ TRAIN_ROWS = {
                    "auto", True),
     # utils.cuda_graph.GraphedTrainStep: the eager step captured as one CUDA graph (capturable fused Adam), no compile
     "graph": ("fast + the whole step as one CUDA graph (no compile)", True, "bf16", True, "graph", "auto", True),
+    # `compile: true` with `cuda_graph: true`: the compiled model (no CUDA graphs of its own) and the rest of the step
+    # (targets, losses, backward, Adam) captured as one CUDA graph
+    "compile-graph": ("fast + torch.compile + the whole step as one CUDA graph", True, "bf16", True, "compile-graph",
+                      "auto", True),
 }
+GRAPH_ROWS = ("graph", "compile-graph")  # a failed capture can leave the CUDA context unusable: these run last
 
 
 # ---- helpers --------------------------------------------------------------------------------------------------------
@@ -150,11 +157,13 @@ def step_trainer(args, device, model, vq, share, amp, fused, compile_mode=None, 
     t.autocast_dtype = torch.bfloat16 if amp == "bf16" else None
     t.scaler = torch.amp.GradScaler(device.type, enabled=False)
     t.epoch, t.global_step = 0, 0
-    if compile_mode == "graph":
+    if compile_mode in GRAPH_ROWS:
         lr = args.lr_base * args.batch_size / 128  # as Trainer.build_optimizer, capturable
         t.optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr,
                                        betas=tuple(args.opt_betas), weight_decay=args.weight_decay, fused=True,
                                        capturable=True)
+        if compile_mode == "compile-graph":
+            t.model = torch.compile(model)
     elif compile_mode:
         t.model = torch.compile(model, mode=compile_mode)
     return t
@@ -227,6 +236,17 @@ def same_frames(a, b, tol=1e-3):
 
 # ---- sections -------------------------------------------------------------------------------------------------------
 
+START = time.perf_counter()
+
+
+class TimeLimit(BaseException):
+    """SIGTERM (e.g. from `timeout`): print the rows measured so far (not an Exception: run_row must not catch it)."""
+
+
+def _stop(signum, frame):
+    raise TimeLimit()
+
+
 class Table:
     def __init__(self):
         self.rows, self.notes = [], []
@@ -238,8 +258,8 @@ class Table:
             ratio = f"{(value / base if higher_is_better else base / value):.2f}x"
         self.rows.append((target, config, f"{value:,.2f}" if value < 1e5 else f"{value:,.0f}", unit, ratio,
                           "" if mem != mem else f"{mem:.2f}"))
-        print(f"  [{target or self.rows[-2][0]}] {config or self.rows[-2][1]}: {self.rows[-1][2]} {unit}",
-              flush=True)  # progress, in case a later row hangs
+        print(f"  [{time.perf_counter() - START:.0f} s] [{target or self.rows[-2][0]}] "
+              f"{config or self.rows[-2][1]}: {self.rows[-1][2]} {unit}", flush=True)  # progress, if a later row hangs
 
     def fail(self, target, config, err):
         self.rows.append((target, config, "FAILED", type(err).__name__, "", ""))
@@ -280,7 +300,7 @@ def bench_train(table, args, device, opts):
         batch = training_batch(args, device)
         torch.manual_seed(123)
         t0 = time.perf_counter()
-        if compile_mode == "graph":  # the warm-up steps run eagerly; the first-step losses are the graph's first replay
+        if compile_mode in GRAPH_ROWS:  # the warm-up steps run first; the first-step losses are the first replay
             trainer.train_step = GraphedTrainStep(trainer, batch)
         first = trainer.train_step(batch)  # identical weights, batch and seed in every configuration
         sync(device)
@@ -298,17 +318,21 @@ def bench_train(table, args, device, opts):
         table.add("train step", config, fps, "frames/s", base.get("fps"), peak_gib(device), higher_is_better=True)
         table.add("", "", dt * 1e3, "ms/step", base.get("ms"), float("nan"))
         if compile_mode:
+            what = {"graph": "warm-up and capture", "compile-graph": "compilation, warm-up and capture"}
             table.notes.append(f"train step / {config}: first step {t_first:.1f} s "
-                               f"({'warm-up and capture' if compile_mode == 'graph' else 'compilation'})")
+                               f"({what.get(compile_mode, 'compilation')})")
         del trainer, model
         return fps, dt * 1e3, {k: float(v) for k, v in first.items()}
 
-    gpu_rows = ("fp32", "fast-mamba", "compile", "compile-ro", "graph")  # equal to other rows on CPU (or GPU only)
+    gpu_rows = ("fp32", "fast-mamba", "compile", "compile-ro") + GRAPH_ROWS  # equal to other rows on CPU, or GPU only
     wanted = [k for k in TRAIN_ROWS if k in opts.train_rows and (k not in gpu_rows or device.type == "cuda")]
     ref_losses = None
     for key in wanted:
         c = TRAIN_ROWS[key]
         out = run_row(table, "train step", c[0], lambda c=c: run(*c))
+        if key == "compile-graph" and out is None and "compile-ro" not in opts.train_rows:
+            c = TRAIN_ROWS["compile-ro"]  # the best configuration without the whole-step capture
+            out = run_row(table, "train step", c[0], lambda c=c: run(*c))
         if key == "published" and out:
             base.update(fps=out[0], ms=out[1])
             ref_losses = out[2]
@@ -669,7 +693,7 @@ def main():
     p.add_argument("--warmup", type=int, default=None, help="untimed training steps after the first")
     p.add_argument("--repeats", type=int, default=None, help="repeats of the window/scan timings (median)")
     p.add_argument("--compile", action="store_true",
-                   help="add the training row the trainer runs with `compile: true` (compiles for minutes)")
+                   help="add the training row of `compile: true` with `cuda_graph: true` (compiles for minutes)")
     p.add_argument("--compile_generation", action="store_true",
                    help="also rows of generate() with its window step compiled (config compile: true)")
     p.add_argument("--published_mamba_src", default=None,
@@ -682,12 +706,11 @@ def main():
                    choices=list(TRAIN_ROWS), help="training configurations")
     opts = p.parse_args()
     device = torch.device(opts.device)
-    if opts.compile and "compile-ro" not in opts.train_rows:
-        opts.train_rows.append("compile-ro")
-    # a failed graph capture can leave the CUDA context unusable: the graph row runs after every other section
-    graph_last = "graph" in opts.train_rows and "train" in opts.only
-    if graph_last:
-        opts.train_rows.remove("graph")
+    if opts.compile and not {"compile-ro", "compile-graph"} & set(opts.train_rows):
+        opts.train_rows.append("compile-graph")  # (compile-ro instead if it fails)
+    # a failed graph capture can leave the CUDA context unusable: the graphed rows run after every other section
+    graph_last = [k for k in GRAPH_ROWS if k in opts.train_rows] if "train" in opts.only else []
+    opts.train_rows = [k for k in opts.train_rows if k not in graph_last]
     opts.tiny = opts.tiny or (device.type == "cpu" and not opts.published_size)
     opts.steps = opts.steps or (1 if opts.tiny else 10)
     opts.warmup = opts.warmup if opts.warmup is not None else (0 if opts.tiny else 3)
@@ -709,21 +732,26 @@ def main():
     if opts.profile:
         return profile_train(args, device, opts)
     table = Table()
-    if "train" in opts.only:
-        bench_train(table, args, device, opts)
-    if "model" in opts.only:
-        bench_model(table, args, device, opts)
-    if "window" in opts.only:
-        bench_window(table, args, device, opts)
-    if "clip" in opts.only:
-        bench_sequences(table, args, device, opts, "clip", clip)
-    if "testset" in opts.only:
-        bench_sequences(table, args, device, opts, "test set", test_set)
-    if "scan" in opts.only:
-        bench_scan(table, args, device, opts)
-    if graph_last:
-        opts.train_rows = ["graph"]
-        bench_train(table, args, device, opts)
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        if "train" in opts.only:
+            bench_train(table, args, device, opts)
+        if "model" in opts.only:
+            bench_model(table, args, device, opts)
+        if "window" in opts.only:
+            bench_window(table, args, device, opts)
+        if "clip" in opts.only:
+            bench_sequences(table, args, device, opts, "clip", clip)
+        if "testset" in opts.only:
+            bench_sequences(table, args, device, opts, "test set", test_set)
+        if "scan" in opts.only:
+            bench_scan(table, args, device, opts)
+        if graph_last:
+            opts.train_rows = graph_last
+            bench_train(table, args, device, opts)
+    except TimeLimit:
+        table.notes.append(f"stopped by SIGTERM (time limit) after {time.perf_counter() - START:.0f} s: the rows "
+                           "after the last one above are missing")
     table.print(f"MambaTalk speed on {card} (random weights; {'tiny' if opts.tiny else 'published'} sizes)")
 
 

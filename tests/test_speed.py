@@ -157,7 +157,7 @@ TRITON_SCAN_CHECK = textwrap.dedent("""
     warnings.simplefilter("error", RuntimeWarning)  # no overflow anywhere in the kernels
     torch.manual_seed(0)
     worst = 0.0
-    for b, d, l, n in [(2, 5, 7, 3), (1, 40, 9, 16), (2, 33, 12, 16)]:
+    for b, d, l, n in [(2, 5, 7, 3), (1, 40, 9, 16), (2, 33, 12, 16), (1, 3, 1, 4)]:  # l = 1: nothing to load ahead
         for use_D, use_z, use_bias, softplus in [(1, 1, 1, 1), (0, 0, 0, 0), (1, 0, 1, 0), (0, 1, 0, 1)]:
             # u and z as the in-projection leaves them: (b, d, l) views of a (b, l, 2d) tensor
             u = torch.randn(b, l, 2 * d)[..., :d].transpose(1, 2)

@@ -284,13 +284,10 @@ class Trainer:
             self.model = DistributedDataParallel(self.raw_model,
                                                  device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if args.compile:
-            # one process on a GPU: CUDA graphs too ("reduce-overhead", 28k -> 34k frames/s at the published size on an
-            # H100, run_scripts/bench_gpu.py); under DDP plain compilation (its gradient hooks run between graphs)
-            single_gpu = self.device.type == "cuda" and not dist.is_initialized()
             if dist.is_initialized():
                 self.log.warning("compile: true under DDP compiles for minutes and measured no faster than eager "
                                  "(README, Known limitations)")
-            self.model = torch.compile(self.model, mode="reduce-overhead" if single_gpu else None)
+            self.model = torch.compile(self.model, mode=self.compile_mode())
         self.epoch, self.global_step, self.batch_in_epoch = 0, 0, 0
         self.best_value, self.best_epoch, self.evaluated_step = float("inf"), -1, -1
         self.writer = self._summary_writer()
@@ -298,6 +295,12 @@ class Trainer:
             self.resume(args.resume)
 
     # ---- subclass hooks -------------------------------------------------------------------------------------------
+    def compile_mode(self):
+        """torch.compile's mode for `compile: true`. One process on a GPU: with CUDA graphs ("reduce-overhead", 28k ->
+        34k frames/s at the published size on an H100, run_scripts/bench_gpu.py); under DDP plain compilation (its
+        gradient hooks run between graphs)."""
+        return "reduce-overhead" if self.device.type == "cuda" and not dist.is_initialized() else None
+
     def check_inputs(self):
         """Raise FileNotFoundError for files the trainer will need (checked before the run folder is made)."""
 

@@ -123,10 +123,15 @@ class MambaTalkTrainer(Trainer):
         check_stage1_files(self.args)
 
     def graph_step(self):
-        """`cuda_graph: true` applies: one GPU, no DDP, no torch.compile, no fp16 loss scaling (host syncs)."""
+        """`cuda_graph: true` applies: one GPU, no DDP, no fp16 loss scaling (host syncs). With `compile: true` too, the
+        compiled model's kernels are captured with the rest of the step (losses, backward, Adam), which the compiled
+        model's own CUDA graphs leave out."""
         a = self.args
-        return bool(a.cuda_graph) and self.device.type == "cuda" and not dist.is_initialized() and \
-            not a.compile and a.amp != "fp16"
+        return bool(a.cuda_graph) and self.device.type == "cuda" and not dist.is_initialized() and a.amp != "fp16"
+
+    def compile_mode(self):
+        """With the whole step captured (graph_step), compilation without CUDA graphs of its own."""
+        return None if self.graph_step() else super().compile_mode()
 
     def train_step(self, batch):
         """With `cuda_graph: true`: the step as one CUDA graph (utils.cuda_graph.GraphedTrainStep), captured again
@@ -134,7 +139,7 @@ class MambaTalkTrainer(Trainer):
         if not self.graph_step():
             if self.args.cuda_graph and not getattr(self, "_warned_graph", False):
                 self._warned_graph = True
-                get_logger().warning("cuda_graph: true needs one GPU without DDP, compile or fp16: training eagerly")
+                get_logger().warning("cuda_graph: true needs one GPU without DDP or fp16: training eagerly")
             return super().train_step(batch)
         batch = to_device(batch, self.device)
         key = (self.epoch, tuple((k, tuple(v.shape)) for k, v in batch.items() if torch.is_tensor(v)))
