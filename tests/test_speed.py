@@ -348,6 +348,43 @@ def test_bench_prints_table():
     assert "first-step losses within 0.0e+00" in out  # shared conditioning, fp32: identical losses
 
 
+def test_bench_prints_the_rows_so_far_when_stopped():
+    """SIGTERM (what `timeout` sends) stops the speed table script with the rows measured so far and a note saying
+    where it stopped (a device call's time limit used to lose the whole table)."""
+    import signal
+    import time
+    p = subprocess.Popen([sys.executable, "run_scripts/bench_gpu.py", "--device", "cpu", "--tiny", "--only", "train"],
+                         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = []
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:  # wait for the first measured row, then stop it
+        lines.append(p.stdout.readline())
+        if "ms/step" in lines[-1]:
+            break
+    p.send_signal(signal.SIGTERM)
+    out = "".join(lines) + p.communicate(timeout=120)[0]
+    assert "ms/step" in "".join(lines), out
+    table = out.split("MambaTalk speed on CPU")[1]
+    assert "published: fp32, 3 full passes, Adam" in table and "stopped by SIGTERM (time limit)" in table, out
+
+
+def test_compile_with_cuda_graph_leaves_graphs_to_the_whole_step():
+    """`compile: true` alone compiles with CUDA graphs on one GPU; with `cuda_graph: true` the whole step is captured
+    (graph_step) and the model is compiled without graphs of its own (a graph cannot be captured inside another).
+    Only the configuration logic: no GPU needed."""
+    from trainers.mambatalk import MambaTalkTrainer
+    t = MambaTalkTrainer.__new__(MambaTalkTrainer)
+    t.device = torch.device("cuda")
+    for cuda_graph, amp, graphed, mode in [(False, "bf16", False, "reduce-overhead"), (True, "bf16", True, None),
+                                           (True, "fp16", False, "reduce-overhead")]:
+        t.args = small_args(compile=True, cuda_graph=cuda_graph, amp=amp)
+        assert t.graph_step() is graphed and t.compile_mode() == mode
+    t.device = torch.device("cpu")
+    t.args = small_args(compile=True, cuda_graph=True)
+    assert not t.graph_step() and t.compile_mode() is None
+
+
 # ---- issue 17: speed options keep the float32 reference's outputs within stated tolerances -------------------------
 
 def test_generate_timeline_runs_on_cpu():
