@@ -3,6 +3,7 @@
     python run_scripts/bench_gpu.py                 # GPU: published sizes
     python run_scripts/bench_gpu.py --tiny          # small sizes (CPU: what the test runs, so this cannot rot)
     python run_scripts/bench_gpu.py --only train window --compile
+    python run_scripts/bench_gpu.py --compile --isolate --section_timeout 300   # each section in its own process
 
 Prints ONE table (card named): for each target, the plain float32 eager configuration that mirrors the published
 code and the fast configuration, with peak GPU memory, then the agreement between the two.
@@ -31,9 +32,12 @@ import argparse
 import copy
 import faulthandler
 import gc
+import json
 import signal
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
 import warnings
@@ -691,6 +695,61 @@ def profile_train(args, device, opts):
           f"{busy:.0f} ms, {ops} aten calls on the host")
 
 
+def run_sections(table, args, device, opts, graph_last, clip, test_set):
+    if "train" in opts.only:
+        bench_train(table, args, device, opts)
+    if "model" in opts.only:
+        bench_model(table, args, device, opts)
+    if "window" in opts.only:
+        bench_window(table, args, device, opts)
+    if "clip" in opts.only:
+        bench_sequences(table, args, device, opts, "clip", clip)
+    if "testset" in opts.only:
+        bench_sequences(table, args, device, opts, "test set", test_set)
+    if "scan" in opts.only:
+        bench_scan(table, args, device, opts)
+    if graph_last:
+        opts.train_rows = graph_last
+        bench_train(table, args, device, opts)
+
+
+def run_isolated(table, opts):
+    """--isolate: each section in a process of its own (this script with --only SECTION; the graphed training rows
+    with the train section), their rows gathered into one table. Whatever one section leaves behind in a process
+    (CUDA graphs, compiled functions, a stuck call) cannot touch the next one, and a section that runs longer than
+    --section_timeout is stopped (its rows so far are kept) while the others still run."""
+    argv = [a for a in sys.argv[1:] if a != "--isolate"]
+    for section in [s for s in SECTIONS if s in opts.only]:
+        with tempfile.TemporaryDirectory() as tmp:
+            rows_out = Path(tmp) / "rows.json"
+            child = subprocess.Popen([sys.executable, __file__, *argv, "--only", section, "--rows_out", str(rows_out)])
+            stopped = None
+            try:
+                child.wait(timeout=opts.section_timeout)
+            except subprocess.TimeoutExpired:
+                stopped = f"section {section}: stopped after --section_timeout {opts.section_timeout:.0f} s"
+            except TimeLimit:
+                stopped = f"section {section}: stopped by SIGTERM (time limit)"
+            if stopped:
+                child.send_signal(signal.SIGTERM)  # it writes the rows it has, unless it is stuck in a native call
+                try:
+                    child.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+                    child.wait()
+                    stopped += " (it did not react to SIGTERM within 30 s and was killed: its rows are lost)"
+            if rows_out.exists():
+                part = json.loads(rows_out.read_text())
+                table.rows += [tuple(r) for r in part["rows"]]
+                table.notes += part["notes"]
+            elif not stopped:
+                table.fail(section, "(whole section)", RuntimeError(f"the process exited with {child.returncode}"))
+            if stopped:
+                table.notes.append(stopped)
+                if stopped.startswith(f"section {section}: stopped by SIGTERM"):
+                    raise TimeLimit()
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="configs/mambatalk.yaml")
@@ -713,6 +772,11 @@ def main():
                    help="profile one training step of this configuration (default fast) and stop")
     p.add_argument("--train_rows", nargs="+", default=["published", "shared", "fp32", "fast-mamba", "fast", "graph"],
                    choices=list(TRAIN_ROWS), help="training configurations")
+    p.add_argument("--isolate", action="store_true",
+                   help="run each section in a process of its own and print one table of all of them")
+    p.add_argument("--section_timeout", type=float, default=None,
+                   help="with --isolate: stop a section after this many seconds and go on with the next")
+    p.add_argument("--rows_out", default=None, help=argparse.SUPPRESS)  # --isolate's sections write their rows here
     p.add_argument("--hang_dump", type=float, default=240.0,
                    help="seconds after which a row that is still running prints every thread's stack")
     opts = p.parse_args()
@@ -747,24 +811,16 @@ def main():
     table = Table()
     signal.signal(signal.SIGTERM, _stop)
     try:
-        if "train" in opts.only:
-            bench_train(table, args, device, opts)
-        if "model" in opts.only:
-            bench_model(table, args, device, opts)
-        if "window" in opts.only:
-            bench_window(table, args, device, opts)
-        if "clip" in opts.only:
-            bench_sequences(table, args, device, opts, "clip", clip)
-        if "testset" in opts.only:
-            bench_sequences(table, args, device, opts, "test set", test_set)
-        if "scan" in opts.only:
-            bench_scan(table, args, device, opts)
-        if graph_last:
-            opts.train_rows = graph_last
-            bench_train(table, args, device, opts)
+        if opts.isolate:
+            run_isolated(table, opts)
+        else:
+            run_sections(table, args, device, opts, graph_last, clip, test_set)
     except TimeLimit:
         table.notes.append(f"stopped by SIGTERM (time limit) after {time.perf_counter() - START:.0f} s: the rows "
                            "after the last one above are missing")
+    if opts.rows_out:  # a section run by --isolate: its parent prints the table
+        Path(opts.rows_out).write_text(json.dumps(dict(rows=table.rows, notes=table.notes)))
+        return
     table.print(f"MambaTalk speed on {card} (random weights; {'tiny' if opts.tiny else 'published'} sizes)")
 
 

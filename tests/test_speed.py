@@ -369,6 +369,26 @@ def test_bench_prints_the_rows_so_far_when_stopped():
     assert "published: fp32, 3 full passes, Adam" in table and "stopped by SIGTERM (time limit)" in table, out
 
 
+def test_bench_isolated_sections_give_one_table():
+    """--isolate runs each section in a process of its own and prints one table of them all; --section_timeout stops
+    a section and goes on with the next (a section stuck in a native call must not cost the rest of the table)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "run_scripts/bench_gpu.py", "--device", "cpu", "--tiny", "--isolate"]
+    r = subprocess.run(cmd + ["--only", "clip", "testset"], cwd=REPO, capture_output=True, text=True, timeout=600,
+                       env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    table = r.stdout.split("MambaTalk speed on CPU")[-1]
+    assert r.stdout.count("MambaTalk speed on CPU") == 1
+    lines = table.splitlines()
+    for target, config in (("clip (1 seq, 6 s)", "published"), ("test set (3 seq, 12 s)", "fast: generate(), bf16")):
+        assert any(line.startswith(target) and config in line for line in lines), table
+    r = subprocess.run(cmd + ["--only", "clip", "testset", "--section_timeout", "0.01"], cwd=REPO,
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for section in ("clip", "testset"):
+        assert f"section {section}: stopped after --section_timeout" in r.stdout, r.stdout
+
+
 def test_compile_with_cuda_graph_leaves_graphs_to_the_whole_step():
     """`compile: true` alone compiles with CUDA graphs on one GPU; with `cuda_graph: true` the whole step is captured
     (graph_step) and the model is compiled without graphs of its own (a graph cannot be captured inside another).
