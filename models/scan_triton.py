@@ -12,8 +12,8 @@ whole sequence, so the forward reads its inputs once and writes out once. The bi
 dtype conversions are done in the same kernels: in PyTorch they are ~20 launches and as many passes over
 (b, d, l) float32 tensors per layer, forward and backward (issue 17: the eager training step is launch-bound).
 The forward also writes dt and the ungated output for the backward, which re-runs the recurrence, parks the states
-in a scratch buffer (its own slice, so it stays mostly in L2), then walks time backwards. Reductions across channels (dB, dC) and across the batch (dA, dD, d bias) are
-written as per-program partial sums and added up in PyTorch, so results are deterministic.
+in a scratch buffer of its own, then walks time backwards. Reductions across channels (dB, dC) and across the batch
+(dA, dD, d bias) are written as per-program partial sums and added up in PyTorch, so results are deterministic.
 
 Both passes are registered as torch.library custom ops (opaque to torch.compile, capturable in CUDA graphs).
 Triton's interpreter (TRITON_INTERPRET=1) runs the same kernels on CPU tensors; the tests use it.
