@@ -75,7 +75,7 @@ fi
 
 if ! skip tests; then
   stamp "GPU tests"
-  timeout 150 $PY -m pytest -q tests/test_speed.py tests/test_scan.py tests/test_ssm.py -k "gpu or cuda" 2>&1 | \
+  timeout 240 $PY -m pytest -q tests/test_speed.py tests/test_scan.py tests/test_ssm.py -k "gpu or cuda" 2>&1 | \
       tail -15 | tee "$OUT/pytest.txt"
 fi
 
