@@ -33,7 +33,7 @@ except ImportError:  # CPU-only installs: models/scan.py then uses its PyTorch l
 # warps and without loading one step ahead (block sizes 16-64, 1-4 warps and a chunked backward tried: README,
 # Speed).
 BLOCK_D = 32
-NUM_WARPS_FWD, NUM_WARPS_BWD = 1, 1
+NUM_WARPS = 1
 
 
 def available():
@@ -237,7 +237,7 @@ def scan_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Ten
                       u if delta_bias is None else delta_bias, y, saved, Dn, N, *u.stride(), *delta.stride(),
                       *A.stride(), *B.stride(), *C.stride(), *_strides(z, u), *y.stride(), L=L, BLOCK_D=BLOCK_D,
                       BLOCK_N=_block_n(N), HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-                      SOFTPLUS=delta_softplus, SAVE=save, num_warps=NUM_WARPS_FWD)
+                      SOFTPLUS=delta_softplus, SAVE=save, num_warps=NUM_WARPS)
     return y, saved
 
 
@@ -269,7 +269,7 @@ def scan_bwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Ten
                                *B.stride(),
                                *C.stride(), *_strides(z, u), *gy.stride(), L=L, BLOCK_D=BLOCK_D,
                                BLOCK_N=BN, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-                               SOFTPLUS=delta_softplus, num_warps=NUM_WARPS_BWD)
+                               SOFTPLUS=delta_softplus, num_warps=NUM_WARPS)
     out = [g_u.transpose(1, 2), g_delta.transpose(1, 2), g_A.sum(0).to(A.dtype),
            g_B.sum(1).transpose(1, 2).contiguous().to(B.dtype), g_C.sum(1).transpose(1, 2).contiguous().to(C.dtype)]
     if D is not None:
