@@ -155,6 +155,7 @@ def step_trainer(args, device, model, vq, share, amp, fused, compile_mode=None, 
     model.batch_passes = batched
     args = copy.copy(args)
     args.amp, args.fused_adam = amp, fused
+    args.cuda_graph = False  # the graph rows capture GraphedTrainStep themselves; the others are eager
     t = MambaTalkTrainer.__new__(MambaTalkTrainer)
     t.args, t.device, t.vq, t.raw_model, t.model = args, device, vq, model, model
     t.share_condition = share

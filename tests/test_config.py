@@ -100,6 +100,17 @@ def test_lists_and_booleans(tmp_path):
     assert load_config(path, {"training_speakers": 3}).training_speakers == [3]
 
 
+def test_auto_or_boolean_keys(tmp_path):
+    """cuda_graph takes true/false as a boolean key does, or auto; anything else names the key and file."""
+    path = write_yaml(tmp_path, "cuda_graph: true\n")
+    assert load_config(path).cuda_graph is True
+    assert parse_args(["-c", str(path), "--cuda_graph", "AUTO"]).cuda_graph == "auto"
+    assert parse_args(["-c", str(path), "--cuda_graph", "no"]).cuda_graph is False
+    assert load_config(write_yaml(tmp_path, "batch_size: 4\n")).cuda_graph == "auto"
+    with pytest.raises(ValueError, match=r"bad.yaml.*cuda_graph.*true, false or auto"):
+        load_config(write_yaml(tmp_path, "cuda_graph: sometimes\n", "bad.yaml"))
+
+
 def test_none_default_keys(tmp_path):
     path = write_yaml(tmp_path, "e_name: VAESKConv\n")
     assert parse_args(["-c", str(path)]).e_name == "VAESKConv"

@@ -542,6 +542,84 @@ def test_graphed_train_step_on_gpu_matches_eager(mode, rtol, atol):
             torch.testing.assert_close(b[k], a[k], rtol=rtol, atol=atol)
 
 
+def _trainer_pair(args, device, graph):
+    """An eager trainer and one with `cuda_graph: graph`, same weights, dropout off."""
+    trainers = []
+    for mode in (False, graph):
+        model, vq = bench_gpu.build_models(args, device)
+        t = bench_gpu.step_trainer(args, device, no_dropout(model), vq, True, "none", True)
+        t.args.cuda_graph = mode
+        trainers.append(t)
+    return trainers
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_trainer_graph_serves_every_epoch_on_gpu():
+    """MambaTalkTrainer.train_step under `cuda_graph: auto` on one GPU: captured on the first step and replayed in
+    later epochs (the mask ratio is a device scalar the graph reads), with the eager step's losses step after step
+    (float32, dropout off, same seed before each step: a replay draws the eager step's masks)."""
+    args = small_args(batch_size=4, epochs=4)
+    device = torch.device("cuda")
+    eager, graphed = _trainer_pair(args, device, "auto")
+    batch = bench_gpu.training_batch(args, device)
+    graphs = set()
+    for step, epoch in enumerate((0, 0, 2, 3)):
+        results = []
+        for t in (eager, graphed):
+            t.epoch = epoch
+            torch.manual_seed(10 + step)
+            results.append(t.train_step(batch))
+        graphs.add(id(graphed._graphed[1]))
+        for k in results[0]:
+            torch.testing.assert_close(results[1][k], results[0][k], rtol=1e-4, atol=1e-5, msg=f"epoch {epoch} {k}")
+    assert graphed.graph_step() and len(graphs) == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_trainer_goes_on_eagerly_when_capture_fails_on_gpu(caplog):
+    """Under `cuda_graph: auto`, a step that cannot be captured (here compute_losses reads a loss on the host, which
+    capture forbids) is logged and trained eagerly, from the weights and random stream as they were: the eager
+    trainer's losses and weights."""
+    args = small_args(batch_size=4)
+    device = torch.device("cuda")
+    eager, failing = _trainer_pair(args, device, "auto")
+    real = failing.compute_losses
+
+    def syncing(model, batch, epoch):
+        losses = real(model, batch, epoch)
+        float(losses["latent"])
+        return losses
+
+    failing.compute_losses = syncing
+    batch = bench_gpu.training_batch(args, device)
+    for step in range(2):
+        results = []
+        for t in (eager, failing):
+            torch.manual_seed(20 + step)
+            results.append(t.train_step(batch))
+        for k in results[0]:
+            torch.testing.assert_close(results[1][k], results[0][k], rtol=1e-4, atol=1e-5)
+    assert "training eagerly" in caplog.text and not failing.graph_step()
+    state = eager.raw_model.state_dict()
+    for k, v in failing.raw_model.state_dict().items():
+        torch.testing.assert_close(v, state[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_mask_ratio_as_a_device_scalar_draws_the_same_masks():
+    """What a graphed step compares the random canvas with (train_step's float32 scalar) gives the masks of the
+    eager step's Python float, at every epoch of a 200-epoch run."""
+    from trainers.mambatalk import mask_ratio
+    draws = torch.rand(200_000, generator=torch.Generator().manual_seed(0))
+    share = torch.zeros(())
+    for epoch in range(200):
+        ratio = mask_ratio(epoch, 200)
+        share.fill_(ratio)
+        edge = torch.tensor(ratio, dtype=torch.float32)  # where float32 and float64 comparisons could part
+        edges = torch.stack([torch.nextafter(edge, torch.tensor(0.0)), edge, torch.nextafter(edge, torch.tensor(1.0))])
+        for values in (draws, edges):
+            assert torch.equal(values < share, values < ratio), epoch
+
+
 def test_cuda_graph_option_trains_eagerly_without_a_gpu(caplog):
     """`cuda_graph: true` where it cannot apply (here: no GPU) trains eagerly, with a warning, the same losses."""
     args = small_args(batch_size=2, cuda_graph=True)
@@ -556,6 +634,10 @@ def test_cuda_graph_option_trains_eagerly_without_a_gpu(caplog):
     assert "training eagerly" in caplog.text
     for k in losses[1]:
         torch.testing.assert_close(losses[0][k], losses[1][k])
+    caplog.clear()
+    t.args.cuda_graph = "auto"  # the default: silent where it cannot apply
+    t.train_step(bench_gpu.training_batch(args, device))
+    assert "eagerly" not in caplog.text and not t.graph_step()
 
 
 def test_training_state_restore_undoes_steps():

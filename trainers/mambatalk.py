@@ -123,30 +123,46 @@ class MambaTalkTrainer(Trainer):
         check_stage1_files(self.args)
 
     def graph_step(self):
-        """`cuda_graph: true` applies: one GPU, no DDP, no fp16 loss scaling (host syncs). With `compile: true` too, the
-        compiled model's kernels are captured with the rest of the step (losses, backward, Adam), which the compiled
-        model's own CUDA graphs leave out."""
+        """Whether the step runs as one CUDA graph (utils.cuda_graph.GraphedTrainStep): `cuda_graph: true`, or `auto`
+        (the default) unless a capture failed in this run, on one GPU without DDP or fp16 loss scaling (host syncs).
+        With `compile: true` too, the compiled model's kernels are captured with the rest of the step (losses,
+        backward, Adam), which the compiled model's own CUDA graphs leave out."""
         a = self.args
-        return bool(a.cuda_graph) and self.device.type == "cuda" and not dist.is_initialized() and a.amp != "fp16"
+        wanted = a.cuda_graph is True or (a.cuda_graph == "auto" and not getattr(self, "_graph_failed", False))
+        return wanted and self.device.type == "cuda" and not dist.is_initialized() and a.amp != "fp16"
 
     def compile_mode(self):
         """With the whole step captured (graph_step), compilation without CUDA graphs of its own."""
         return None if self.graph_step() else super().compile_mode()
 
     def train_step(self, batch):
-        """With `cuda_graph: true`: the step as one CUDA graph (utils.cuda_graph.GraphedTrainStep), captured again
-        when the epoch (mask ratio, learning rate) or the batch shapes change (a short last batch)."""
+        """The step as one CUDA graph where graph_step() says so, captured on the first step and again only when the
+        learning rate (a decay epoch) or the batch shapes change: the epoch's mask ratio is a device scalar the graph
+        reads. Under `auto`, a capture that fails is logged and training goes on eagerly."""
         if not self.graph_step():
-            if self.args.cuda_graph and not getattr(self, "_warned_graph", False):
+            if self.args.cuda_graph is True and not getattr(self, "_warned_graph", False):
                 self._warned_graph = True
                 get_logger().warning("cuda_graph: true needs one GPU without DDP or fp16: training eagerly")
             return super().train_step(batch)
         batch = to_device(batch, self.device)
-        key = (self.epoch, tuple((k, tuple(v.shape)) for k, v in batch.items() if torch.is_tensor(v)))
+        if getattr(self, "mask_share", None) is None:
+            self.mask_share = torch.zeros((), device=self.device)
+        self.mask_share.fill_(mask_ratio(self.epoch, self.args.epochs))
+        key = (tuple(group["lr"] for group in self.optimizer.param_groups),
+               tuple((k, tuple(v.shape)) for k, v in batch.items() if torch.is_tensor(v)))
         if getattr(self, "_graphed", None) is None or self._graphed[0] != key:
             self._graphed = None  # free the previous graph's memory first
             self._make_optimizer_capturable()
-            self._graphed = (key, GraphedTrainStep(self, batch))
+            try:
+                self._graphed = (key, GraphedTrainStep(self, batch))
+                get_logger().info("training step captured as one CUDA graph (cuda_graph: false trains eagerly)")
+            except Exception as e:
+                if self.args.cuda_graph is True:
+                    raise
+                self._graph_failed = True
+                get_logger().warning(f"capturing the training step as a CUDA graph failed ({type(e).__name__}: "
+                                     f"{str(e).splitlines()[0] if str(e) else ''}); training eagerly from here")
+                return super().train_step(batch)
         return self._graphed[1](batch)
 
     def _make_optimizer_capturable(self):
@@ -200,7 +216,11 @@ class MambaTalkTrainer(Trainer):
         lat_w = {"face": a.lf, "upper": a.lu, "hands": a.lh, "lower": a.ll}
         cls_w = {"face": a.cf, "upper": a.cu, "hands": a.ch, "lower": a.cl}
         ones = dict.fromkeys(PARTS, 1.0)  # the masked passes weight every part's classification by 1 (§5.3)
-        mask = (torch.rand_like(t["motion"]) < mask_ratio(epoch, a.epochs)).float()  # element-wise, as published
+        # Under CUDA-graph capture the ratio is train_step's device scalar (set each step, so one capture serves
+        # every epoch); it holds mask_ratio(epoch) in float32, the precision of the comparison with a Python float.
+        share = self.mask_share if t["motion"].is_cuda and torch.cuda.is_current_stream_capturing() \
+            else mask_ratio(epoch, a.epochs)
+        mask = (torch.rand_like(t["motion"]) < share).float()  # element-wise, as published
         # seeded pass, masked pass, and the published `use_word` pass (same inputs, fresh dropout)
         masks = [self.seeded_mask(t["motion"]), mask, mask]
         if self.share_condition:  # one call; the audio/text encoders run once for the three passes

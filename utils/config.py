@@ -141,7 +141,7 @@ DEFAULTS = {
     "device": "auto",             # auto | cpu | cuda | cuda:N
     "amp": "none",                # none | bf16
     "compile": False,
-    "cuda_graph": False,          # one GPU: the whole training step as one CUDA graph (no compile; MambaTalk)
+    "cuda_graph": "auto",         # auto | true | false: the MambaTalk step as one CUDA graph (auto: on one GPU)
     "fused_adam": False,
     "max_steps": 0,               # 0 = no cap (tests and demo set a cap)
     "ctc_model": "facebook/wav2vec2-base-960h",  # HF name or local dir; "none" = zero CTC channel
@@ -168,6 +168,9 @@ DEFAULTS = {
     "vq_codebook_init": "uniform",  # stage-1 codebook init: uniform (published) | data (encoder outputs of a batch)
     "vq_restart_period": 0,  # stage-1: every N steps move codes no frame of the batch chose onto encoder outputs (0: never, published)
 }
+
+# Keys that take a boolean or the word "auto" (decided at run time, e.g. by the device).
+AUTO_BOOL_KEYS = ("cuda_graph",)
 
 _TRUE = {"true", "t", "yes", "y", "1"}
 _FALSE = {"false", "f", "no", "n", "0"}
@@ -231,6 +234,14 @@ def _coerce(key, value, ref):
         if not ref:
             return list(items)
         return [_coerce_scalar(key, v, ref[0]) for v in items]
+    if key in AUTO_BOOL_KEYS:
+        if isinstance(value, str) and value.lower() == "auto":
+            return "auto"
+        try:
+            return _coerce_scalar(key, value, True)
+        except ValueError:
+            raise ValueError(f"config key '{key}': expected true, false or auto, got {_type_name(value)} {value!r}") \
+                from None
     if isinstance(value, (list, tuple, dict)):
         raise ValueError(f"config key '{key}': expected {type(ref).__name__}, got {_type_name(value)} {value!r}")
     return _coerce_scalar(key, value, ref)

@@ -44,17 +44,21 @@ class GraphedTrainStep:
     cost of thousands of kernels per step goes; no minutes of compilation).
 
     Needs: a capturable Adam (torch.optim.Adam(..., capturable=True)); `trainer.compute_losses` free of host
-    synchronisation; the batch shapes and the epoch (its mask ratio) fixed at capture (capture again when they
-    change). The warm-up steps that capture requires run on `batch`; the weights, buffers and optimiser state are
-    then put back, so training is not changed (only its random streams). Unlike Trainer.train_step, the losses are
-    checked for finiteness after the update (one graph): a non-finite step raises FloatingPointError with the
-    weights already updated.
+    synchronisation; the batch shapes and the learning rate fixed at capture (capture again when they change). A
+    value that changes between replays (MambaTalk's per-epoch mask ratio) must be read from a device tensor that the
+    caller refills before each call. The warm-up steps that capture requires run on `batch`; the weights, buffers
+    and optimiser state and the CUDA random stream are then put back (also when warm-up or capture fails): a replay
+    draws the random numbers of the eager step it stands for (the graph reads the generator's offset at replay).
+    Unlike Trainer.train_step, the losses are checked for finiteness after the step (one graph); apply_gradients has
+    skipped the update on the device by then.
     """
 
     def __init__(self, trainer, batch, warmup=3):
         self.batch = {k: v.clone() if torch.is_tensor(v) else v for k, v in batch.items()}
         optimizer, model = trainer.optimizer, trainer.model
         saved = training_state(trainer.raw_model, optimizer)
+        device = next(trainer.raw_model.parameters()).device
+        rng = torch.cuda.get_rng_state(device)
 
         def step():
             losses = trainer.compute_losses(model, self.batch, trainer.epoch)
@@ -63,20 +67,29 @@ class GraphedTrainStep:
             trainer.apply_gradients()  # clipping, and the update skipped on the device for non-finite gradients
             return losses, total
 
-        # warm-up on a side stream, as capture requires (optimiser state, Triton compilation, library handles)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(warmup):
-                optimizer.zero_grad(set_to_none=True)
-                step()
-        torch.cuda.current_stream().wait_stream(stream)
-        restore_training_state(saved, optimizer)  # undo the warm-up
-        trainer.skipped_steps.zero_()
-        optimizer.zero_grad(set_to_none=True)  # backward in the graph writes fresh gradients on every replay
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.losses, self.total = step()
+        # Warm-up on a side stream, as capture requires (optimiser state, Triton compilation, library handles). A
+        # failure anywhere leaves weights, optimiser state and random stream as they were (the caller may go on eagerly).
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(warmup):
+                    optimizer.zero_grad(set_to_none=True)
+                    step()
+            torch.cuda.current_stream().wait_stream(stream)
+            restore_training_state(saved, optimizer)  # undo the warm-up
+            torch.cuda.set_rng_state(rng, device)  # the first replay draws what an eager first step would
+            trainer.skipped_steps.zero_()
+            optimizer.zero_grad(set_to_none=True)  # backward in the graph writes fresh gradients on every replay
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.losses, self.total = step()
+        except BaseException:
+            torch.cuda.synchronize()
+            restore_training_state(saved, optimizer)
+            torch.cuda.set_rng_state(rng, device)
+            optimizer.zero_grad(set_to_none=True)
+            raise
 
     def __call__(self, batch):
         for k, v in batch.items():
