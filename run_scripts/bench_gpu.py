@@ -54,7 +54,7 @@ from trainers import generate as gen  # noqa: E402
 from trainers.base import avoid_cudnn_attention  # noqa: E402
 from trainers.mambatalk import MambaTalkTrainer  # noqa: E402
 from utils.config import load_config  # noqa: E402
-from utils.cuda_graph import GraphedFunction, GraphedTrainStep  # noqa: E402
+from utils.cuda_graph import GraphedFunction  # noqa: E402
 
 TINY = dict(hidden_size=64, audio_f=64, motion_f=32, vae_codebook_size=32, word_index_num=40, word_dims=16,
             batch_size=2, pose_length=32)
@@ -74,8 +74,9 @@ TRAIN_ROWS = {
     "compile": ("fast + torch.compile", True, "bf16", True, "default", "auto", True),
     "compile-ro": ("fast + torch.compile with CUDA graphs (reduce-overhead)", True, "bf16", True, "reduce-overhead",
                    "auto", True),
-    # utils.cuda_graph.GraphedTrainStep: the eager step captured as one CUDA graph (capturable fused Adam), no compile
-    "graph": ("fast + the whole step as one CUDA graph (no compile)", True, "bf16", True, "graph", "auto", True),
+    # MambaTalkTrainer.train_step with `cuda_graph: true` (the default `auto` on one GPU): the eager step captured as
+    # one CUDA graph (utils.cuda_graph.GraphedTrainStep, capturable fused Adam), no compile
+    "graph": ("fast + the whole step as one CUDA graph (no compile; default)", True, "bf16", True, "graph", "auto", True),
     # `compile: true` with `cuda_graph: true`: the compiled model (no CUDA graphs of its own) and the rest of the step
     # (targets, losses, backward, Adam) captured as one CUDA graph
     "compile-graph": ("fast + torch.compile + the whole step as one CUDA graph", True, "bf16", True, "compile-graph",
@@ -155,7 +156,7 @@ def step_trainer(args, device, model, vq, share, amp, fused, compile_mode=None, 
     model.batch_passes = batched
     args = copy.copy(args)
     args.amp, args.fused_adam = amp, fused
-    args.cuda_graph = False  # the graph rows capture GraphedTrainStep themselves; the others are eager
+    args.cuda_graph = compile_mode in GRAPH_ROWS  # the trainer's own graphed step; the other rows eager
     t = MambaTalkTrainer.__new__(MambaTalkTrainer)
     t.args, t.device, t.vq, t.raw_model, t.model = args, device, vq, model, model
     t.share_condition = share
@@ -314,9 +315,7 @@ def bench_train(table, args, device, opts):
         batch = training_batch(args, device)
         torch.manual_seed(123)
         t0 = time.perf_counter()
-        if compile_mode in GRAPH_ROWS:  # the warm-up steps run first; the first-step losses are the first replay
-            trainer.train_step = GraphedTrainStep(trainer, batch)
-        first = trainer.train_step(batch)  # identical weights, batch and seed in every configuration
+        first = trainer.train_step(batch)  # graph rows: warm-up and capture, then the first replay  # identical weights, batch and seed in every configuration
         sync(device)
         t_first = time.perf_counter() - t0
         reset_peak(device)

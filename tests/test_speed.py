@@ -534,6 +534,7 @@ def test_graphed_train_step_on_gpu_matches_eager(mode, rtol, atol):
         t.epoch = args.epochs  # mask ratio 1: the masked passes' masks are all ones, no random draws
         trainers.append(t)
     eager, graphed = trainers
+    eager.args.cuda_graph = False
     batch = bench_gpu.training_batch(args, device)
     graphed.train_step = GraphedTrainStep(graphed, batch, warmup=3)  # its warm-up steps are undone
     for _ in range(3):
@@ -578,8 +579,9 @@ def test_trainer_graph_serves_every_epoch_on_gpu():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_trainer_goes_on_eagerly_when_capture_fails_on_gpu(caplog):
     """Under `cuda_graph: auto`, a step that cannot be captured (here compute_losses reads a loss on the host, which
-    capture forbids) is logged and trained eagerly, from the weights and random stream as they were: the eager
-    trainer's losses and weights."""
+    capture forbids) is found in the last warm-up step, logged and trained eagerly, from the weights and random
+    stream as they were: the eager trainer's losses and weights. (A sync inside a capture itself would leave
+    PyTorch's CUDA random generator in capture mode: no eager step could draw afterwards.)"""
     args = small_args(batch_size=4)
     device = torch.device("cuda")
     eager, failing = _trainer_pair(args, device, "auto")

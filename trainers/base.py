@@ -301,6 +301,10 @@ class Trainer:
         gradient hooks run between graphs)."""
         return "reduce-overhead" if self.device.type == "cuda" and not dist.is_initialized() else None
 
+    def graph_step(self):
+        """Whether train_step runs as one CUDA graph (trainers that can capture their step override this)."""
+        return False
+
     def check_inputs(self):
         """Raise FileNotFoundError for files the trainer will need (checked before the run folder is made)."""
 
@@ -339,7 +343,8 @@ class Trainer:
     def build_optimizer(self):
         args = self.args
         lr = args.lr_base * args.batch_size / 128  # published scaling (spec §5.5)
-        fused = bool(args.fused_adam) and self.device.type == "cuda"
+        # a graphed step skips non-finite updates on the device, which only fused Adam can (apply_gradients)
+        fused = bool(args.fused_adam or self.graph_step()) and self.device.type == "cuda"
         params = [p for p in self.raw_model.parameters() if p.requires_grad]
         return torch.optim.Adam(params, lr=lr, betas=tuple(args.opt_betas), weight_decay=args.weight_decay,
                                 fused=fused or None)

@@ -20,7 +20,7 @@ from models.motion_representation import STAGE1_FILES, VAESKConv, build_stage1_m
 from trainers.base import Trainer, to_device
 from trainers.generate import PARTS, choose_codes, decode_codes, decoded_to_motion, orthonormalise_6d
 from utils.checkpoint import load_weights
-from utils.cuda_graph import GraphedTrainStep
+from utils.cuda_graph import GraphedTrainStep, NotCapturable
 from utils.log import get_logger
 from utils.metric import frechet_distance
 from utils.rotation import axis_angle_to_rot6d
@@ -138,7 +138,8 @@ class MambaTalkTrainer(Trainer):
     def train_step(self, batch):
         """The step as one CUDA graph where graph_step() says so, captured on the first step and again only when the
         learning rate (a decay epoch) or the batch shapes change: the epoch's mask ratio is a device scalar the graph
-        reads. Under `auto`, a capture that fails is logged and training goes on eagerly."""
+        reads. Under `auto`, a step that cannot be captured (a host sync, e.g. Adam without `fused`) is logged and
+        trained eagerly."""
         if not self.graph_step():
             if self.args.cuda_graph is True and not getattr(self, "_warned_graph", False):
                 self._warned_graph = True
@@ -155,14 +156,17 @@ class MambaTalkTrainer(Trainer):
             self._make_optimizer_capturable()
             try:
                 self._graphed = (key, GraphedTrainStep(self, batch))
-                get_logger().info("training step captured as one CUDA graph (cuda_graph: false trains eagerly)")
-            except Exception as e:
+            except NotCapturable as e:
                 if self.args.cuda_graph is True:
-                    raise
+                    raise RuntimeError(f"cuda_graph: true, but the training step cannot be captured: {e}") from e
                 self._graph_failed = True
-                get_logger().warning(f"capturing the training step as a CUDA graph failed ({type(e).__name__}: "
-                                     f"{str(e).splitlines()[0] if str(e) else ''}); training eagerly from here")
+                get_logger().warning(f"the training step cannot be captured as a CUDA graph ({e}); training eagerly "
+                                     "from here")
                 return super().train_step(batch)
+            except Exception as e:
+                raise RuntimeError(f"capturing the training step as a CUDA graph failed ({type(e).__name__}: {e}); "
+                                   "set cuda_graph: false to train eagerly") from e
+            get_logger().info("training step captured as one CUDA graph (cuda_graph: false trains eagerly)")
         return self._graphed[1](batch)
 
     def _make_optimizer_capturable(self):
@@ -218,8 +222,9 @@ class MambaTalkTrainer(Trainer):
         ones = dict.fromkeys(PARTS, 1.0)  # the masked passes weight every part's classification by 1 (§5.3)
         # Under CUDA-graph capture the ratio is train_step's device scalar (set each step, so one capture serves
         # every epoch); it holds mask_ratio(epoch) in float32, the precision of the comparison with a Python float.
-        share = self.mask_share if t["motion"].is_cuda and torch.cuda.is_current_stream_capturing() \
-            else mask_ratio(epoch, a.epochs)
+        share = getattr(self, "mask_share", None)  # absent where GraphedTrainStep is used directly (bench, tests)
+        if share is None or not (t["motion"].is_cuda and torch.cuda.is_current_stream_capturing()):
+            share = mask_ratio(epoch, a.epochs)
         mask = (torch.rand_like(t["motion"]) < share).float()  # element-wise, as published
         # seeded pass, masked pass, and the published `use_word` pass (same inputs, fresh dropout)
         masks = [self.seeded_mask(t["motion"]), mask, mask]

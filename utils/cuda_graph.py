@@ -38,6 +38,10 @@ class GraphedFunction:
         return tuple(o.clone() for o in self.outputs)
 
 
+class NotCapturable(RuntimeError):
+    """The step synchronises with the host, so it cannot be captured; found before capture, nothing was changed."""
+
+
 class GraphedTrainStep:
     """A trainer's whole training step (forward, losses, backward, clipping, optimiser step) captured once as one
     CUDA graph and replayed for later batches of the same shapes: CUDA graphs without torch.compile (the launch
@@ -46,7 +50,8 @@ class GraphedTrainStep:
     Needs: a capturable Adam (torch.optim.Adam(..., capturable=True)); `trainer.compute_losses` free of host
     synchronisation; the batch shapes and the learning rate fixed at capture (capture again when they change). A
     value that changes between replays (MambaTalk's per-epoch mask ratio) must be read from a device tensor that the
-    caller refills before each call. The warm-up steps that capture requires run on `batch`; the weights, buffers
+    caller refills before each call. A step that synchronises with the host raises NotCapturable from its last
+    warm-up step, before any capture. The warm-up steps that capture requires run on `batch`; the weights, buffers
     and optimiser state and the CUDA random stream are then put back (also when warm-up or capture fails): a replay
     draws the random numbers of the eager step it stands for (the graph reads the generator's offset at replay).
     Unlike Trainer.train_step, the losses are checked for finiteness after the step (one graph); apply_gradients has
@@ -73,9 +78,22 @@ class GraphedTrainStep:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
-                for _ in range(warmup):
+                for i in range(warmup):
                     optimizer.zero_grad(set_to_none=True)
-                    step()
+                    if i < warmup - 1:
+                        step()
+                        continue
+                    # A host sync inside the capture would fail it and leave PyTorch's CUDA random generator in
+                    # capture mode (no eager step could draw afterwards): the last warm-up step, past the lazy
+                    # initialisations, refuses syncs instead.
+                    mode = torch.cuda.get_sync_debug_mode()
+                    torch.cuda.set_sync_debug_mode("error")
+                    try:
+                        step()
+                    except RuntimeError as e:
+                        raise NotCapturable(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
+                    finally:
+                        torch.cuda.set_sync_debug_mode(mode)
             torch.cuda.current_stream().wait_stream(stream)
             restore_training_state(saved, optimizer)  # undo the warm-up
             torch.cuda.set_rng_state(rng, device)  # the first replay draws what an eager first step would
