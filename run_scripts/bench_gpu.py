@@ -266,7 +266,8 @@ class Table:
         self.rows.append((target, config, f"{value:,.2f}" if value < 1e5 else f"{value:,.0f}", unit, ratio,
                           "" if mem != mem else f"{mem:.2f}"))
         print(f"  [{time.perf_counter() - START:.0f} s] [{target or self.rows[-2][0]}] "
-              f"{config or self.rows[-2][1]}: {self.rows[-1][2]} {unit}", flush=True)  # progress, if a later row hangs
+              f"{config or self.rows[-2][1]}: {self.rows[-1][2]} {unit}" + (f", peak {mem:.2f} GiB" if mem == mem else ""),
+              flush=True)  # progress, kept if a later row hangs
 
     def fail(self, target, config, err):
         self.rows.append((target, config, "FAILED", type(err).__name__, "", ""))
@@ -285,6 +286,7 @@ class Table:
             print("  note: " + n)
 
 
+SIGTERM_GRACE_S = 5  # --isolate: how long a stopped section may take to hand over its rows
 HANG_DUMP_S = 240  # a row still running after this long prints every thread's stack (--hang_dump)
 
 
@@ -731,13 +733,16 @@ def run_isolated(table, opts):
             except TimeLimit:
                 stopped = f"section {section}: stopped by SIGTERM (time limit)"
             if stopped:
-                child.send_signal(signal.SIGTERM)  # it writes the rows it has, unless it is stuck in a native call
+                # it writes the rows it has at once, unless it is stuck in a native call; the grace is short so that
+                # this table still prints before an outer time limit's kill
+                child.send_signal(signal.SIGTERM)
                 try:
-                    child.wait(timeout=30)
+                    child.wait(timeout=SIGTERM_GRACE_S)
                 except subprocess.TimeoutExpired:
                     child.kill()
                     child.wait()
-                    stopped += " (it did not react to SIGTERM within 30 s and was killed: its rows are lost)"
+                    stopped += f" (it did not react to SIGTERM within {SIGTERM_GRACE_S} s and was killed: its rows " \
+                               "are lost, but its progress lines above have them)"
             if rows_out.exists():
                 part = json.loads(rows_out.read_text())
                 table.rows += [tuple(r) for r in part["rows"]]

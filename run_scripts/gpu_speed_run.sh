@@ -134,7 +134,7 @@ fi
 
 if ! skip bench; then
   reserve=110; skip profile && reserve=0
-  left=$((585 - SECONDS - reserve))
+  left=$((570 - SECONDS - reserve))  # the table prints ~10 s after SIGTERM, before the device's 600-s kill
   stamp "bench (${left} s left)"
   published=(); [ -d .dev/published/models ] && published=(--published_repo .dev/published)
   # without a built mamba-ssm the published class imports its Python modules from the source package (our scan)
@@ -143,7 +143,7 @@ if ! skip bench; then
       published+=(--published_mamba_src "$(ls -d /tmp/mamba_src/mamba_ssm-*)")
   fi
   # each section in a process of its own (README, Known limitations: a stuck test-set row after the clip section)
-  timeout -k 20 $left $PY run_scripts/bench_gpu.py --compile --isolate --section_timeout 300 "${published[@]}" "$@" \
+  timeout -k 20 $left $PY run_scripts/bench_gpu.py --compile --isolate --section_timeout 240 "${published[@]}" "$@" \
       > "$OUT/bench.txt" 2>&1
   sed -n '/^MambaTalk speed/,$p' "$OUT/bench.txt" | grep -q . && sed -n '/^MambaTalk speed/,$p' "$OUT/bench.txt" || \
       grep -E "^\s+\[|Error" "$OUT/bench.txt" | tail -40
