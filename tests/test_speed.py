@@ -390,16 +390,25 @@ def test_bench_isolated_sections_give_one_table():
 
 
 def test_compile_with_cuda_graph_leaves_graphs_to_the_whole_step():
-    """`compile: true` alone compiles with CUDA graphs on one GPU; with `cuda_graph: true` the whole step is captured
-    (graph_step) and the model is compiled without graphs of its own (a graph cannot be captured inside another).
-    Only the configuration logic: no GPU needed."""
+    """`compile: true` with `cuda_graph: false` compiles with CUDA graphs on one GPU; with `cuda_graph: true` or
+    `auto` (the default) the whole step is captured (graph_step) and the model is compiled without graphs of its own
+    (a graph cannot be captured inside another); `auto` after a step that could not be captured goes back to eager
+    steps. Only the configuration logic: no GPU needed."""
     from trainers.mambatalk import MambaTalkTrainer
     t = MambaTalkTrainer.__new__(MambaTalkTrainer)
     t.device = torch.device("cuda")
     for cuda_graph, amp, graphed, mode in [(False, "bf16", False, "reduce-overhead"), (True, "bf16", True, None),
-                                           (True, "fp16", False, "reduce-overhead")]:
+                                           ("auto", "none", True, None), ("auto", "bf16", True, None),
+                                           (True, "fp16", False, "reduce-overhead"),
+                                           ("auto", "fp16", False, "reduce-overhead")]:
         t.args = small_args(compile=True, cuda_graph=cuda_graph, amp=amp)
         assert t.graph_step() is graphed and t.compile_mode() == mode
+    t.args = small_args(cuda_graph="auto")
+    t._graph_failed = True
+    assert not t.graph_step()
+    t.args = small_args(cuda_graph=True)
+    assert t.graph_step()
+    del t._graph_failed
     t.device = torch.device("cpu")
     t.args = small_args(compile=True, cuda_graph=True)
     assert not t.graph_step() and t.compile_mode() is None

@@ -432,6 +432,28 @@ def test_resume_applies_a_new_learning_rate(lab, tmp_path, caplog):
     assert "resume: settings that differ from the saved run are applied: lr_base" in log and "weight_decay 0.01" in log
 
 
+def test_resume_of_a_graphed_gpu_state_on_a_cpu(lab, tmp_path):
+    """A graphed GPU run saves Adam groups with fused and capturable set; resuming it on a CPU (eager) uses this run's
+    Adam (capturable Adam refuses CPU step counts) and trains on, with the saved moments."""
+    path = copied_state(lab, tmp_path)
+    state = torch.load(path, weights_only=True)
+    for group in state["optimizer"]["param_groups"]:
+        group.update(fused=True, capturable=True, foreach=None)
+    torch.save(state, path)
+    trainer = build_trainer(lab.config("cnn_vqvae_lower_foot_30", resume=str(path)))
+    try:
+        group = trainer.optimizer.param_groups[0]
+        assert not group["capturable"] and not group["fused"]
+        moments = {k: v["exp_avg"].clone() for k, v in enumerate(trainer.optimizer.state.values())}
+        saved = list(state["optimizer"]["state"].values())
+        assert all(torch.equal(moments[k], saved[k]["exp_avg"]) for k in moments)
+        batch = next(iter(trainer.train_loader))
+        losses = trainer.train_step(batch)
+        assert all(torch.isfinite(v) for v in losses.values())
+    finally:
+        trainer.release_run_dir()
+
+
 RACE_SCRIPT = textwrap.dedent("""
     import json, logging, os, sys, time
     sys.path.insert(0, {root!r})

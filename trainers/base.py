@@ -410,7 +410,7 @@ class Trainer:
         check_state_dict(self.raw_model, state["model"], path)  # another config: the keys and shapes that differ
         try:
             self.raw_model.load_state_dict(state["model"], strict=True)
-            self.optimizer.load_state_dict(state["optimizer"])
+            self.optimizer.load_state_dict(self._this_runs_adam(state["optimizer"]))
             self.scheduler.load_state_dict(state["scheduler"])
             self.scaler.load_state_dict(state["scaler"])
         except (RuntimeError, ValueError, KeyError, TypeError) as e:
@@ -426,6 +426,15 @@ class Trainer:
             self.log.warning(f"{path} was written by {state.get('world_size')} processes, resuming on {self.world_size}: "
                              "random streams restart")
         self.log.info(f"resumed {path} at epoch {self.epoch}, step {self.global_step}")
+
+    def _this_runs_adam(self, saved):
+        """A saved optimiser state with this run's Adam implementation (fused, capturable, foreach): they follow the
+        device and cuda_graph, not the saved run (a graphed GPU run writes capturable groups, which Adam refuses on
+        a CPU). Loading then puts the step counts where this implementation keeps them."""
+        if not isinstance(saved, dict) or not isinstance(saved.get("param_groups"), list):
+            return saved  # load_state_dict names what is wrong
+        flags = {k: self.optimizer.defaults.get(k) for k in ("fused", "capturable", "foreach")}
+        return saved | {"param_groups": [g | flags if isinstance(g, dict) else g for g in saved["param_groups"]]}
 
     def apply_resumed_settings(self, state):
         """Loading the optimiser and scheduler states brings back the saved run's learning rate, betas, weight decay
