@@ -146,9 +146,9 @@ class MambaTalkTrainer(Trainer):
                 get_logger().warning("cuda_graph: true needs one GPU without DDP or fp16: training eagerly")
             return super().train_step(batch)
         batch = to_device(batch, self.device)
-        if getattr(self, "mask_share", None) is None:
-            self.mask_share = torch.zeros((), device=self.device)
-        self.mask_share.fill_(mask_ratio(self.epoch, self.args.epochs))
+        if getattr(self, "graph_mask_ratio", None) is None:
+            self.graph_mask_ratio = torch.zeros((), device=self.device)
+        self.graph_mask_ratio.fill_(mask_ratio(self.epoch, self.args.epochs))
         key = (tuple(group["lr"] for group in self.optimizer.param_groups),
                tuple((k, tuple(v.shape)) for k, v in batch.items() if torch.is_tensor(v)))
         if getattr(self, "_graphed", None) is None or self._graphed[0] != key:
@@ -222,10 +222,10 @@ class MambaTalkTrainer(Trainer):
         ones = dict.fromkeys(PARTS, 1.0)  # the masked passes weight every part's classification by 1 (§5.3)
         # Under CUDA-graph capture the ratio is train_step's device scalar (set each step, so one capture serves
         # every epoch); it holds mask_ratio(epoch) in float32, the precision of the comparison with a Python float.
-        share = getattr(self, "mask_share", None)  # absent where GraphedTrainStep is used directly (bench, tests)
-        if share is None or not (t["motion"].is_cuda and torch.cuda.is_current_stream_capturing()):
-            share = mask_ratio(epoch, a.epochs)
-        mask = (torch.rand_like(t["motion"]) < share).float()  # element-wise, as published
+        ratio = getattr(self, "graph_mask_ratio", None)  # absent where GraphedTrainStep is used directly (bench, tests)
+        if ratio is None or not (t["motion"].is_cuda and torch.cuda.is_current_stream_capturing()):
+            ratio = mask_ratio(epoch, a.epochs)
+        mask = (torch.rand_like(t["motion"]) < ratio).float()  # element-wise, as published
         # seeded pass, masked pass, and the published `use_word` pass (same inputs, fresh dropout)
         masks = [self.seeded_mask(t["motion"]), mask, mask]
         if self.share_condition:  # one call; the audio/text encoders run once for the three passes

@@ -73,7 +73,7 @@ class GraphedTrainStep:
             return losses, total
 
         # Warm-up on a side stream, as capture requires (optimiser state, Triton compilation, library handles). A
-        # failure anywhere leaves weights, optimiser state and random stream as they were (the caller may go on eagerly).
+        # failure anywhere leaves weights, optimiser state and random stream as they were (the caller may go on).
         try:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
