@@ -621,14 +621,14 @@ def test_mask_ratio_as_a_device_scalar_draws_the_same_masks():
     eager step's Python float, at every epoch of a 200-epoch run."""
     from trainers.mambatalk import mask_ratio
     draws = torch.rand(200_000, generator=torch.Generator().manual_seed(0))
-    share = torch.zeros(())
+    scalar = torch.zeros(())
     for epoch in range(200):
         ratio = mask_ratio(epoch, 200)
-        share.fill_(ratio)
+        scalar.fill_(ratio)
         edge = torch.tensor(ratio, dtype=torch.float32)  # where float32 and float64 comparisons could part
         edges = torch.stack([torch.nextafter(edge, torch.tensor(0.0)), edge, torch.nextafter(edge, torch.tensor(1.0))])
         for values in (draws, edges):
-            assert torch.equal(values < share, values < ratio), epoch
+            assert torch.equal(values < scalar, values < ratio), epoch
 
 
 def test_cuda_graph_option_trains_eagerly_without_a_gpu(caplog):
