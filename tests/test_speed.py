@@ -320,6 +320,37 @@ def test_graphed_generation_on_gpu_matches_eager(monkeypatch, decoding):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_graphs_replayed_side_by_side_on_gpu_keep_their_products_apart():
+    """Two graphs whose float32 products of long inner dimension run split-K (partial sums in cuBLAS's workspace),
+    replayed at the same time on two streams as generation's conditioning and window steps are, captured as
+    generation captures them (graph_streams' "condition" and "capture"): each result equals the eager product, 50
+    times over. Captured on one stream they would share the workspace."""
+    from utils.cuda_graph import GraphedFunction, graph_streams
+    device = torch.device("cuda")
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        g = torch.Generator(device).manual_seed(0)
+        a = [torch.randn(64, 1 << 17, device=device, generator=g) for _ in range(2)]
+        b = [torch.randn(1 << 17, 64, device=device, generator=g) for _ in range(2)]
+        expected = [x @ y for x, y in zip(a, b)]
+        product = lambda x, y: (x @ y,)  # noqa: E731
+        window = GraphedFunction(product, [a[0], b[0]])
+        condition = GraphedFunction(product, [a[1], b[1]], capture_stream=graph_streams(device)["condition"])
+        side = torch.cuda.Stream(device)
+        for _ in range(50):
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                beside = condition(a[1], b[1])[0]
+            main = window(a[0], b[0])[0]
+            torch.cuda.current_stream().wait_stream(side)
+            torch.testing.assert_close(main, expected[0], rtol=1e-4, atol=1e-3)
+            torch.testing.assert_close(beside, expected[1], rtol=1e-4, atol=1e-3)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_compiled_window_step_on_gpu_matches_eager():
     """`compile: true`: the window step through torch.compile, then captured; float32 results as eager."""
     args = small_args(**SAMPLED)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from models.layers import WavEncoder
-from utils.cuda_graph import GraphedFunction, run_parallel
+from utils.cuda_graph import GraphedFunction, graph_streams, run_parallel
 from utils.rotation import (axis_angle_to_rot6d, matrix_to_rotation_6d, rot6d_to_axis_angle, rotation_6d_to_matrix)
 from utils.skeleton import PART_JOINTS, REST_TRANS, rest_pose
 
@@ -565,7 +565,8 @@ def _encoder(model, window, amp, example):
     key = ("encode", window, amp, tuple((t.shape, t.dtype) for t in example))
     cache = _graphs.setdefault(model, {})
     if key not in cache:
-        cache[key] = ((), GraphedFunction(fn, example))
+        # captured on a stream of their own: they replay beside the window steps' graphs (graph_streams)
+        cache[key] = ((), GraphedFunction(fn, example, capture_stream=graph_streams(example[0].device)["condition"]))
     return cache[key][1]
 
 

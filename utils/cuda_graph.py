@@ -3,7 +3,29 @@
 Generating a 64-frame window at batch 1 is launch-bound (the GPU finishes each small kernel before the CPU has
 issued the next); captured once, the same kernels replay back to back.
 """
+import functools
+
 import torch
+
+N_BRANCHES = 4  # the most functions run_parallel runs as parallel branches of a graph
+
+
+@functools.lru_cache(maxsize=None)
+def graph_streams(device):
+    """The streams graphs are warmed up and captured on, kept for the process, per device: "capture" (every graph's
+    own stream by default), "condition" (generation's conditioning graphs, which replay beside the window steps' on
+    another stream) and run_parallel's "branches".
+
+    Why not torch.cuda.graph's shared capture stream, or a fresh torch.cuda.Stream() each time: a graph's matrix
+    products keep the cuBLAS workspace of the stream they were captured on (PyTorch keeps one per stream), and
+    split-K kernels keep partial sums there, so graphs or branches that can run at the same time must be captured on
+    different streams. PyTorch hands streams out round-robin from a pool of 32 per priority; drawn together, these
+    are distinct from each other."""
+    device = torch.device(device)
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    streams = [torch.cuda.Stream(device) for _ in range(2 + N_BRANCHES)]
+    return {"capture": streams[0], "condition": streams[1], "branches": streams[2:]}
 
 
 class GraphedFunction:
@@ -13,19 +35,23 @@ class GraphedFunction:
     (the captured output buffers are overwritten by the next replay). `fn` must not synchronise with the host
     (no .item(), no boolean indexing, no indices built from Python lists) and must be deterministic apart from
     its inputs; parameters it reads are read at replay time, so in-place weight updates are seen.
+
+    capture_stream: where to warm up and capture (default graph_streams' "capture"). Graphs that can replay at the
+    same time on different streams need different capture streams (graph_streams says why).
     """
 
-    def __init__(self, fn, example, warmup=2):
+    def __init__(self, fn, example, warmup=2, capture_stream=None):
         self.inputs = [t.clone() for t in example]
-        # warm-up on a side stream, as capture requires: kernel selection, Triton compilation, lazy allocations
-        stream = torch.cuda.Stream()
+        stream = capture_stream if capture_stream is not None else graph_streams(example[0].device)["capture"]
+        # warm-up on the capture stream, as capture requires: kernel selection, Triton compilation, lazy allocations
+        # (the stream's cuBLAS workspace among them)
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(warmup):
                 fn(*self.inputs)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, stream=stream):
             self.outputs = tuple(fn(*self.inputs))
 
     def __call__(self, *tensors):
@@ -74,8 +100,8 @@ class GraphedTrainStep:
 
         # Warm-up on a side stream, as capture requires (optimiser state, Triton compilation, library handles). A
         # failure anywhere leaves weights, optimiser state and random stream as they were (the caller may go on).
+        stream = graph_streams(device)["capture"]
         try:
-            stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for i in range(warmup):
@@ -100,7 +126,7 @@ class GraphedTrainStep:
             trainer.skipped_steps.zero_()
             optimizer.zero_grad(set_to_none=True)  # backward in the graph writes fresh gradients on every replay
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
+            with torch.cuda.graph(self.graph, stream=stream):
                 self.losses, self.total = step()
         except BaseException:
             torch.cuda.synchronize()
@@ -142,9 +168,6 @@ def restore_training_state(saved, optimizer):
                 t.zero_()
 
 
-_side_streams = {}  # device -> side streams for run_parallel, made once (a graph keeps using the streams it forked)
-
-
 def run_parallel(fns):
     """Call independent functions and return their results in order. While a CUDA graph is being captured on the
     current stream, each runs on a side stream forked from it and joined back, so their kernels become parallel
@@ -156,10 +179,10 @@ def run_parallel(fns):
     stream could otherwise be handed out again while a side stream still reads it)."""
     if torch.compiler.is_compiling() or not torch.cuda.is_available() or not torch.cuda.is_current_stream_capturing():
         return [fn() for fn in fns]
+    if len(fns) > N_BRANCHES:
+        raise ValueError(f"run_parallel: at most {N_BRANCHES} branches, got {len(fns)}")
     main = torch.cuda.current_stream()
-    streams = _side_streams.setdefault(main.device, [])
-    while len(streams) < len(fns):
-        streams.append(torch.cuda.Stream(main.device))
+    streams = graph_streams(main.device)["branches"]  # a graph keeps using the streams it forked
     results = []
     for fn, stream in zip(fns, streams):
         stream.wait_stream(main)
