@@ -98,8 +98,8 @@ class GraphedTrainStep:
             trainer.apply_gradients()  # clipping, and the update skipped on the device for non-finite gradients
             return losses, total
 
-        # Warm-up on a side stream, as capture requires (optimiser state, Triton compilation, library handles). A
-        # failure anywhere leaves weights, optimiser state and random stream as they were (the caller may go on).
+        # Warm-up on the capture stream, as capture requires (optimiser state, Triton compilation, library handles).
+        # A failure anywhere leaves weights, optimiser state and random stream as they were (the caller may go on).
         stream = graph_streams(device)["capture"]
         try:
             stream.wait_stream(torch.cuda.current_stream())
@@ -117,7 +117,9 @@ class GraphedTrainStep:
                     try:
                         step()
                     except RuntimeError as e:
-                        raise NotCapturable(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
+                        if "synchroniz" not in str(e):  # e.g. out of memory: not a question of capturing
+                            raise
+                        raise NotCapturable(str(e).splitlines()[0]) from e
                     finally:
                         torch.cuda.set_sync_debug_mode(mode)
             torch.cuda.current_stream().wait_stream(stream)
