@@ -12,8 +12,8 @@ N_BRANCHES = 4  # the most functions run_parallel runs as parallel branches of a
 
 @functools.lru_cache(maxsize=None)
 def graph_streams(device):
-    """The streams graphs are warmed up and captured on, kept for the process, per device: "capture" (every graph's
-    own stream by default), "condition" (generation's conditioning graphs, which replay beside the window steps' on
+    """The streams GraphedFunction's graphs are warmed up and captured on, kept for the process, per device:
+    "capture" (the default), "condition" (generation's conditioning graphs, which replay beside the window steps' on
     another stream) and run_parallel's "branches".
 
     Why not torch.cuda.graph's shared capture stream, or a fresh torch.cuda.Stream() each time: a graph's matrix
@@ -98,10 +98,11 @@ class GraphedTrainStep:
             trainer.apply_gradients()  # clipping, and the update skipped on the device for non-finite gradients
             return losses, total
 
-        # Warm-up on the capture stream, as capture requires (optimiser state, Triton compilation, library handles).
-        # A failure anywhere leaves weights, optimiser state and random stream as they were (the caller may go on).
-        stream = graph_streams(device)["capture"]
+        # Warm-up on a side stream, as capture requires (optimiser state, Triton compilation, library handles). A
+        # failure anywhere leaves weights, optimiser state and random stream as they were (the caller may go on).
+        # (Nothing replays beside a training step, so it may share torch.cuda.graph's capture stream.)
         try:
+            stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for i in range(warmup):
@@ -128,7 +129,7 @@ class GraphedTrainStep:
             trainer.skipped_steps.zero_()
             optimizer.zero_grad(set_to_none=True)  # backward in the graph writes fresh gradients on every replay
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, stream=stream):
+            with torch.cuda.graph(self.graph):
                 self.losses, self.total = step()
         except BaseException:
             torch.cuda.synchronize()
