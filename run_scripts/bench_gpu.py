@@ -784,11 +784,11 @@ def main():
     p.add_argument("--rows_out", default=None, help=argparse.SUPPRESS)  # --isolate's sections write their rows here
     p.add_argument("--hang_dump", type=float, default=240.0,
                    help="seconds after which a row that is still running prints every thread's stack")
-    p.add_argument("--overlap_condition", choices=("on", "off"), default="on",
-                   help="generation: the conditioning on a side stream beside the window chain (trainers.generate."
-                        "OVERLAP_CONDITION; off to test README Known limitations' hang)")
+    p.add_argument("--side_streams", choices=("on", "off"), default="on",
+                   help="generation: the conditioning and the face branch on side streams beside the window chain "
+                        "(trainers.generate.SIDE_STREAMS; off to test README Known limitations' hang)")
     opts = p.parse_args()
-    gen.OVERLAP_CONDITION = opts.overlap_condition == "on"
+    gen.SIDE_STREAMS = opts.side_streams == "on"
     global HANG_DUMP_S
     HANG_DUMP_S = opts.hang_dump
     device = torch.device(opts.device)
@@ -818,8 +818,8 @@ def main():
     if opts.profile:
         return profile_train(args, device, opts)
     table = Table()
-    if not gen.OVERLAP_CONDITION:
-        table.notes.append("generation: --overlap_condition off (conditioning on the main stream)")
+    if not gen.SIDE_STREAMS:
+        table.notes.append("generation: --side_streams off (conditioning and face branch on the main stream)")
     signal.signal(signal.SIGTERM, _stop)
     try:
         if opts.isolate:

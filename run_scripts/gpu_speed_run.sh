@@ -8,7 +8,7 @@
 #   4. run_scripts/bench_gpu.py --compile at published sizes (the table) with whatever time is left of 585 s;
 #   4b. (stability) issue 17's fp32 question: run_scripts/stability_check.py, our step and the published step for
 #      $STABILITY_STEPS steps on the same data (both at once);
-#   4c. (HANG_RUNS=N) the test-set section N times with the conditioning overlap on and off, then once under
+#   4c. (HANG_RUNS=N) the test-set section N times with generation's side streams on and off, then once under
 #      CUDA_LAUNCH_BLOCKING=1: README Known limitations' stuck generate() call;
 #   5. the training step's GPU time by module (run_scripts/profile_step.py) for the published and fast rows, and the
 #      same for the checkout $BEFORE (a folder, or a commit of the git history there: issue 17's "before" table).
@@ -153,14 +153,14 @@ fi
 
 if [ "${HANG_RUNS:-0}" -gt 0 ]; then  # README Known limitations: the test set's stuck fp32 generate() call
   for i in $(seq "$HANG_RUNS"); do
-    for overlap in on off; do
-      stamp "test set, conditioning overlap $overlap, run $i"
-      timeout -k 5 100 $PY run_scripts/bench_gpu.py --only testset --overlap_condition $overlap --hang_dump 45 \
-          > "$OUT/hang_${overlap}_$i.txt" 2>&1; echo "exit $?"
-      grep -E "^\s+\[|Timeout|File \"/work" "$OUT/hang_${overlap}_$i.txt" | head -20
+    for side in on off; do
+      stamp "test set, side streams $side, run $i"
+      timeout -k 5 100 $PY run_scripts/bench_gpu.py --only testset --side_streams $side --hang_dump 45 \
+          > "$OUT/hang_${side}_$i.txt" 2>&1; echo "exit $?"
+      grep -E "^\s+\[|Timeout|File \"/work" "$OUT/hang_${side}_$i.txt" | head -20
     done
   done
-  stamp "test set, overlap on, CUDA_LAUNCH_BLOCKING=1 (the stack then points at the kernel that does not finish)"
+  stamp "test set, side streams on, CUDA_LAUNCH_BLOCKING=1 (the stack then points at the kernel that does not finish)"
   CUDA_LAUNCH_BLOCKING=1 timeout -k 5 150 $PY run_scripts/bench_gpu.py --only testset --hang_dump 60 \
       > "$OUT/hang_blocking.txt" 2>&1; echo "exit $?"
   grep -E "^\s+\[|Timeout|File \"/work" "$OUT/hang_blocking.txt" | head -20

@@ -304,19 +304,51 @@ def test_conditioning_chunks_give_the_same_motion(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("decoding", [{}, SAMPLED], ids=["published", "sampled"])
 def test_graphed_generation_on_gpu_matches_eager(monkeypatch, decoding):
+    """Graphed generation equals eager generation, with the side streams (conditioning chunks that grow, face branch
+    batches within the chain) and without them."""
     args = small_args(**decoding)
     model = build(args).cuda().eval()
     torch.manual_seed(3)
     vq = {k: m.cuda().eval() for k, m in build_stage1_models(args).items()}
     seqs = bench_gpu.random_sequences(args, [2.5, 5.0, 3.2])
     monkeypatch.setattr(gen, "NOISE_CHUNK", 3)  # a new draw of noise within the chain
+    monkeypatch.setitem(gen.ENCODE_BATCH, "cuda", 8)  # chunks of 1, 2, 2, ... steps
+    monkeypatch.setitem(gen.FACE_BATCH, "cuda", 6)  # the face branch every 2 steps
     monkeypatch.setattr(gen, "CUDA_GRAPHS", False)
     eager = gen.generate(model, vq, seqs, args)
     monkeypatch.setattr(gen, "CUDA_GRAPHS", True)
-    graphed = gen.generate(model, vq, seqs, args)
-    for e, g in zip(eager, graphed):
-        for k in e:
-            torch.testing.assert_close(g[k], e[k], rtol=1e-4, atol=1e-4)
+    for side_streams in (True, False):
+        monkeypatch.setattr(gen, "SIDE_STREAMS", side_streams)
+        graphed = gen.generate(model, vq, seqs, args)
+        for e, g in zip(eager, graphed):
+            for k in e:
+                torch.testing.assert_close(g[k], e[k], rtol=1e-4, atol=1e-4, msg=f"{k}, side streams {side_streams}")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_uploads_at_once_on_gpu_equal_the_cpu_pieces():
+    """generate()'s one-copy uploads (_upload_all, one pinned buffer per call): each piece as the CPU path gives it
+    (cast, cut or zero-padded to its rows), also when later uploads are queued before the first has reached the GPU
+    (a pinned buffer is not reused under a copy still waiting)."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    g = torch.Generator().manual_seed(0)
+    audio = torch.randn(5000, 3, generator=g, dtype=torch.float64)
+    words = torch.randint(0, 50, (70,), generator=g)
+    torch.cuda._sleep(200_000_000)  # the copies below wait behind this on the stream
+    uploads = []
+    for k in range(3):
+        floats = [(audio[100:900] + k, 800), (audio[4500:5000] + k, 700), (torch.zeros(0, 3), 2),
+                  (torch.arange(3.0) + k, 3)]
+        ints = [(words + k, 64), (words[:10] + k, 12)]
+        uploads += [(floats, gen._upload_all(floats, cuda, torch.float32)),
+                    (ints, gen._upload_all(ints, cuda, torch.int64))]
+    torch.cuda.synchronize()
+    for pieces, got in uploads:
+        want = gen._upload_all(pieces, cpu, got[0].dtype)
+        for v, w in zip(got, want):
+            assert v.is_cuda and v.dtype == w.dtype and v.shape == w.shape
+            assert torch.equal(v.cpu(), w)
+    assert torch.equal(uploads[0][1][1][500:].cpu(), torch.zeros(200, 3))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

@@ -39,8 +39,9 @@ ENCODE_BATCH = {"cuda": 64, "cpu-bf16": 8, "cpu": 1}
 FACE_BATCH = {"cuda": 256, "cpu": 4}  # windows per call of the face branch (it runs behind the window steps)
 LEAK_BLOCK = 256   # frames per block of the leaky integration's closed form
 # On GPUs the audio/text conditioning of a group's windows is queued on a side stream, chunk by chunk, and each window
-# step waits only for its chunk (the encoders' large convolutions overlap the chain of small window-step kernels).
-OVERLAP_CONDITION = True
+# step waits only for its chunk (the encoders' large convolutions overlap the chain of small window-step kernels); the
+# face branch runs on a second side stream behind the steps whose features it reads. False: all on the main stream.
+SIDE_STREAMS = True
 CHUNKS_AHEAD = 2   # chunks of conditioning queued ahead of the one the window chain reads
 NOISE_CHUNK = 32   # windows whose sampling noise is drawn at once, ahead of their steps
 GLOBAL_PAD = 16    # frames repeated at each end before the global-motion model (its receptive field is smaller)
@@ -362,14 +363,18 @@ def generate(model, vq, sequences, args, paper_protocol=False, batch_size=64, pr
     if amp:
         model = bf16_weights(model)
     plans = [WindowPlan(s.n_frames, s.audio.shape[0], window, pre, paper_protocol) for s in sequences]
+    # the given seeds and start translations in one upload, and a neutral seed made once (a plain upload makes the
+    # host wait for the GPU)
+    given = [(x, x.shape[0]) for s in sequences for x in (s.seed, s.start_trans) if x is not None]
+    given = iter(_upload_all(given, device, torch.float32))
     seeds, starts = [], []
     for s in sequences:
-        # (uploads through pinned memory and a neutral seed made once: a plain upload makes the host wait for the GPU)
-        seed = _upload(s.seed, device).float() if s.seed is not None else _rest_seed(pre, device).clone()
-        if s.seed is None and s.start_trans is not None:
-            seed[:, 330:333] = _upload(s.start_trans, device).float()  # a neutral pose where the speaker starts
+        seed = next(given) if s.seed is not None else _rest_seed(pre, device).clone()
+        start_trans = next(given) if s.start_trans is not None else None
+        if s.seed is None and start_trans is not None:
+            seed[:, 330:333] = start_trans  # a neutral pose where the speaker starts
         seeds.append(seed)
-        starts.append(seed[0, 330:333].clone() if s.start_trans is None else _upload(s.start_trans, device).float())
+        starts.append(seed[0, 330:333].clone() if start_trans is None else start_trans)
     kinds = {p: "index" if cls_weights[p] != 0 else "latent" for p in PARTS}
     order = sorted(range(len(sequences)), key=lambda i: -plans[i].n_windows)
     groups = [order[g:g + batch_size] for g in range(0, len(order), batch_size)]
@@ -388,25 +393,30 @@ def generate(model, vq, sequences, args, paper_protocol=False, batch_size=64, pr
                             list(inputs) + [seed, start] + [v[0] for v in noise],
                             compiled=bool(getattr(args, "compile", False)))
         body_codes, face, pending = [], [], []
+        face_stream = graph_streams(device)["face"] if device.type == "cuda" and SIDE_STREAMS else None
         for w in range(n_windows[0]):
             if w and w % NOISE_CHUNK == 0:
                 noise = window_noise(kinds, sampling, keys, w, min(w + NOISE_CHUNK, n_windows[0]), window,
                                      args.vae_codebook_size)
             *part_codes, global_features, seed = step(*chunks.step_inputs(w), seed, start,
                                                       *[v[w % NOISE_CHUNK] for v in noise])
+            chunks.queue_ahead(w)
             body_codes.append(part_codes)
             pending.append(global_features)
             if len(pending) * len(ids) >= FACE_BATCH["cuda" if device.type == "cuda" else "cpu"] or \
                     w == n_windows[0] - 1:
-                # the face branch does not feed the seed: many windows at once
+                # the face branch does not feed the seed: many windows at once, beside the chain on GPUs
                 spk_face = chunks.face_inputs(len(face), w + 1)
                 face_keys = torch.cat([keys + k for k in range(len(face), w + 1)])
-                codes_f = face_codes(model, vq, kinds, spk_face, torch.cat(pending), amp, sampling, face_keys)
+                codes_f = _beside(face_stream, face_codes, model, vq, kinds, spk_face, torch.cat(pending), amp,
+                                  sampling, face_keys)
                 face += list(codes_f.unflatten(0, (len(pending), len(ids))))
                 pending = []
             done_steps += 1
             if progress is not None:
                 progress(done_steps, total_steps)
+        if face_stream is not None:
+            torch.cuda.current_stream(device).wait_stream(face_stream)
         # the group's codes as one batch: window 0 whole, then each later window's frames after its seed; a sequence
         # that finished early holds its own codes first (its later steps' codes follow and are cut off)
         keep = lambda w: slice(0, window) if w == 0 else slice(pre, window)  # noqa: E731
@@ -437,6 +447,23 @@ def generate(model, vq, sequences, args, paper_protocol=False, batch_size=64, pr
     return [{k: next(pieces).view(v.shape) for k, v in r.items()} for r in results]
 
 
+def _beside(stream, fn, *args):
+    """fn(*args) queued on `stream` (None: here) after all that this stream has queued. Its tensor arguments are kept
+    for it and its output for this stream (the caching allocator would otherwise reuse their memory under the other
+    one); this stream must wait for `stream` before it reads the output."""
+    if stream is None:
+        return fn(*args)
+    here = torch.cuda.current_stream(stream.device)
+    stream.wait_stream(here)
+    with torch.cuda.stream(stream):
+        out = fn(*args)
+    for t in args:
+        if isinstance(t, torch.Tensor):
+            t.record_stream(stream)
+    out.record_stream(here)
+    return out
+
+
 def encode_batch(device, amp):
     return ENCODE_BATCH["cuda" if device.type == "cuda" else "cpu-bf16" if amp else "cpu"]
 
@@ -454,40 +481,69 @@ def _upload(t, device):
     return t.to(device)
 
 
+def _upload_all(pieces, device, dtype):
+    """[(x, rows)]: each x as `dtype`, zero-padded to `rows` rows along dim 0, on `device`. On GPUs in one copy through
+    one pinned buffer: a pinned copy per piece cost the host ~0.2 ms each, and the test set's chain waited for them."""
+    if device.type != "cuda":
+        return [_slice_pad(x, 0, rows).to(device, dtype) for x, rows in pieces]
+    shapes = [(rows,) + tuple(x.shape[1:]) for x, rows in pieces]
+    sizes = [math.prod(shape) for shape in shapes]
+    buf = torch.empty(sum(sizes), dtype=dtype, pin_memory=True)
+    offset = 0
+    for (x, rows), size in zip(pieces, sizes):
+        x = x[:rows].reshape(-1)
+        buf[offset:offset + x.numel()].copy_(x)
+        buf[offset + x.numel():offset + size].zero_()
+        offset += size
+    on_device = buf.to(device, non_blocking=True)
+    return [v.view(shape) for v, shape in zip(on_device.split(sizes), shapes)]
+
+
 class ConditionChunks:
     """MambaTalk.generation_condition of every window of a group of sequences (longest first), computed in chunks of
     window steps of about encode_batch() windows each (one encoder call), queued CHUNKS_AHEAD chunks ahead of the
-    one the window chain reads. On GPUs they are queued on a side stream (OVERLAP_CONDITION) and the window steps wait
+    one the window chain reads. On GPUs they are queued on a side stream (SIDE_STREAMS) and the window steps wait
     only for the chunk they read: the audio encoders' large convolutions run beside the chain of small kernels.
     step_inputs(w): window step w's CONDITION tensors (B, ...); a sequence that has finished gets the first (longest)
     sequence's rows, which its unused step does not mind. face_inputs(a, b): spk_face of steps a..b-1,
-    (steps * B, ...)."""
+    (steps * B, ...). queue_ahead(w): called after step w is queued, keeps the chunks ahead of the chain."""
 
     def __init__(self, model, sequences, plans, window, device, amp=False):
         n_windows = [p.n_windows for p in plans]
         self.device = device
         main = torch.cuda.current_stream(device) if device.type == "cuda" else None
-        side = torch.cuda.Stream(device) if device.type == "cuda" and OVERLAP_CONDITION else None
+        side = graph_streams(device)["side"] if device.type == "cuda" and SIDE_STREAMS else None
         if side is not None:
             side.wait_stream(main)
         # the audio stays where it is and each chunk uploads the stretch its windows read: uploading the test set's
         # 183 MB at once (through pinned memory) took the host 40 ms before the first window step could be queued
         audio = [s.audio for s in sequences]
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():  # made and freed there
-            words = [_slice_pad(_upload(s.word, device).long(), 0, p.frame_starts[-1] + window)
-                     for s, p in zip(sequences, plans)]
+            words = _upload_all([(s.word, p.frame_starts[-1] + window) for s, p in zip(sequences, plans)], device,
+                                torch.int64)
         self.model, self.sequences, self.plans, self.window, self.amp = model, sequences, plans, window, amp
         self.main, self.side, self.audio, self.words = main, side, audio, words
-        # windows per chunk: a full encoder batch, the first chunk a small one (the chain starts when it is done)
+        # steps per chunk: a full encoder batch; the first chunk a small one (the chain starts when it is done), and on
+        # GPUs the next ones growing from it (each is waited for by the chain while the ones before it are all it has)
         size, first_size = max(1, encode_batch(device, amp) // len(sequences)), max(1, 8 // len(sequences))
-        self.first = [0] + list(range(first_size, n_windows[0], size))
+        self.first = [0]
+        while self.first[-1] < n_windows[0]:
+            grown = min(size, first_size << (len(self.first) - 1)) if device.type == "cuda" else size
+            self.first.append(self.first[-1] + (first_size if len(self.first) == 1 else grown))
+        self.first = self.first[:-1]
         self.chunks, self.events, self.waited = [], [], 0
         self._queue_until(0)
 
     def _queue_until(self, c):
-        """Queue the chunks up to c + CHUNKS_AHEAD, as the chain reaches them rather than all before its first step
-        (the test set's first step was queued 5 ms sooner on an H200)."""
-        while len(self.chunks) <= min(c + CHUNKS_AHEAD, len(self.first) - 1):
+        while len(self.chunks) <= min(c, len(self.first) - 1):
+            self.chunks.append(self._queue(len(self.chunks)))
+
+    def queue_ahead(self, w):
+        """After window step w is queued: queue one more chunk if fewer than CHUNKS_AHEAD are queued past step w's. One
+        at a time and only after a step, so that the host queues the chain's first steps as soon as their chunks are
+        (the host queues a chunk in ~5 ms; on an H200 the test set's first step waited 27 ms for three of them)."""
+        c = bisect.bisect_right(self.first, w) - 1
+        if len(self.chunks) <= min(c + CHUNKS_AHEAD, len(self.first) - 1):
             self.chunks.append(self._queue(len(self.chunks)))
 
     def _queue(self, c):
@@ -501,12 +557,15 @@ class ConditionChunks:
         pos = {item: k for k, item in enumerate(items)}
         rows = [pos.get((j, w), pos[0, w]) for w in range(w0, w1) for j in range(len(seqs))]
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-            stretch = {}  # sequence -> (first sample, this chunk's stretch of its audio on the device)
+            # sequence -> (first sample, this chunk's stretch of its audio on the device), uploaded at once
+            ranges = {}
             for j in range(len(seqs)):
                 last = min(w1, n_windows[j]) - 1
                 if last >= w0:
-                    a0, a1 = plans[j].audio_starts[w0], plans[j].audio_starts[last] + plans[j].audio_len
-                    stretch[j] = a0, _upload(_slice_pad(self.audio[j], a0, a1 - a0), self.device).float()
+                    ranges[j] = plans[j].audio_starts[w0], plans[j].audio_starts[last] + plans[j].audio_len
+            pieces = _upload_all([(self.audio[j][a0:a1], a1 - a0) for j, (a0, a1) in ranges.items()], self.device,
+                                 torch.float32)
+            stretch = {j: (ranges[j][0], piece) for j, piece in zip(ranges, pieces)}
             parts = []
             for k in range(0, len(items), n):
                 batch = items[k:k + n]

@@ -12,20 +12,22 @@ N_BRANCHES = 4  # the most functions run_parallel runs as parallel branches of a
 
 @functools.lru_cache(maxsize=None)
 def graph_streams(device):
-    """The streams GraphedFunction's graphs are warmed up and captured on, kept for the process, per device:
-    "capture" (the default), "condition" (generation's conditioning graphs, which replay beside the window steps' on
-    another stream) and run_parallel's "branches".
+    """The streams that generation's graphs are warmed up and captured on and that it queues work on, kept for the
+    process, per device: "capture" (GraphedFunction's default), "condition" (the conditioning graphs, which replay
+    beside the window steps' on another stream), "side" (where those replay), "face" (the face branch, eager, beside
+    the window steps) and run_parallel's "branches".
 
     Why not torch.cuda.graph's shared capture stream, or a fresh torch.cuda.Stream() each time: a graph's matrix
-    products keep the cuBLAS workspace of the stream they were captured on (PyTorch keeps one per stream), and
-    split-K kernels keep partial sums there, so graphs or branches that can run at the same time must be captured on
-    different streams. PyTorch hands streams out round-robin from a pool of 32 per priority; drawn together, these
-    are distinct from each other."""
+    products keep the cuBLAS workspace of the stream they were captured on, and an eager product uses its stream's
+    (PyTorch keeps one per stream); split-K kernels keep partial sums there, so work that can run at the same time
+    must not share a stream's workspace. PyTorch hands streams out round-robin from a pool of 32 per priority: a
+    fresh draw can be a stream that a graph was captured on; drawn together, these are distinct from each other."""
     device = torch.device(device)
     if device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    streams = [torch.cuda.Stream(device) for _ in range(2 + N_BRANCHES)]
-    return {"capture": streams[0], "condition": streams[1], "branches": streams[2:]}
+    streams = [torch.cuda.Stream(device) for _ in range(4 + N_BRANCHES)]
+    return {"capture": streams[0], "condition": streams[1], "side": streams[2], "face": streams[3],
+            "branches": streams[4:]}
 
 
 class GraphedFunction:
