@@ -312,7 +312,7 @@ def test_graphed_generation_on_gpu_matches_eager(monkeypatch, decoding):
     vq = {k: m.cuda().eval() for k, m in build_stage1_models(args).items()}
     seqs = bench_gpu.random_sequences(args, [2.5, 5.0, 3.2])
     monkeypatch.setattr(gen, "NOISE_CHUNK", 3)  # a new draw of noise within the chain
-    monkeypatch.setitem(gen.ENCODE_BATCH, "cuda", 8)  # chunks of 1, 2, 2, ... steps
+    monkeypatch.setitem(gen.ENCODE_BATCH, "cuda", 16)  # chunks of 2, then 4 steps (3 sequences)
     monkeypatch.setitem(gen.FACE_BATCH, "cuda", 6)  # the face branch every 2 steps
     monkeypatch.setattr(gen, "CUDA_GRAPHS", False)
     eager = gen.generate(model, vq, seqs, args)
