@@ -63,6 +63,17 @@ class BasicBlock(nn.Module):
             self.downsample = nn.Sequential(
                 nn.Conv1d(in_channels, channels, kernel_size, stride, padding), nn.BatchNorm1d(channels))
 
+    def fold_batchnorms(self):
+        """For inference only (eval mode): each BatchNorm folded into the convolution before it, which then computes
+        both (generation's bf16 copy, trainers/generate.bf16_weights: one kernel less per BatchNorm; the test set's
+        audio encoders ran 600 of them)."""
+        for conv, bn in ((self.conv1, "bn1"), (self.conv2, "bn2")):
+            _fold_batchnorm(conv, getattr(self, bn))
+            setattr(self, bn, nn.Identity())
+        if self.downsample is not None:
+            _fold_batchnorm(self.downsample[0], self.downsample[1])
+            self.downsample[1] = nn.Identity()
+
     def forward(self, x):
         """x: (B, C, L), or (B, C, 1, L) in channels-last memory (WavEncoder.channels_last)."""
         if x.dim() == 3:
@@ -76,6 +87,16 @@ class BasicBlock(nn.Module):
         return self.act(out + shortcut)
 
 
+@torch.no_grad()
+def _fold_batchnorm(conv, bn):
+    """conv's weights and bias made to give bn(conv(x)) for bn in eval mode (its running statistics)."""
+    if bn.training or bn.running_mean is None or not bn.affine or conv.bias is None:
+        raise ValueError("folding a BatchNorm needs eval mode, running statistics, affine parameters and a conv bias")
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    conv.weight.mul_(scale.reshape(-1, *[1] * (conv.weight.dim() - 1)))
+    conv.bias.copy_((conv.bias - bn.running_mean) * scale + bn.bias)
+
+
 def _conv2d(conv, x):
     """A Conv1d applied to (B, C, 1, L): the same weights as a 1 x k 2-D convolution."""
     return F.conv2d(x, conv.weight.unsqueeze(2), conv.bias, (1, conv.stride[0]), (0, conv.padding[0]))
@@ -85,6 +106,8 @@ def _bn2d(bn, x):
     """A BatchNorm1d applied to (B, C, 1, L), with its running-statistics bookkeeping (nn.BatchNorm1d refuses 4-D).
     With a momentum, the batch counter is not advanced here: WavEncoder advances all of its counters with one
     multi-tensor add (one GPU launch instead of one per layer)."""
+    if isinstance(bn, nn.Identity):  # folded into the convolution (BasicBlock.fold_batchnorms)
+        return x
     factor = 0.0 if bn.momentum is None else bn.momentum
     if bn.training and bn.track_running_stats and bn.momentum is None:
         bn.num_batches_tracked.add_(1)

@@ -521,6 +521,35 @@ def test_wav_encoder_channels_last_matches_published_layout():
         assert float((a(x).float() - b(x)).norm() / b(x).norm()) < 2e-2
 
 
+def test_folded_batchnorms_equal_the_eval_encoder():
+    """BasicBlock.fold_batchnorms (generation's bf16 copy): the audio encoder with each eval-mode BatchNorm folded into
+    its convolution gives the unfolded encoder's output in both layouts (float32, relative 1e-5), and refuses a
+    training-mode block."""
+    import copy
+    from models.layers import BasicBlock, WavEncoder
+    torch.manual_seed(0)
+    enc = WavEncoder(16, audio_in=3)
+    with torch.no_grad():  # statistics far from the initial (0, 1), so that folding has something to do
+        for m in enc.modules():
+            if isinstance(m, torch.nn.BatchNorm1d):
+                m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.2, 0.2)
+    with pytest.raises(ValueError, match="eval mode"):
+        copy.deepcopy(enc).feat_extractor[0].fold_batchnorms()
+    enc.eval()
+    folded = copy.deepcopy(enc)
+    for m in folded.modules():
+        if isinstance(m, BasicBlock):
+            m.fold_batchnorms()
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in folded.modules())
+    x = torch.randn(2, 3000, 3)
+    with torch.no_grad():
+        for layout in (False, True):
+            enc.channels_last = folded.channels_last = layout
+            want, got = enc(x), folded(x)
+            assert float((got - want).norm() / want.norm()) < 1e-5, layout
+
+
 def test_generation_split_equals_predict():
     """Generation's window step (precomputed speaker queries and cross-attention keys/values, body parts) and its
     batched face branch give predict()'s outputs to float32 rounding."""

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from models.layers import WavEncoder
+from models.layers import BasicBlock, WavEncoder
 from utils.cuda_graph import GraphedFunction, graph_streams, run_parallel
 from utils.rotation import (axis_angle_to_rot6d, matrix_to_rotation_6d, rot6d_to_axis_angle, rotation_6d_to_matrix)
 from utils.skeleton import PART_JOINTS, REST_TRANS, rest_pose
@@ -708,7 +708,8 @@ _bf16_copies = weakref.WeakKeyDictionary()  # model -> (parameter versions, copy
 
 
 def bf16_weights(model):
-    """For bf16 generation: an eval copy of `model` whose linear, attention and convolution weights are stored in
+    """For bf16 generation: an eval copy of `model` whose audio encoders' BatchNorms are folded into their
+    convolutions (BasicBlock.fold_batchnorms) and whose linear, attention and convolution weights are stored in
     bf16, the values autocast casts them to on every call, so the casts go (a kernel per weight and call on a GPU;
     on a CPU half the memory traffic that bounds batch-1 matrix products: a 60-s clip's window steps ran 1.7x
     faster). Outputs agree with autocast's to bf16 rounding (tests/test_speed.py states the tolerance against
@@ -722,6 +723,11 @@ def bf16_weights(model):
              if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.MultiheadAttention))
              for p, _ in m.named_parameters(recurse=False)}
     shadow = copy.deepcopy(model).eval()
+    for m in shadow.modules():  # in float32, before the weights are rounded to bf16
+        if isinstance(m, BasicBlock):
+            m.fold_batchnorms()
+        if isinstance(m, WavEncoder):
+            m.__dict__.pop("_bn_list", None)  # its training-time list of BatchNorms
     for name, p in shadow.named_parameters():
         if name in lower and not getattr(params[name], "_keep_float32", False):
             p.data = p.data.to(torch.bfloat16)
