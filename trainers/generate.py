@@ -723,7 +723,7 @@ def bf16_weights(model):
              if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.MultiheadAttention))
              for p, _ in m.named_parameters(recurse=False)}
     shadow = copy.deepcopy(model).eval()
-    for m in shadow.modules():  # in float32, before the weights are rounded to bf16
+    for m in list(shadow.modules()):  # in float32, before the weights are rounded to bf16 (folding replaces modules)
         if isinstance(m, BasicBlock):
             m.fold_batchnorms()
         if isinstance(m, WavEncoder):
