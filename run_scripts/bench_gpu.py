@@ -319,7 +319,8 @@ def bench_train(table, args, device, opts):
         batch = training_batch(args, device)
         torch.manual_seed(123)
         t0 = time.perf_counter()
-        first = trainer.train_step(batch)  # graph rows: warm-up and capture, then the first replay  # identical weights, batch and seed in every configuration
+        # identical weights, batch and seed in every configuration; graph rows: warm-up and capture, then a replay
+        first = trainer.train_step(batch)
         sync(device)
         t_first = time.perf_counter() - t0
         reset_peak(device)
