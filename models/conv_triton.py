@@ -1,6 +1,7 @@
-"""Mamba's causal depthwise convolution and SiLU, as two Triton kernels (forward, backward) for training on GPUs.
+"""Convolution kernels in Triton for GPUs: Mamba's causal depthwise convolution and SiLU (forward, backward) for
+training, and the audio encoder's convolution epilogue (bias, shortcut, LeakyReLU) for inference.
 
-Reference (models/ssm.py, Mamba.forward): y = silu(conv1d(x)[..., :L]), a depthwise Conv1d of kernel K with K-1
+The causal convolution. Reference (models/ssm.py, Mamba.forward): y = silu(conv1d(x)[..., :L]), a depthwise Conv1d of kernel K with K-1
 zeros of padding in front, on x (b, E, l). Here x comes in the in-projection's own layout, (b, l, E) with any strides,
 and y goes out as a contiguous (b, l, E) tensor in x's dtype, which is what the x-projection reads; the scan reads its
 transpose without a copy.
@@ -13,6 +14,8 @@ x's dtype (the PyTorch path under bf16 autocast also rounds the convolution's ou
 SiLU, so the two differ by bf16 rounding: tests/test_speed.py states the bound). Weight and bias gradients are written
 as per-program partial sums and added up in PyTorch, so results are deterministic.
 """
+from typing import Optional
+
 import torch
 
 try:
@@ -151,3 +154,62 @@ def causal_conv1d_silu_reference(x, weight, bias):
     E, K = weight.shape
     y = torch.nn.functional.conv1d(x.transpose(1, 2), weight[:, None, :], bias, padding=K - 1, groups=E)
     return torch.nn.functional.silu(y[..., :x.shape[1]]).transpose(1, 2)
+
+
+# The audio encoder's convolution epilogue (models/layers.BasicBlock, inference with folded BatchNorms). PyTorch adds a
+# cuDNN convolution's bias in a kernel of its own, a strided broadcast over the channels-last output, then LeakyReLU,
+# and for the block's second convolution also the shortcut (itself a convolution with its own bias add): five passes
+# over the block's largest tensors. Here they are two, one per convolution, done in place in float32 registers and
+# rounded once.
+EPILOGUE_BLOCK = 2048
+
+if triton is not None:
+
+    @triton.jit
+    def _epilogue_kernel(x_ptr, b_ptr, r_ptr, rb_ptr, N, C, slope,
+                         HAS_RES: tl.constexpr, HAS_RES_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < N
+        c = offs % C
+        v = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32) + \
+            tl.load(b_ptr + c, mask=m, other=0.0).to(tl.float32)
+        if HAS_RES:
+            v += tl.load(r_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        if HAS_RES_BIAS:
+            v += tl.load(rb_ptr + c, mask=m, other=0.0).to(tl.float32)
+        tl.store(x_ptr + offs, tl.where(v >= 0.0, v, v * slope).to(x_ptr.dtype.element_ty), mask=m)
+
+
+def epilogue_fits(x, shortcut=None):
+    """Whether bias_leaky_relu_ takes x (and shortcut): on a GPU, channels-last (or plain (B, L, C)) memory with the
+    channels last, and int32 offsets."""
+    def dense(t):
+        return t.is_contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t.is_contiguous()
+    return (triton is not None and x.is_cuda and x.numel() < 2 ** 31 and dense(x) and
+            (shortcut is None or (shortcut.shape == x.shape and shortcut.dtype == x.dtype and dense(shortcut))))
+
+
+@torch.library.custom_op("mambatalk::bias_leaky_relu_", mutates_args=("x",))
+def bias_leaky_relu_(x: torch.Tensor, bias: torch.Tensor, shortcut: Optional[torch.Tensor] = None,
+                     shortcut_bias: Optional[torch.Tensor] = None, slope: float = 0.01) -> None:
+    """x <- leaky_relu(x + bias + shortcut + shortcut_bias), in place, the biases broadcast over the channels (dim 1,
+    stored last in memory: epilogue_fits). shortcut and shortcut_bias may be None."""
+    n, C = x.numel(), x.shape[1]
+    grid = (triton.cdiv(n, EPILOGUE_BLOCK),)
+    has_res, has_rb = shortcut is not None, shortcut_bias is not None
+    _epilogue_kernel[grid](x, bias, shortcut if has_res else x, shortcut_bias if has_rb else bias, n, C, slope,
+                           HAS_RES=has_res, HAS_RES_BIAS=has_rb, BLOCK=EPILOGUE_BLOCK, num_warps=8)
+
+
+@bias_leaky_relu_.register_fake
+def _(x, bias, shortcut=None, shortcut_bias=None, slope=0.01):
+    return None
+
+
+def bias_leaky_relu_reference(x, bias, shortcut=None, shortcut_bias=None, slope=0.01):
+    """The same in PyTorch, out of place, as BasicBlock computes it unfused (the tests' ground truth)."""
+    view = (1, -1) + (1,) * (x.dim() - 2)
+    y = x + bias.reshape(view)
+    if shortcut is not None:
+        y = y + (shortcut if shortcut_bias is None else shortcut + shortcut_bias.reshape(view))
+    return torch.nn.functional.leaky_relu(y, slope)

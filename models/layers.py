@@ -8,6 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models import conv_triton
+
 
 def init_weight(module):
     """Xavier-normal weights and zero biases for conv/linear layers; use as `net.apply(init_weight)`."""
@@ -49,7 +51,14 @@ class BasicBlock(nn.Module):
 
     `padding` applies to the first conv and the shortcut conv only (the published code calls it `first_dilation`);
     the second conv is always 'same' padded. The shortcut is a conv+BN when `downsample` is true, else the identity.
+
+    `fused_epilogue`: None adds each convolution's bias, the shortcut and LeakyReLU in one Triton kernel
+    (models/conv_triton.bias_leaky_relu_) when that is the same maths, i.e. for inference (no autograd) on a GPU, in
+    channels-last memory, with the BatchNorms folded (fold_batchnorms: generation's bf16 copy); False: never (the
+    tests and `bench_gpu.py --conv_epilogue` compare the two).
     """
+
+    fused_epilogue = None
 
     def __init__(self, in_channels, channels, kernel_size, stride=1, padding=0, downsample=False):
         super().__init__()
@@ -80,11 +89,34 @@ class BasicBlock(nn.Module):
             shortcut = x if self.downsample is None else self.downsample(x)
             out = self.act(self.bn1(self.conv1(x)))
             out = self.bn2(self.conv2(out))
+        elif self._fuse(x):
+            slope = self.act.negative_slope
+            out = _epilogue(_conv2d(self.conv1, x, bias=False), self.conv1.bias, slope=slope)
+            out = _conv2d(self.conv2, out, bias=False)
+            if self.downsample is None:
+                return _epilogue(out, self.conv2.bias, x, slope=slope)
+            shortcut = _conv2d(self.downsample[0], x, bias=False)
+            return _epilogue(out, self.conv2.bias, shortcut, self.downsample[0].bias, slope=slope)
         else:
             shortcut = x if self.downsample is None else _bn2d(self.downsample[1], _conv2d(self.downsample[0], x))
             out = self.act(_bn2d(self.bn1, _conv2d(self.conv1, x)))
             out = _bn2d(self.bn2, _conv2d(self.conv2, out))
         return self.act(out + shortcut)
+
+    def _fuse(self, x):
+        if self.fused_epilogue is False or self.training or torch.is_grad_enabled():
+            return False
+        folded = all(isinstance(bn, nn.Identity) for bn in (self.bn1, self.bn2)) and \
+            (self.downsample is None or isinstance(self.downsample[1], nn.Identity))
+        return folded and conv_triton.epilogue_fits(x)
+
+
+def _epilogue(out, bias, shortcut=None, shortcut_bias=None, slope=0.01):
+    """leaky_relu(out + bias + shortcut + shortcut_bias): in place in one kernel where the memory allows it."""
+    if conv_triton.epilogue_fits(out, shortcut):
+        conv_triton.bias_leaky_relu_(out, bias, shortcut, shortcut_bias, slope=slope)
+        return out
+    return conv_triton.bias_leaky_relu_reference(out, bias, shortcut, shortcut_bias, slope)
 
 
 @torch.no_grad()
@@ -97,9 +129,9 @@ def _fold_batchnorm(conv, bn):
     conv.bias.copy_((conv.bias - bn.running_mean) * scale + bn.bias)
 
 
-def _conv2d(conv, x):
-    """A Conv1d applied to (B, C, 1, L): the same weights as a 1 x k 2-D convolution."""
-    return F.conv2d(x, conv.weight.unsqueeze(2), conv.bias, (1, conv.stride[0]), (0, conv.padding[0]))
+def _conv2d(conv, x, bias=True):
+    """A Conv1d applied to (B, C, 1, L): the same weights as a 1 x k 2-D convolution (without its bias: bias=False)."""
+    return F.conv2d(x, conv.weight.unsqueeze(2), conv.bias if bias else None, (1, conv.stride[0]), (0, conv.padding[0]))
 
 
 def _bn2d(bn, x):

@@ -47,6 +47,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models import scan, ssm  # noqa: E402
+from models.layers import BasicBlock  # noqa: E402
 from models.mambatalk import MambaTalk  # noqa: E402
 from models.motion_representation import build_stage1_models  # noqa: E402
 from models.scan import available_backends  # noqa: E402
@@ -794,8 +795,12 @@ def main():
     p.add_argument("--side_streams", choices=("on", "off"), default="on",
                    help="generation: the conditioning and the face branch on side streams beside the window chain "
                         "(trainers.generate.SIDE_STREAMS; off to test README Known limitations' hang)")
+    p.add_argument("--conv_epilogue", choices=("fused", "torch"), default="fused",
+                   help="bf16 generation's audio encoders: bias, shortcut and LeakyReLU in one Triton kernel per "
+                        "convolution (models.layers.BasicBlock.fused_epilogue), or PyTorch's separate kernels")
     opts = p.parse_args()
     gen.SIDE_STREAMS = opts.side_streams == "on"
+    BasicBlock.fused_epilogue = None if opts.conv_epilogue == "fused" else False
     global HANG_DUMP_S
     HANG_DUMP_S = opts.hang_dump
     device = torch.device(opts.device)
@@ -827,6 +832,9 @@ def main():
     table = Table()
     if not gen.SIDE_STREAMS:
         table.notes.append("generation: --side_streams off (conditioning and face branch on the main stream)")
+    if BasicBlock.fused_epilogue is False:
+        table.notes.append("generation: --conv_epilogue torch (the audio encoders' bias, shortcut and LeakyReLU "
+                           "as PyTorch's kernels)")
     signal.signal(signal.SIGTERM, _stop)
     try:
         if opts.isolate:

@@ -226,14 +226,59 @@ TRITON_CONV_CHECK = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("script", ["scan", "conv"])
+TRITON_EPILOGUE_CHECK = textwrap.dedent("""
+import copy
+import torch
+from models import conv_triton
+from models.layers import BasicBlock, WavEncoder
+torch.manual_seed(0)
+worst = 0.0
+for shape, dtype in [((2, 8, 1, 300), torch.float32), ((3, 5, 1, 77), torch.float32), ((2, 16, 1, 129), torch.bfloat16)]:
+    x = torch.randn(shape).to(dtype).contiguous(memory_format=torch.channels_last)
+    b, r, rb = torch.randn(shape[1]).to(dtype), torch.randn(shape).to(dtype).contiguous(memory_format=torch.channels_last), torch.randn(shape[1]).to(dtype)
+    for args in [(b,), (b, r), (b, r, rb)]:
+        want = conv_triton.bias_leaky_relu_reference(x.double(), *[a.double() for a in args], slope=0.01)
+        got = x.clone()
+        conv_triton.bias_leaky_relu_(got, *args, slope=0.01)
+        assert got.dtype == dtype and got.is_contiguous(memory_format=torch.channels_last)
+        gap = ((got.double() - want).norm() / want.norm()).item()
+        assert gap < (1e-6 if dtype == torch.float32 else 4e-3), (shape, dtype, len(args), gap)
+        worst = max(worst, gap if dtype == torch.float32 else 0.0)
+assert worst < 1e-6, worst
+# the whole encoder, folded, with the kernel (forced: on CPU tensors) against without it
+conv_triton.epilogue_fits = lambda x, s=None: x.is_contiguous(memory_format=torch.channels_last) and (
+    s is None or s.is_contiguous(memory_format=torch.channels_last))
+calls = []
+kernel = conv_triton.bias_leaky_relu_
+conv_triton.bias_leaky_relu_ = lambda *a, **k: calls.append(1) or kernel(*a, **k)
+enc = WavEncoder(16, audio_in=3).eval()
+for m in enc.modules():
+    if isinstance(m, BasicBlock):
+        m.fold_batchnorms()
+enc.channels_last = True
+x = torch.randn(2, 4000, 3)
+with torch.no_grad():
+    BasicBlock.fused_epilogue = False
+    want = enc(x)
+    BasicBlock.fused_epilogue = None
+    got = enc(x)
+gap = ((got - want).norm() / want.norm()).item()
+assert gap < 1e-5, gap
+assert len(calls) == 2 * 9, len(calls)  # two per block, nine blocks
+print("worst", worst, "encoder", gap)
+""")
+
+
+@pytest.mark.parametrize("script", ["scan", "conv", "epilogue"])
 def test_triton_kernels_in_interpreter(script):
     """Triton's interpreter runs the GPU kernels on CPU tensors. scan: models/scan_triton.py (bias, softplus, D, z
     inside; strided inputs) against the float64 step-by-step recurrence, every combination of the optional terms.
-    conv: models/conv_triton.py against float64 PyTorch, and inside a Mamba layer (forward and all gradients)."""
+    conv: models/conv_triton.py against float64 PyTorch, and inside a Mamba layer (forward and all gradients).
+    epilogue: the audio encoder's fused bias + shortcut + LeakyReLU against float64 PyTorch (float32 and bf16), and a
+    folded encoder with it against without it."""
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
-    code = TRITON_SCAN_CHECK if script == "scan" else TRITON_CONV_CHECK
+    code = dict(scan=TRITON_SCAN_CHECK, conv=TRITON_CONV_CHECK, epilogue=TRITON_EPILOGUE_CHECK)[script]
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
 
@@ -548,6 +593,63 @@ def test_folded_batchnorms_equal_the_eval_encoder():
             enc.channels_last = folded.channels_last = layout
             want, got = enc(x), folded(x)
             assert float((got - want).norm() / want.norm()) < 1e-5, layout
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_fused_conv_epilogue_on_gpu_matches_pytorch(monkeypatch):
+    """The audio encoders' fused epilogue on the GPU (models/conv_triton.bias_leaky_relu_, bf16 generation's default):
+    the kernel against float64 PyTorch at a published width and length; a folded published-width encoder with it
+    against without it (bf16); and bf16 generation's window forward with folded BatchNorms and the kernel, and without
+    either (the model under autocast), both within test_bf16_generation_tolerance's bounds of float32."""
+    import copy
+    from models import conv_triton
+    from models.layers import BasicBlock, WavEncoder
+    g = torch.Generator("cuda").manual_seed(0)
+    for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 4e-3)):
+        shape = (3, 128, 1, 40_001)
+        x = torch.randn(shape, device="cuda", generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+        r = torch.randn(shape, device="cuda", generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+        b, rb = (torch.randn(128, device="cuda", generator=g).to(dtype) for _ in range(2))
+        for args in ((b,), (b, r), (b, r, rb)):
+            want = conv_triton.bias_leaky_relu_reference(x.double(), *(a.double() for a in args))
+            got = x.clone()
+            conv_triton.bias_leaky_relu_(got, *args)
+            assert float((got.double() - want).norm() / want.norm()) < tol, (dtype, len(args))
+    calls = []
+    kernel = conv_triton.bias_leaky_relu_
+    monkeypatch.setattr(conv_triton, "bias_leaky_relu_", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    torch.manual_seed(0)
+    enc = WavEncoder(512, audio_in=3).cuda().eval()
+    for m in enc.modules():
+        if isinstance(m, BasicBlock):
+            m.fold_batchnorms()
+    enc = enc.to(torch.bfloat16)
+    wav = torch.randn(4, 2 * 16000, 3, device="cuda", generator=g).to(torch.bfloat16)
+    with torch.no_grad():
+        monkeypatch.setattr(BasicBlock, "fused_epilogue", False)
+        want = enc(wav).float()
+        assert not calls
+        monkeypatch.setattr(BasicBlock, "fused_epilogue", None)
+        got = enc(wav).float()
+    assert len(calls) == 18  # two per block, nine blocks
+    assert float((got - want).norm() / want.norm()) < 1e-2
+    args = small_args()
+    model = build(args).cuda().eval()
+    inputs, masks = window_batch(args, batch=4)
+    inputs, mask = {k: v.cuda() for k, v in inputs.items()}, masks[0].cuda()
+    calls.clear()
+    with torch.no_grad():
+        ref = model(mask=mask, **inputs)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            unfused = model(mask=mask, **inputs)
+            assert not calls
+            fused = gen.bf16_weights(model)(mask=mask, **inputs)
+            assert calls
+    for k in ref:
+        for name, got in (("fused", fused), ("autocast", unfused)):
+            assert float((got[k].float() - ref[k]).norm() / ref[k].norm()) < 2e-2, (name, k)
+            if k.startswith("cls"):
+                assert float((got[k].argmax(-1) == ref[k].argmax(-1)).float().mean()) >= 0.9, (name, k)
 
 
 def test_generation_split_equals_predict():
