@@ -83,7 +83,8 @@ TRAIN_ROWS = {
     "compile-graph": ("fast + torch.compile + the whole step as one CUDA graph", True, "bf16", True, "compile-graph",
                       "auto", True),
 }
-GRAPH_ROWS = ("graph", "compile-graph")  # a failed capture can leave the CUDA context unusable: these run last
+GRAPH_ROWS = ("graph", "compile-graph")
+CUDNN_BENCHMARK = None  # --cudnn_benchmark: cuDNN's autotuning for this project's training rows (None: the trainer's)  # a failed capture can leave the CUDA context unusable: these run last
 
 
 # ---- helpers --------------------------------------------------------------------------------------------------------
@@ -152,6 +153,8 @@ def step_trainer(args, device, model, vq, share, amp, fused, compile_mode=None, 
     # the published code runs with cuDNN's benchmark and deterministic flags on
     published = not share and amp == "none"
     torch.backends.cudnn.benchmark = torch.backends.cudnn.deterministic = published and device.type == "cuda"
+    if CUDNN_BENCHMARK is not None and not published:
+        torch.backends.cudnn.benchmark = CUDNN_BENCHMARK
     for encoder in (model.audio_pre_encoder_face, model.audio_pre_encoder_body):
         encoder.channels_last = False if published else None  # the published (B, C, L) layout
     model.batch_passes = batched
@@ -798,7 +801,11 @@ def main():
     p.add_argument("--conv_epilogue", choices=("fused", "torch"), default="fused",
                    help="bf16 generation's audio encoders: bias, shortcut and LeakyReLU in one Triton kernel per "
                         "convolution (models.layers.BasicBlock.fused_epilogue), or PyTorch's separate kernels")
+    p.add_argument("--cudnn_benchmark", choices=("on", "off"), default=None,
+                   help="this project's training rows with cuDNN's autotuning on or off (default: the trainer's)")
     opts = p.parse_args()
+    global CUDNN_BENCHMARK
+    CUDNN_BENCHMARK = None if opts.cudnn_benchmark is None else opts.cudnn_benchmark == "on"
     gen.SIDE_STREAMS = opts.side_streams == "on"
     BasicBlock.fused_epilogue = None if opts.conv_epilogue == "fused" else False
     global HANG_DUMP_S
