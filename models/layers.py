@@ -129,37 +129,9 @@ def _fold_batchnorm(conv, bn):
     conv.bias.copy_((conv.bias - bn.running_mean) * scale + bn.bias)
 
 
-# cuDNN runs the strided convolutions of the raw waveform (2 or 3 input channels) slowly; as stride-1 convolutions over
-# stride x channels (strided_as_dense) they took 0.67 instead of 1.27 ms each, forward + backward, bf16, batch 64 x 64
-# frames on an H200. Wider strided convolutions were slower that way (128 channels: 0.44 against 0.35 ms), so only
-# inputs of at most this many channels, and only on GPUs (CPU results stay those of earlier runs, bit for bit).
-DENSE_STRIDED_MAX_CHANNELS = 4
-
-
 def _conv2d(conv, x, bias=True):
     """A Conv1d applied to (B, C, 1, L): the same weights as a 1 x k 2-D convolution (without its bias: bias=False)."""
-    b, stride, padding = conv.bias if bias else None, conv.stride[0], conv.padding[0]
-    if x.is_cuda and stride > 1 and x.shape[1] <= DENSE_STRIDED_MAX_CHANNELS:
-        return strided_as_dense(x, conv.weight, b, stride, padding)
-    return F.conv2d(x, conv.weight.unsqueeze(2), b, (1, stride), (0, padding))
-
-
-def strided_as_dense(x, weight, bias, stride, padding):
-    """conv2d(x, weight[:, :, None], bias, (1, stride), (0, padding)) for x (B, C, 1, L) and a Conv1d weight (O, C, k),
-    computed as a stride-1 convolution over stride x C channels with ceil(k / stride) taps: output t sums input
-    samples t * stride + j over j < k, which are samples j % stride of the stride-wide rows t + j // stride (the taps
-    past k get zero weights). Same sums in another order."""
-    n, c, _, length = x.shape
-    out_channels, _, k = weight.shape
-    taps = -(-k // stride)
-    out_length = (length + 2 * padding - k) // stride + 1
-    span = (out_length - 1 + taps) * stride  # padded samples that the output reads, whole rows
-    samples = x.permute(0, 2, 3, 1).reshape(n, length, c)  # a view in channels-last memory
-    samples = F.pad(samples, (0, 0, padding, max(0, span - length - padding)))[:, :span]
-    rows = samples.reshape(n, span // stride, stride * c).transpose(1, 2).unsqueeze(2)  # (B, stride*C, 1, rows)
-    w = F.pad(weight, (0, taps * stride - k)).reshape(out_channels, c, taps, stride)
-    w = w.permute(0, 3, 1, 2).reshape(out_channels, stride * c, 1, taps)
-    return F.conv2d(rows, w, bias)
+    return F.conv2d(x, conv.weight.unsqueeze(2), conv.bias if bias else None, (1, conv.stride[0]), (0, conv.padding[0]))
 
 
 def _bn2d(bn, x):

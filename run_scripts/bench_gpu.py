@@ -47,7 +47,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models import scan, ssm  # noqa: E402
-from models import layers  # noqa: E402
 from models.layers import BasicBlock  # noqa: E402
 from models.mambatalk import MambaTalk  # noqa: E402
 from models.motion_representation import build_stage1_models  # noqa: E402
@@ -804,12 +803,7 @@ def main():
                         "convolution (models.layers.BasicBlock.fused_epilogue), or PyTorch's separate kernels")
     p.add_argument("--cudnn_benchmark", choices=("on", "off"), default=None,
                    help="this project's training rows with cuDNN's autotuning on or off (default: the trainer's)")
-    p.add_argument("--dense_strided_channels", type=int, default=None,
-                   help="strided audio convolutions with at most this many input channels run as stride-1 ones on GPUs "
-                        "(models.layers.DENSE_STRIDED_MAX_CHANNELS; 0: none)")
     opts = p.parse_args()
-    if opts.dense_strided_channels is not None:
-        layers.DENSE_STRIDED_MAX_CHANNELS = opts.dense_strided_channels
     global CUDNN_BENCHMARK
     CUDNN_BENCHMARK = None if opts.cudnn_benchmark is None else opts.cudnn_benchmark == "on"
     gen.SIDE_STREAMS = opts.side_streams == "on"
@@ -845,8 +839,6 @@ def main():
     table = Table()
     if not gen.SIDE_STREAMS:
         table.notes.append("generation: --side_streams off (conditioning and face branch on the main stream)")
-    if opts.dense_strided_channels is not None:
-        table.notes.append(f"--dense_strided_channels {opts.dense_strided_channels}")
     if BasicBlock.fused_epilogue is False:
         table.notes.append("generation: --conv_epilogue torch (the audio encoders' bias, shortcut and LeakyReLU "
                            "as PyTorch's kernels)")

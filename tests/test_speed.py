@@ -566,51 +566,6 @@ def test_wav_encoder_channels_last_matches_published_layout():
         assert float((a(x).float() - b(x)).norm() / b(x).norm()) < 2e-2
 
 
-def test_strided_convolution_as_dense_equals_conv2d():
-    """models.layers.strided_as_dense (the raw-waveform convolutions on GPUs): the strided convolution as a stride-1
-    one over stride x channels gives conv2d's output and input, weight and bias gradients (float64, to 1e-12), for
-    strides that divide the kernel and strides that do not, padding wider than the input, and one output sample."""
-    import torch.nn.functional as F
-    from models.layers import strided_as_dense
-    g = torch.Generator().manual_seed(0)
-    for c, o, k, stride, padding, length in [(3, 8, 15, 5, 1600, 4000), (2, 8, 15, 6, 0, 500), (3, 4, 15, 6, 7, 100),
-                                             (1, 5, 15, 3, 0, 301), (3, 4, 15, 5, 0, 15), (2, 3, 4, 5, 3, 9)]:
-        x = torch.randn(2, c, 1, length, generator=g, dtype=torch.float64)
-        x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
-        w = torch.randn(o, c, k, generator=g, dtype=torch.float64, requires_grad=True)
-        b = torch.randn(o, generator=g, dtype=torch.float64, requires_grad=True)
-        want = F.conv2d(x, w.unsqueeze(2), b, (1, stride), (0, padding))
-        got = strided_as_dense(x, w, b, stride, padding)
-        assert got.shape == want.shape, (c, k, stride, padding, length)
-        gy = torch.randn(want.shape, generator=g, dtype=torch.float64)
-        for a, r in zip((got,) + torch.autograd.grad(got, (x, w, b), gy),
-                        (want,) + torch.autograd.grad(want, (x, w, b), gy)):
-            torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_dense_strided_convolutions_on_gpu_match_cudnn(monkeypatch):
-    """On the GPU the raw-waveform convolutions run as stride-1 ones (strided_as_dense): a training-mode audio encoder
-    at the published width gives cuDNN's strided results, output and every gradient, in float32 without TF32 (relative
-    1e-5) and in bf16 (relative 5e-2: the two sum in different orders; a wrong sum is off by O(1))."""
-    from models import layers
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    torch.manual_seed(0)
-    enc = layers.WavEncoder(512, audio_in=3).cuda()
-    wav = torch.randn(4, 34133, 3, device="cuda")
-    for amp, tol in ((False, 1e-5), (True, 5e-2)):
-        results = []
-        for channels in (layers.DENSE_STRIDED_MAX_CHANNELS, 0):
-            monkeypatch.setattr(layers, "DENSE_STRIDED_MAX_CHANNELS", channels)
-            enc.zero_grad()
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-                out = enc(wav)
-            out.float().square().mean().backward()
-            results.append([out.float()] + [p.grad.clone() for p in enc.parameters()])
-        for a, r in zip(*results):
-            assert float((a - r).norm() / r.norm()) < tol, amp
-
-
 def test_folded_batchnorms_equal_the_eval_encoder():
     """BasicBlock.fold_batchnorms (generation's bf16 copy): the audio encoder with each eval-mode BatchNorm folded into
     its convolution gives the unfolded encoder's output in both layouts (float32, relative 1e-5), and refuses a
