@@ -1,10 +1,10 @@
 """Convolution kernels in Triton for GPUs: Mamba's causal depthwise convolution and SiLU (forward, backward) for
 training, and the audio encoder's convolution epilogue (bias, shortcut, LeakyReLU) for inference.
 
-The causal convolution. Reference (models/ssm.py, Mamba.forward): y = silu(conv1d(x)[..., :L]), a depthwise Conv1d of kernel K with K-1
-zeros of padding in front, on x (b, E, l). Here x comes in the in-projection's own layout, (b, l, E) with any strides,
-and y goes out as a contiguous (b, l, E) tensor in x's dtype, which is what the x-projection reads; the scan reads its
-transpose without a copy.
+The causal convolution. Reference (models/ssm.py, Mamba.forward): y = silu(conv1d(x)[..., :L]), a depthwise Conv1d
+of kernel K with K-1 zeros of padding in front, on x (b, E, l). Here x comes in the in-projection's own layout,
+(b, l, E) with any strides, and y goes out as a contiguous (b, l, E) tensor in x's dtype, which is what the
+x-projection reads; the scan reads its transpose without a copy.
 
 Why kernels: in PyTorch this is a layout copy, cuDNN's/ATen's depthwise kernel (slow for 4 taps: ~0.2 ms per layer
 at batch 192 x 64 frames x 1536 channels on an H200), a slice, SiLU, and in the backward the same again with a

@@ -83,8 +83,8 @@ TRAIN_ROWS = {
     "compile-graph": ("fast + torch.compile + the whole step as one CUDA graph", True, "bf16", True, "compile-graph",
                       "auto", True),
 }
-GRAPH_ROWS = ("graph", "compile-graph")
-CUDNN_BENCHMARK = None  # --cudnn_benchmark: cuDNN's autotuning for this project's training rows (None: the trainer's)  # a failed capture can leave the CUDA context unusable: these run last
+GRAPH_ROWS = ("graph", "compile-graph")  # a failed capture can leave the CUDA context unusable: these run last
+CUDNN_BENCHMARK = None  # --cudnn_benchmark: cuDNN's autotuning for this project's training rows (None: the trainer's)
 
 
 # ---- helpers --------------------------------------------------------------------------------------------------------

@@ -227,15 +227,15 @@ TRITON_CONV_CHECK = textwrap.dedent("""
 
 
 TRITON_EPILOGUE_CHECK = textwrap.dedent("""
-import copy
 import torch
 from models import conv_triton
 from models.layers import BasicBlock, WavEncoder
 torch.manual_seed(0)
 worst = 0.0
-for shape, dtype in [((2, 8, 1, 300), torch.float32), ((3, 5, 1, 77), torch.float32), ((2, 16, 1, 129), torch.bfloat16)]:
-    x = torch.randn(shape).to(dtype).contiguous(memory_format=torch.channels_last)
-    b, r, rb = torch.randn(shape[1]).to(dtype), torch.randn(shape).to(dtype).contiguous(memory_format=torch.channels_last), torch.randn(shape[1]).to(dtype)
+for shape, dtype in [((2, 8, 1, 300), torch.float32), ((3, 5, 1, 77), torch.float32),
+                     ((2, 16, 1, 129), torch.bfloat16)]:
+    x, r = (torch.randn(shape).to(dtype).contiguous(memory_format=torch.channels_last) for _ in range(2))
+    b, rb = (torch.randn(shape[1]).to(dtype) for _ in range(2))
     for args in [(b,), (b, r), (b, r, rb)]:
         want = conv_triton.bias_leaky_relu_reference(x.double(), *[a.double() for a in args], slope=0.01)
         got = x.clone()
@@ -601,7 +601,6 @@ def test_fused_conv_epilogue_on_gpu_matches_pytorch(monkeypatch):
     the kernel against float64 PyTorch at a published width and length; a folded published-width encoder with it
     against without it (bf16); and bf16 generation's window forward with folded BatchNorms and the kernel, and without
     either (the model under autocast), both within test_bf16_generation_tolerance's bounds of float32."""
-    import copy
     from models import conv_triton
     from models.layers import BasicBlock, WavEncoder
     g = torch.Generator("cuda").manual_seed(0)
