@@ -47,7 +47,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models import scan, ssm  # noqa: E402
-from models.layers import BasicBlock  # noqa: E402
+from models.layers import BasicBlock, channels_last_conv_weights_  # noqa: E402
 from models.mambatalk import MambaTalk  # noqa: E402
 from models.motion_representation import build_stage1_models  # noqa: E402
 from models.scan import available_backends  # noqa: E402
@@ -157,6 +157,7 @@ def step_trainer(args, device, model, vq, share, amp, fused, compile_mode=None, 
         torch.backends.cudnn.benchmark = CUDNN_BENCHMARK
     for encoder in (model.audio_pre_encoder_face, model.audio_pre_encoder_body):
         encoder.channels_last = False if published else None  # the published (B, C, L) layout
+    channels_last_conv_weights_(model)  # as Trainer.__init__
     model.batch_passes = batched
     args = copy.copy(args)
     args.amp, args.fused_adam = amp, fused

@@ -868,11 +868,19 @@ def test_training_state_restore_undoes_steps():
         torch.testing.assert_close(state_a[k], state_b[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
-def _training_step_results(cast, packed, amp="bf16", seed=5, dropout=True):
-    """Losses, gradients and buffers of one forward + backward of the MambaTalk training step (tiny sizes, CPU)."""
-    from models.layers import PackedAttention
+def _training_step_results(cast, packed, amp="bf16", seed=5, dropout=True, conv_layout=None):
+    """Losses, gradients and buffers of one forward + backward of the MambaTalk training step (tiny sizes, CPU).
+    conv_layout "contiguous"/"channels_last": the audio encoders run channels-last (as on GPUs) with their
+    convolution weights stored as they are built / reordered by channels_last_conv_weights_ (as GPU training)."""
+    from models.layers import PackedAttention, WavEncoder, channels_last_conv_weights_
     args = load_config(REPO / "configs" / "mambatalk.yaml", dict(ctc_model="none", **bench_gpu.TINY))
     model, vq = bench_gpu.build_models(args, torch.device("cpu"))
+    if conv_layout:
+        for m in model.modules():
+            if isinstance(m, WavEncoder):
+                m.channels_last = True
+        if conv_layout == "channels_last":
+            assert channels_last_conv_weights_(model) == 50
     if not dropout:
         no_dropout(model)
     trainer = bench_gpu.step_trainer(args, torch.device("cpu"), model, vq, True, amp, False)
@@ -897,6 +905,66 @@ def test_weight_copies_give_autocast_numbers_exactly():
         assert a.keys() == b.keys() and a
         for k in a:
             assert torch.equal(a[k], b[k]), k
+
+
+def test_channels_last_conv_weights_keep_the_training_step():
+    """models.layers.channels_last_conv_weights_ (GPU training: the audio encoders' convolution weights stored in the
+    order a channels-last convolution reads) changes memory only: the same values and parameter objects, the
+    gradients arrive in the weights' own layout (so nothing re-copies them), the bf16 weight copies still give
+    autocast's numbers bit for bit, and the step's numbers equal those with the weights as built."""
+    from models.layers import WavEncoder, channels_last_conv_weights_
+    args = load_config(REPO / "configs" / "mambatalk.yaml", dict(ctc_model="none", **bench_gpu.TINY))
+    model, _ = bench_gpu.build_models(args, torch.device("cpu"))
+    assert channels_last_conv_weights_(model) == 0  # CPU, layout chosen per call: nothing to do
+    params = {n: (p, p.detach().clone()) for n, p in model.named_parameters()}
+    for m in model.modules():
+        if isinstance(m, WavEncoder):
+            m.channels_last = True
+    assert channels_last_conv_weights_(model) == 50
+    moved = [n for n, p in model.named_parameters() if n.startswith("audio_pre_encoder") and p.dim() == 3]
+    assert len(moved) == 50
+    for n, p in model.named_parameters():
+        assert p is params[n][0] and torch.equal(p, params[n][1]), n
+        assert (p.dim() == 3 and p.stride(1) == 1 and not p.is_contiguous()) == (n in moved), n
+    fresh, _ = bench_gpu.build_models(args, torch.device("cpu"), seed=1)
+    fresh.load_state_dict(model.state_dict())  # a checkpoint of the reordered weights loads anywhere
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+
+    built = _training_step_results(False, False, conv_layout="contiguous")
+    plain = _training_step_results(False, False, conv_layout="channels_last")
+    once = _training_step_results(True, False, conv_layout="channels_last")
+    for a, b, c in zip(built, plain, once):
+        assert a.keys() == b.keys() == c.keys() and a
+        for k in a:
+            assert torch.equal(b[k], c[k]), k
+            torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+    grads = once[1]
+    for n in moved:
+        assert grads[n].stride() == dict(model.named_parameters())[n].stride(), n
+
+
+def test_weight_copies_keep_layouts_and_take_any_gradient():
+    """utils.amp_weights._CastAll: each copy has its parameter's strides; gradients of any layout (transposed,
+    broadcast with zero strides, unused) come back as float32 with the values of a plain cast."""
+    from utils.amp_weights import _CastAll
+    torch.manual_seed(0)
+    a = torch.randn(5, 3, requires_grad=True)
+    b = torch.randn(4, 3, 7).transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()  # channel-fastest
+    c = torch.randn(6, requires_grad=True)
+    d = torch.randn(2, 2, requires_grad=True)
+    ca, cb, cc, cd = _CastAll.apply(torch.bfloat16, a, b, c, d)
+    assert [t.dtype for t in (ca, cb, cc, cd)] == [torch.bfloat16] * 4
+    assert cb.stride() == b.stride() and ca.stride() == a.stride()
+    assert torch.equal(cb, b.to(torch.bfloat16)) and torch.equal(ca, a.to(torch.bfloat16))
+    x = torch.randn(8, 5, dtype=torch.bfloat16)
+    loss = (x @ ca).float().square().sum() + (cb * 2).float().sum() + cc.sum().float()  # cc's gradient: stride 0
+    ga, gb, gc = torch.autograd.grad(loss, [ca, cb, cc], retain_graph=True)
+    assert gc.stride() == (0,)
+    loss.backward()
+    assert d.grad is None
+    for p, g in ((a, ga), (b, gb), (c, gc)):
+        assert p.grad.dtype == torch.float32 and torch.equal(p.grad, g.float())
+    assert b.grad.stride() == b.stride()
 
 
 def test_packed_attention_matches_pytorch_attention():

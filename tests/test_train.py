@@ -454,6 +454,30 @@ def test_resume_of_a_graphed_gpu_state_on_a_cpu(lab, tmp_path):
         trainer.release_run_dir()
 
 
+def test_resume_with_reordered_conv_weights(lab, monkeypatch):
+    """A MambaTalk state saved with the audio encoders' weights as built, resumed where they are stored channels-last
+    (GPU training, models.layers.channels_last_conv_weights_; forced here on a CPU): the weights and Adam's moments
+    take the new layout with the same values (fused Adam needs parameter and moments in one layout), and training
+    goes on."""
+    from models.layers import WavEncoder
+    common = {"batch_size": 16, "epochs": 50}
+    run = Path(build_trainer(lab.config("mambatalk", out="layout", max_steps=2, **common)).fit())
+    monkeypatch.setattr(WavEncoder, "channels_last", True)
+    resumed = build_trainer(lab.config("mambatalk", out="layout", max_steps=3, resume=str(run / "train_state.pt"),
+                                       **common))
+    saved = torch.load(run / "train_state.pt", weights_only=True)
+    reordered = 0
+    for i, p in enumerate(resumed.optimizer.param_groups[0]["params"]):
+        reordered += not p.is_contiguous()
+        for k in ("exp_avg", "exp_avg_sq"):
+            moment = resumed.optimizer.state[p][k]
+            assert moment.stride() == p.stride() and torch.equal(moment, saved["optimizer"]["state"][i][k])
+    assert reordered == 50
+    resumed.fit()
+    assert resumed.global_step == 3
+    assert all(torch.isfinite(p).all() for p in resumed.raw_model.parameters())
+
+
 RACE_SCRIPT = textwrap.dedent("""
     import json, logging, os, sys, time
     sys.path.insert(0, {root!r})

@@ -32,6 +32,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from utils.checkpoint import (TRAINING_STATE_KEYS, CheckpointMismatchError, check_state_dict, load_training_state,
                               load_weights, save_training_state, save_weights)
+from models.layers import channels_last_conv_weights_
 from utils.amp_weights import autocast_weights, call_with_cast_weights
 from utils.config import save_config
 from utils.log import setup_logging
@@ -272,6 +273,7 @@ class Trainer:
             self.eval_data, batch_size=self.rank_batch, shuffle=False, drop_last=False,
             num_workers=args.loader_workers, generator=torch.Generator())
         self.raw_model = self.build_model().to(self.device)
+        channels_last_conv_weights_(self.raw_model)  # GPU audio encoders: the weight layout their convolutions read
         n_train = sum(p.numel() for p in self.raw_model.parameters() if p.requires_grad)
         self.log.info(f"model {type(self.raw_model).__name__}: {n_train / 1e6:.2f} M trained parameters, "
                       f"{self.rank_batch} windows per process and step, {self.sampler.batches_per_epoch()} steps per epoch")
@@ -411,6 +413,7 @@ class Trainer:
         try:
             self.raw_model.load_state_dict(state["model"], strict=True)
             self.optimizer.load_state_dict(self._this_runs_adam(state["optimizer"]))
+            self._moments_in_parameter_layout()
             self.scheduler.load_state_dict(state["scheduler"])
             self.scaler.load_state_dict(state["scaler"])
         except (RuntimeError, ValueError, KeyError, TypeError) as e:
@@ -426,6 +429,17 @@ class Trainer:
             self.log.warning(f"{path} was written by {state.get('world_size')} processes, resuming on {self.world_size}: "
                              "random streams restart")
         self.log.info(f"resumed {path} at epoch {self.epoch}, step {self.global_step}")
+
+    def _moments_in_parameter_layout(self):
+        """Adam's moments loaded from a state saved with other weight layouts (e.g. a CPU run resumed on a GPU, where
+        channels_last_conv_weights_ reorders the audio encoders' weights) are copied into their parameter's layout:
+        fused Adam walks parameter, gradient and moments as flat memory and needs the same strides."""
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                moments = self.optimizer.state.get(p, {})
+                for k, v in moments.items():
+                    if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                        moments[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
 
     def _this_runs_adam(self, saved):
         """A saved optimiser state with this run's Adam implementation (fused, capturable, foreach): they follow the

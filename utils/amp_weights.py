@@ -31,16 +31,19 @@ def autocast_weights(model):
 
 
 class _CastAll(torch.autograd.Function):
-    """params (float32) -> copies in `dtype`, views of one buffer; backward: every gradient cast back at once."""
+    """params (float32) -> copies in `dtype`, parts of one buffer; backward: every gradient cast back at once.
+
+    Each copy has its parameter's strides (the audio encoders' convolution weights are stored channels-last on GPUs,
+    models.layers.channels_last_conv_weights_), and each float32 gradient has the strides of the gradient it is cast
+    from: a multi-tensor copy runs as a few kernels only while source and destination strides agree; otherwise it
+    falls back to one kernel per tensor (380 in the eager MambaTalk step's backward before this)."""
 
     @staticmethod
     def forward(ctx, dtype, *params):
         ctx.set_materialize_grads(False)  # unused copies get None, not a zero tensor each
         flat = params[0].new_empty(sum(p.numel() for p in params), dtype=dtype)
-        copies = list(torch.split(flat, [p.numel() for p in params]))
-        copies = [c.view(p.shape) for c, p in zip(copies, params)]
+        copies = _parts(flat, [_layout(p) for p in params])
         torch._foreach_copy_(copies, params)
-        ctx.shapes = [(p.shape, p.numel()) for p in params]
         return tuple(copies)
 
     @staticmethod
@@ -48,13 +51,45 @@ class _CastAll(torch.autograd.Function):
         used = [i for i, g in enumerate(grads) if g is not None]
         if not used:
             return (None,) * (len(grads) + 1)
-        flat = grads[used[0]].new_empty(sum(ctx.shapes[i][1] for i in used), dtype=torch.float32)
-        views = [v.view(ctx.shapes[i][0]) for v, i in zip(torch.split(flat, [ctx.shapes[i][1] for i in used]), used)]
+        flat = grads[used[0]].new_empty(sum(grads[i].numel() for i in used), dtype=torch.float32)
+        views = _parts(flat, [_layout(grads[i]) for i in used])
         torch._foreach_copy_(views, [grads[i] for i in used])
         out = [None] * len(grads)
         for v, i in zip(views, used):
             out[i] = v
         return (None, *out)
+
+
+def _dense(t):
+    """Whether t's elements fill exactly t.numel() consecutive places of memory in some order of its dimensions (so
+    a buffer part can take its strides)."""
+    expected = 1
+    for stride, size in sorted((st, n) for n, st in zip(t.shape, t.stride()) if n > 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return t.numel() > 0
+
+
+def _layout(t):
+    return t.shape, (t.stride() if _dense(t) else _contiguous_strides(t.shape))
+
+
+def _contiguous_strides(shape):
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
+
+
+def _parts(flat, layouts):
+    """Consecutive parts of `flat`, one per (shape, strides) of a dense layout."""
+    out, offset = [], 0
+    for shape, strides in layouts:
+        out.append(flat.as_strided(shape, strides, offset))
+        offset += shape.numel()
+    return out
 
 
 def call_with_cast_weights(model, dtype, weights, *args, **kwargs):
