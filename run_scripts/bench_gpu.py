@@ -853,7 +853,11 @@ def main():
         table.notes.append(f"stopped by SIGTERM (time limit) after {time.perf_counter() - START:.0f} s: the rows "
                            "after the last one above are missing")
     if opts.rows_out:  # a section run by --isolate: its parent prints the table
-        Path(opts.rows_out).write_text(json.dumps(dict(rows=table.rows, notes=table.notes)))
+        try:
+            Path(opts.rows_out).write_text(json.dumps(dict(rows=table.rows, notes=table.notes)))
+        except OSError as e:  # the parent stopped waiting (a time limit) and removed its folder
+            print(f"rows of this section not handed over ({e.strerror}): they are in the progress lines above",
+                  flush=True)
         return
     table.print(f"MambaTalk speed on {card} (random weights; {'tiny' if opts.tiny else 'published'} sizes)")
 
