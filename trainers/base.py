@@ -30,9 +30,9 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from models.layers import channels_last_conv_weights_
 from utils.checkpoint import (TRAINING_STATE_KEYS, CheckpointMismatchError, check_state_dict, load_training_state,
                               load_weights, save_training_state, save_weights)
-from models.layers import channels_last_conv_weights_
 from utils.amp_weights import autocast_weights, call_with_cast_weights
 from utils.config import save_config
 from utils.log import setup_logging
