@@ -4,6 +4,7 @@
     python run_scripts/profile_step.py --repo /tmp/before --rows fast   # another checkout's model and trainer
     python run_scripts/profile_step.py --tiny                           # CPU, small sizes (CPU time instead)
     python run_scripts/profile_step.py --rows --timeline                # generate(): host and GPU timeline
+    python run_scripts/profile_step.py --rows fast --phases             # the step's phases: host against GPU time
 
 Forward passes are labelled by module with hooks (innermost labelled module wins); a backward kernel is charged to
 the module whose forward op created its autograd node (matched by the profiler's sequence numbers); the losses and
@@ -302,6 +303,73 @@ def generate_timeline(bg, args, device, seconds, amp="bf16", repeats=3):
         print(f"  {name:<24}{len(v):>6}{v[0][0]:>13.1f}{v[0][1]:>9.1f}{v[-1][0]:>13.1f}{v[-1][1]:>9.1f}")
 
 
+def step_phases(bg, args, device, row, steps=10):
+    """When the host queues each phase of a training step (stage-1 targets, forward, backward, clipping and Adam;
+    the losses are between forward and backward) and how long the GPU takes from one phase boundary to the next, without synchronising inside the step: a
+    CUDA event and the host clock at each boundary, averaged over `steps` steps. Where the GPU column equals the host
+    column the GPU waits for the host (a host-bound step: fewer launches help, faster kernels do not); where it is
+    larger the GPU is the limit. (On a CPU both columns are host time.) No profiler runs in this process before it:
+    after a torch.profiler session the same steps take longer on the host."""
+    import trainers.mambatalk as tm
+    label, share, amp, fused, mode, backend, batched = bg.TRAIN_ROWS[row]
+    a = type(args)(**vars(args))
+    a.ssm_backend = bg.row_backend(backend)
+    model, vq = bg.build_models(a, device)
+    amp = amp if device.type == "cuda" else "none"
+    trainer = bg.step_trainer(a, device, model, vq, share, amp, fused, None, batched)
+    batch = bg.training_batch(args, device)
+    cuda = device.type == "cuda"
+    marks = []
+
+    def mark(name):
+        event = None
+        if cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+        marks.append((name, time.perf_counter(), event))
+
+    def wrap(fn, name):
+        def wrapper(*x, **k):
+            mark(name + " >")
+            out = fn(*x, **k)
+            mark(name + " <")
+            return out
+        return wrapper
+
+    targets, backward = tm.prepare_targets, torch.Tensor.backward
+    tm.prepare_targets = wrap(targets, "stage-1 targets")
+    torch.Tensor.backward = wrap(backward, "backward")
+    trainer.forward = wrap(trainer.forward, "forward")
+    trainer.apply_gradients = wrap(trainer.apply_gradients, "clip + Adam")
+    host, gpu, walls = defaultdict(float), defaultdict(float), []
+    try:
+        for _ in range(3):
+            trainer.train_step(batch)
+        for _ in range(steps):
+            bg.sync(device)
+            marks.clear()
+            mark("step")
+            trainer.train_step(batch)
+            mark("end")
+            queued = time.perf_counter() - marks[0][1]
+            bg.sync(device)
+            walls.append((time.perf_counter() - marks[0][1], queued))
+            for (a_name, a_host, a_event), (b_name, b_host, b_event) in zip(marks, marks[1:]):
+                key = f"{a_name} .. {b_name}"
+                host[key] += (b_host - a_host) * 1e3 / steps
+                gpu[key] += (a_event.elapsed_time(b_event) if cuda else (b_host - a_host) * 1e3) / steps
+    finally:
+        tm.prepare_targets, torch.Tensor.backward = targets, backward
+    wall = statistics.median(w for w, _ in walls) * 1e3
+    queued = statistics.median(q for _, q in walls) * 1e3
+    print(f"\n[{row}] {label}: phases of the step, mean of {steps} steps; step {wall:.1f} ms (median), "
+          f"queued by the host in {queued:.1f} ms")
+    print(f"  {'from .. to':<44}{'host ms':>9}{'GPU ms':>9}")
+    for key in host:
+        print(f"  {key:<44}{host[key]:>9.2f}{gpu[key]:>9.2f}")
+    return host, gpu
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repo", default=str(Path(__file__).resolve().parents[1]),
@@ -313,6 +381,8 @@ def main():
     p.add_argument("--audio_cnns", action="store_true", help="also time the audio CNN variants")
     p.add_argument("--generate", action="store_true", help="also profile generate() on a 60-s clip")
     p.add_argument("--kernels", type=int, default=0, help="also print the N ops/kernels with the most self time")
+    p.add_argument("--phases", action="store_true",
+                   help="first, per row: host and GPU time of each phase of the step (no profiler in the process yet)")
     p.add_argument("--timeline", action="store_true",
                    help="also print when the host queues and the GPU runs generate()'s phases (60-s clip, test set)")
     opts = p.parse_args()
@@ -335,6 +405,9 @@ def main():
             generate_timeline(bg, args, device, seconds)
     if opts.audio_cnns:
         bench_audio_cnns(args, device)
+    if opts.phases:
+        for row in opts.rows:
+            step_phases(bg, args, device, row, opts.steps)
     for row in opts.rows:
         with contextlib.suppress(KeyboardInterrupt):
             label, wall, table, count = profile_row(bg, args, device, row, opts.steps, opts.kernels)

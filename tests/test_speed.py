@@ -537,6 +537,20 @@ def test_generate_timeline_runs_on_cpu():
     assert rows["window step <"][3] == "7"
 
 
+def test_step_phases_run_on_cpu():
+    """profile_step.py --phases (where the eager step's time goes, host against GPU, issue 17) at tiny sizes: every
+    phase is listed once per step, and on a CPU the two columns are the same clock."""
+    r = subprocess.run([sys.executable, "run_scripts/profile_step.py", "--rows", "fast", "--phases", "--steps", "2"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    part = r.stdout.split("phases of the step")[1].split("\n\n")[0]
+    rows = {line[:46].strip(): [float(x) for x in line[46:].split()] for line in part.splitlines()[2:] if line.strip()}
+    for phase in ("stage-1 targets", "forward", "backward", "clip + Adam"):
+        host, gpu = rows[f"{phase} > .. {phase} <"]
+        assert host > 0 and host == gpu, phase
+    assert rows["forward > .. forward <"][0] > rows["stage-1 targets > .. stage-1 targets <"][0]
+
+
 def test_wav_encoder_channels_last_matches_published_layout():
     """(B, C, 1, L) channels-last blocks: outputs, gradients and BatchNorm statistics equal the (B, C, L) ones to
     float32 rounding (relative 1e-4; conv biases before BatchNorm get no true gradient and are left out)."""
