@@ -5,6 +5,7 @@
     python run_scripts/profile_step.py --tiny                           # CPU, small sizes (CPU time instead)
     python run_scripts/profile_step.py --rows --timeline                # generate(): host and GPU timeline
     python run_scripts/profile_step.py --rows fast --phases             # the step's phases: host against GPU time
+    python run_scripts/profile_step.py --rows compile-graph --families  # one step's GPU time by kernel family
 
 Forward passes are labelled by module with hooks (innermost labelled module wins); a backward kernel is charged to
 the module whose forward op created its autograd node (matched by the profiler's sequence numbers); the losses and
@@ -370,6 +371,82 @@ def step_phases(bg, args, device, row, steps=10):
     return host, gpu
 
 
+# kernel (or, on a CPU, aten op) families by name, first match wins: inductor's kernels first (their names list the
+# ops they fused), convolutions before matrix products (cuDNN's convolution kernels are implicit GEMMs), multi-tensor
+# kernels before norms (clipping's norm is one)
+PROJECT_KERNELS = ("_fwd_kernel", "_bwd_kernel", "_epilogue_kernel")  # models/scan_triton.py, models/conv_triton.py
+FAMILIES = (
+    ("compiled (inductor) kernels", ("triton_",)),
+    ("convolutions (cuDNN, layout transforms)", ("conv", "cudnn", "nchwtonhwc", "nhwctonchw", "implicit_gemm",
+                                                 "fprop", "dgrad", "wgrad")),
+    ("attention", ("flash", "fmha", "attention")),
+    ("matrix products", ("gemm", "nvjet", "cutlass", "splitk", "xmma", "mm", "linear")),
+    ("optimiser and clipping (multi-tensor)", ("multi_tensor", "fused_adam", "foreach")),
+    ("norms", ("norm",)),
+    ("copies, fills, casts", ("copy", "fill", "memset", "memcpy")),
+    ("reductions", ("reduce", "sum")),
+    ("other elementwise", ("elementwise", "dropout", "relu", "silu", "add", "mul")),
+)
+
+
+def kernel_family(name):
+    low = name.lower()
+    if low in PROJECT_KERNELS:
+        return "this project's Triton kernels"
+    for family, keys in FAMILIES:
+        if any(k in low for k in keys):
+            return family
+    return "other"
+
+
+def step_families(bg, args, device, row, steps=10):
+    """The GPU time of one training step of `row` by kernel family (FAMILIES), compiled rows compiled (their
+    kernels have no module to be charged to, so the by-module table cannot show them): where the compiled step's
+    time goes. On a CPU: self time of aten ops. Graphed rows are profiled on a replay; should a profiler not see the
+    kernels inside graph replays, `--rows compile` has the same compiled kernels launched one by one."""
+    from torch.profiler import ProfilerActivity, profile
+    label, share, amp, fused, mode, backend, batched = bg.TRAIN_ROWS[row]
+    a = type(args)(**vars(args))
+    a.ssm_backend = bg.row_backend(backend)
+    model, vq = bg.build_models(a, device)
+    cuda = device.type == "cuda"
+    amp = amp if cuda else "none"
+    trainer = bg.step_trainer(a, device, model, vq, share, amp, fused, mode if cuda else None, batched)
+    batch = bg.training_batch(args, device)
+    for _ in range(3):
+        trainer.train_step(batch)
+    times = []
+    for _ in range(steps):
+        bg.sync(device)
+        t0 = time.perf_counter()
+        trainer.train_step(batch)
+        bg.sync(device)
+        times.append(time.perf_counter() - t0)
+    wall = statistics.median(times) * 1e3
+    with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
+        trainer.train_step(batch)
+        bg.sync(device)
+    families = defaultdict(lambda: [0.0, 0])
+    for e in prof.events():
+        if cuda and e.device_type == torch.autograd.DeviceType.CUDA:
+            ms = e.device_time / 1e3
+        elif not cuda and e.device_type == torch.autograd.DeviceType.CPU and e.name.startswith("aten::"):
+            ms = e.self_cpu_time_total / 1e3
+        else:
+            continue
+        f = families[kernel_family(e.name)]
+        f[0] += ms
+        f[1] += 1
+    busy = sum(ms for ms, _ in families.values())
+    unit = "GPU kernels" if cuda else "CPU, self time of aten ops"
+    print(f"\n[{row}] {label}: one step by kernel family ({unit}); step {wall:.1f} ms (median, not profiled), "
+          f"busy {busy:.1f} ms in {sum(n for _, n in families.values())}")
+    print(f"  {'family':<42}{'ms':>9}{'count':>8}{'% busy':>8}")
+    for family, (ms, n) in sorted(families.items(), key=lambda x: -x[1][0]):
+        print(f"  {family:<42}{ms:>9.2f}{n:>8}{100 * ms / max(busy, 1e-9):>7.1f}%")
+    return dict(families), busy
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repo", default=str(Path(__file__).resolve().parents[1]),
@@ -381,6 +458,8 @@ def main():
     p.add_argument("--audio_cnns", action="store_true", help="also time the audio CNN variants")
     p.add_argument("--generate", action="store_true", help="also profile generate() on a 60-s clip")
     p.add_argument("--kernels", type=int, default=0, help="also print the N ops/kernels with the most self time")
+    p.add_argument("--families", action="store_true",
+                   help="per row: one step's GPU time by kernel family (compiled rows compiled: e.g. --rows compile-graph)")
     p.add_argument("--phases", action="store_true",
                    help="first, per row: host and GPU time of each phase of the step (no profiler in the process yet)")
     p.add_argument("--timeline", action="store_true",
@@ -408,6 +487,10 @@ def main():
     if opts.phases:
         for row in opts.rows:
             step_phases(bg, args, device, row, opts.steps)
+    if opts.families:
+        for row in opts.rows:
+            step_families(bg, args, device, row, opts.steps)
+        return
     for row in opts.rows:
         with contextlib.suppress(KeyboardInterrupt):
             label, wall, table, count = profile_row(bg, args, device, row, opts.steps, opts.kernels)

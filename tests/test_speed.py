@@ -551,6 +551,43 @@ def test_step_phases_run_on_cpu():
     assert rows["forward > .. forward <"][0] > rows["stage-1 targets > .. stage-1 targets <"][0]
 
 
+def test_step_families_run_on_cpu():
+    """profile_step.py --families (one step's time by kernel family, for the compiled step's breakdown, issue 17) at
+    tiny sizes on a CPU (aten ops): the families add up to the busy time and the audio CNNs show as convolutions."""
+    r = subprocess.run([sys.executable, "run_scripts/profile_step.py", "--rows", "fast", "--families", "--steps", "1"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    head, table = r.stdout.split("one step by kernel family")[1].split("% busy")
+    busy = float(head.split("busy ")[1].split(" ms")[0])
+    rows = {line[:44].strip(): float(line[44:].split()[0]) for line in table.strip().splitlines()}
+    assert abs(sum(rows.values()) - busy) < 0.05 + 0.01 * len(rows)
+    assert rows["convolutions (cuDNN, layout transforms)"] > 0 and rows["matrix products"] > 0
+
+
+def test_kernel_families_of_real_kernel_names():
+    """profile_step.kernel_family on kernel names from an H200 profile of the eager and compiled steps."""
+    sys.path.insert(0, str(REPO / "run_scripts"))
+    from profile_step import kernel_family
+    names = {
+        "sm90_xmma_wgrad_indexed_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc": "convolutions",
+        "void cudnn::engines_precompiled::nchwToNhwcKernel<__nv_bfloat16, __nv_bfloat16>": "convolutions",
+        "nvjet_sm90_tst_192x192_64x3_2x1_v_bz_coopB_NNN": "matrix products",
+        "void cublasLt::splitKreduce_kernel<32, 16, int, float, __nv_bfloat16>": "matrix products",
+        "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<192, 64>>": "attention",
+        "_bwd_kernel": "this project's Triton kernels",
+        "triton_per_fused_native_layer_norm_native_layer_norm_backward_12": "compiled (inductor) kernels",
+        "void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<float, float>": "norms",
+        "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::LpNormFunctor>": "optimiser",
+        "void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda>": "copies",
+        "Memset (Device)": "copies",
+        "void at::native::reduce_kernel<128, 4, at::native::ReduceOp<c10::BFloat16, at::native::func_wrapper>>":
+            "reductions",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>": "other elementwise",
+    }
+    for name, family in names.items():
+        assert kernel_family(name).startswith(family), (name, kernel_family(name))
+
+
 def test_wav_encoder_channels_last_matches_published_layout():
     """(B, C, 1, L) channels-last blocks: outputs, gradients and BatchNorm statistics equal the (B, C, L) ones to
     float32 rounding (relative 1e-4; conv biases before BatchNorm get no true gradient and are left out)."""
