@@ -123,14 +123,45 @@ def attribute(events, use_kernels):
     return table, count
 
 
-def profile_row(bg, args, device, row, steps, kernels=0):
+class Marks(list):
+    """(name, host clock, CUDA event or None) at the points where `mark` is called or a `wrap`ped function starts
+    and ends: when the host got there, and (events) when the GPU did."""
+
+    def __init__(self, cuda):
+        super().__init__()
+        self.cuda = cuda
+
+    def mark(self, name):
+        event = None
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+        self.append((name, time.perf_counter(), event))
+
+    def wrap(self, fn, name):
+        def wrapper(*x, **k):
+            self.mark(name + " >")
+            out = fn(*x, **k)
+            self.mark(name + " <")
+            return out
+        return wrapper
+
+
+def row_trainer(bg, args, device, row, compiled=False):
+    """(label, model, vq, trainer, batch) for a bench_gpu.py TRAIN_ROWS row; eager unless `compiled` (and on a GPU),
+    amp only on GPUs."""
     label, share, amp, fused, mode, backend, batched = bg.TRAIN_ROWS[row]
     a = type(args)(**vars(args))
     a.ssm_backend = bg.row_backend(backend)
     model, vq = bg.build_models(a, device)
-    amp = amp if device.type == "cuda" else "none"
-    trainer = bg.step_trainer(a, device, model, vq, share, amp, fused, None, batched)
-    batch = bg.training_batch(args, device)
+    cuda = device.type == "cuda"
+    trainer = bg.step_trainer(a, device, model, vq, share, amp if cuda else "none", fused,
+                              mode if compiled and cuda else None, batched)
+    return label, model, vq, trainer, bg.training_batch(args, device)
+
+
+def profile_row(bg, args, device, row, steps, kernels=0):
+    label, model, vq, trainer, batch = row_trainer(bg, args, device, row)
     for _ in range(3):
         trainer.train_step(batch)
     times = []
@@ -255,23 +286,9 @@ def generate_timeline(bg, args, device, seconds, amp="bf16", repeats=3):
     seqs = bg.random_sequences(args, seconds)
     a = type(args)(**vars(args))
     a.amp = amp
-    marks = []
     cuda = device.type == "cuda"
-
-    def mark(name):
-        event = None
-        if cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-        marks.append((name, time.perf_counter(), event))
-
-    def wrap(fn, name):
-        def wrapper(*x, **k):
-            mark(name + " >")
-            out = fn(*x, **k)
-            mark(name + " <")
-            return out
-        return wrapper
+    marks = Marks(cuda)
+    mark, wrap = marks.mark, marks.wrap
 
     names = ("ConditionChunks", "face_codes", "decode_codes", "decoded_to_motion", "window_noise")
     originals = {n: getattr(gen, n) for n in names + ("_window_step",)}
@@ -306,36 +323,17 @@ def generate_timeline(bg, args, device, seconds, amp="bf16", repeats=3):
 
 def step_phases(bg, args, device, row, steps=10):
     """When the host queues each phase of a training step (stage-1 targets, forward, backward, clipping and Adam;
-    the losses are between forward and backward) and how long the GPU takes from one phase boundary to the next, without synchronising inside the step: a
-    CUDA event and the host clock at each boundary, averaged over `steps` steps. Where the GPU column equals the host
+    the losses are between forward and backward) and how long the GPU takes from one phase boundary to the next,
+    without synchronising inside the step: a CUDA event and the host clock at each boundary, averaged over `steps`
+    steps. Where the GPU column equals the host
     column the GPU waits for the host (a host-bound step: fewer launches help, faster kernels do not); where it is
     larger the GPU is the limit. (On a CPU both columns are host time.) No profiler runs in this process before it:
     after a torch.profiler session the same steps take longer on the host."""
     import trainers.mambatalk as tm
-    label, share, amp, fused, mode, backend, batched = bg.TRAIN_ROWS[row]
-    a = type(args)(**vars(args))
-    a.ssm_backend = bg.row_backend(backend)
-    model, vq = bg.build_models(a, device)
-    amp = amp if device.type == "cuda" else "none"
-    trainer = bg.step_trainer(a, device, model, vq, share, amp, fused, None, batched)
-    batch = bg.training_batch(args, device)
+    label, _, _, trainer, batch = row_trainer(bg, args, device, row)
     cuda = device.type == "cuda"
-    marks = []
-
-    def mark(name):
-        event = None
-        if cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-        marks.append((name, time.perf_counter(), event))
-
-    def wrap(fn, name):
-        def wrapper(*x, **k):
-            mark(name + " >")
-            out = fn(*x, **k)
-            mark(name + " <")
-            return out
-        return wrapper
+    marks = Marks(cuda)
+    mark, wrap = marks.mark, marks.wrap
 
     targets, backward = tm.prepare_targets, torch.Tensor.backward
     tm.prepare_targets = wrap(targets, "stage-1 targets")
@@ -405,14 +403,8 @@ def step_families(bg, args, device, row, steps=10):
     time goes. On a CPU: self time of aten ops. Graphed rows are profiled on a replay; should a profiler not see the
     kernels inside graph replays, `--rows compile` has the same compiled kernels launched one by one."""
     from torch.profiler import ProfilerActivity, profile
-    label, share, amp, fused, mode, backend, batched = bg.TRAIN_ROWS[row]
-    a = type(args)(**vars(args))
-    a.ssm_backend = bg.row_backend(backend)
-    model, vq = bg.build_models(a, device)
+    label, _, _, trainer, batch = row_trainer(bg, args, device, row, compiled=True)
     cuda = device.type == "cuda"
-    amp = amp if cuda else "none"
-    trainer = bg.step_trainer(a, device, model, vq, share, amp, fused, mode if cuda else None, batched)
-    batch = bg.training_batch(args, device)
     for _ in range(3):
         trainer.train_step(batch)
     times = []

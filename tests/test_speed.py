@@ -566,8 +566,7 @@ def test_step_families_run_on_cpu():
 
 def test_kernel_families_of_real_kernel_names():
     """profile_step.kernel_family on kernel names from an H200 profile of the eager and compiled steps."""
-    sys.path.insert(0, str(REPO / "run_scripts"))
-    from profile_step import kernel_family
+    from profile_step import kernel_family  # run_scripts/ is on the path (bench_gpu above)
     names = {
         "sm90_xmma_wgrad_indexed_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc": "convolutions",
         "void cudnn::engines_precompiled::nchwToNhwcKernel<__nv_bfloat16, __nv_bfloat16>": "convolutions",
