@@ -147,8 +147,9 @@ def row_backend(name):
     return "auto" if name == "cuda" and "cuda" not in available_backends() else name
 
 
-def step_trainer(args, device, model, vq, share, amp, fused, compile_mode=None, batched=True):
-    """A MambaTalkTrainer that runs its own train_step/compute_losses, without the data/logging set-up."""
+def step_trainer(args, device, model, vq, share, amp, fused, compile_mode=None, batched=True, flat_weights=None):
+    """A MambaTalkTrainer that runs its own train_step/compute_losses, without the data/logging set-up.
+    flat_weights: the trainer's choice (None: as Trainer, on GPUs under bf16 unless compiled)."""
     avoid_cudnn_attention(device)  # as Trainer.__init__
     # the published code runs with cuDNN's benchmark and deterministic flags on
     published = not share and amp == "none"
@@ -165,18 +166,17 @@ def step_trainer(args, device, model, vq, share, amp, fused, compile_mode=None, 
     t = MambaTalkTrainer.__new__(MambaTalkTrainer)
     t.args, t.device, t.vq, t.raw_model, t.model = args, device, vq, model, model
     t.share_condition = share
-    t.optimizer = t.build_optimizer()
     t.autocast_dtype = torch.bfloat16 if amp == "bf16" else None
+    if flat_weights is not None:
+        t.flat_weights = flat_weights
+    if compile_mode and compile_mode != "graph":
+        t.flat_weights = False  # as Trainer.use_flat_weights with compile: true (graphs expect the parameters)
+    t.optimizer = t.build_optimizer()  # a graphed step makes it capturable before capture (train_step)
     t.scaler = torch.amp.GradScaler(device.type, enabled=False)
     t.epoch, t.global_step = 0, 0
-    if compile_mode in GRAPH_ROWS:
-        lr = args.lr_base * args.batch_size / 128  # as Trainer.build_optimizer, capturable
-        t.optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr,
-                                       betas=tuple(args.opt_betas), weight_decay=args.weight_decay, fused=True,
-                                       capturable=True)
-        if compile_mode == "compile-graph":
-            t.model = torch.compile(model)
-    elif compile_mode:
+    if compile_mode == "compile-graph":
+        t.model = torch.compile(model)
+    elif compile_mode and compile_mode not in GRAPH_ROWS:
         t.model = torch.compile(model, mode=compile_mode)
     return t
 

@@ -12,6 +12,7 @@ import torch
 
 from models import scan
 from models.mambatalk import MambaTalk
+from utils.flat_weights import FlatWeights
 from models.motion_representation import build_stage1_models
 from trainers import generate as gen
 from utils.config import load_config
@@ -918,10 +919,11 @@ def test_training_state_restore_undoes_steps():
         torch.testing.assert_close(state_a[k], state_b[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
-def _training_step_results(cast, packed, amp="bf16", seed=5, dropout=True, conv_layout=None):
-    """Losses, gradients and buffers of one forward + backward of the MambaTalk training step (tiny sizes, CPU).
-    conv_layout "contiguous"/"channels_last": the audio encoders run channels-last (as on GPUs) with their
-    convolution weights stored as they are built / reordered by channels_last_conv_weights_ (as GPU training)."""
+def _training_step_results(flat, packed, amp="bf16", seed=5, dropout=True, conv_layout=None):
+    """Losses, gradients (by parameter name) and buffers of one forward + backward of the MambaTalk training step
+    (tiny sizes, CPU), with or without flat weights (utils.flat_weights). conv_layout "contiguous"/"channels_last":
+    the audio encoders run channels-last (as on GPUs) with their convolution weights stored as they are built /
+    reordered by channels_last_conv_weights_ (as GPU training)."""
     from models.layers import PackedAttention, WavEncoder, channels_last_conv_weights_
     args = load_config(REPO / "configs" / "mambatalk.yaml", dict(ctc_model="none", **bench_gpu.TINY))
     model, vq = bench_gpu.build_models(args, torch.device("cpu"))
@@ -933,8 +935,8 @@ def _training_step_results(cast, packed, amp="bf16", seed=5, dropout=True, conv_
             assert channels_last_conv_weights_(model) == 50
     if not dropout:
         no_dropout(model)
-    trainer = bench_gpu.step_trainer(args, torch.device("cpu"), model, vq, True, amp, False)
-    trainer.cast_weights_once = cast
+    trainer = bench_gpu.step_trainer(args, torch.device("cpu"), model, vq, True, amp, False, flat_weights=flat)
+    assert (trainer.flat is not None) == (flat and amp != "none")
     before = PackedAttention.packed
     PackedAttention.packed = packed
     try:
@@ -943,15 +945,22 @@ def _training_step_results(cast, packed, amp="bf16", seed=5, dropout=True, conv_
         sum(losses.values()).backward()
     finally:
         PackedAttention.packed = before
-    return ({k: v.detach() for k, v in losses.items()},
-            {n: p.grad for n, p in model.named_parameters() if p.grad is not None}, dict(model.named_buffers()))
+    if trainer.flat is not None:
+        assert all(p.grad is None for p in model.parameters())
+        by_param = dict(zip(map(id, trainer.flat.params), trainer.flat.grads()))
+        unused = {id(trainer.flat.params[trainer.flat.order[k]]) for k in trainer.flat.unused}
+        grads = {n: by_param[id(p)] for n, p in model.named_parameters() if id(p) in by_param and id(p) not in unused}
+    else:
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return {k: v.detach() for k, v in losses.items()}, grads, dict(model.named_buffers())
 
 
-def test_weight_copies_give_autocast_numbers_exactly():
-    """utils.amp_weights (bf16 copies of all weights at once, their gradients cast back at once) against autocast
-    casting each weight itself: losses, every gradient and every buffer bit-identical."""
-    plain, once = _training_step_results(False, False), _training_step_results(True, False)
-    for a, b in zip(plain, once):
+def test_flat_weights_give_autocast_numbers_exactly():
+    """utils.flat_weights (every weight a view of one float32 tensor; the cast weights' bf16 copies made at once and
+    all gradients written into one flat gradient) against autocast casting each weight itself: losses, every
+    gradient and every buffer bit-identical."""
+    plain, flat = _training_step_results(False, False), _training_step_results(True, False)
+    for a, b in zip(plain, flat):
         assert a.keys() == b.keys() and a
         for k in a:
             assert torch.equal(a[k], b[k]), k
@@ -960,8 +969,8 @@ def test_weight_copies_give_autocast_numbers_exactly():
 def test_channels_last_conv_weights_keep_the_training_step():
     """models.layers.channels_last_conv_weights_ (GPU training: the audio encoders' convolution weights stored in the
     order a channels-last convolution reads) changes memory only: the same values and parameter objects, the
-    gradients arrive in the weights' own layout (so nothing re-copies them), the bf16 weight copies still give
-    autocast's numbers bit for bit, and the step's numbers equal those with the weights as built."""
+    flat weights keep that layout (so gradients are not re-copied), they still give autocast's numbers bit for
+    bit, and the step's numbers equal those with the weights as built."""
     from models.layers import WavEncoder, channels_last_conv_weights_
     args = load_config(REPO / "configs" / "mambatalk.yaml", dict(ctc_model="none", **bench_gpu.TINY))
     model, _ = bench_gpu.build_models(args, torch.device("cpu"))
@@ -979,42 +988,113 @@ def test_channels_last_conv_weights_keep_the_training_step():
     fresh, _ = bench_gpu.build_models(args, torch.device("cpu"), seed=1)
     fresh.load_state_dict(model.state_dict())  # a checkpoint of the reordered weights loads anywhere
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+    from utils.flat_weights import FlatWeights
+    trained = [p for p in model.parameters() if p.requires_grad]
+    FlatWeights(model, trained, torch.bfloat16)
+    for n, p in model.named_parameters():
+        assert p is params[n][0] and torch.equal(p, params[n][1]), n
+        assert (p.dim() == 3 and p.stride(1) == 1 and not p.is_contiguous()) == (n in moved), n
 
     built = _training_step_results(False, False, conv_layout="contiguous")
     plain = _training_step_results(False, False, conv_layout="channels_last")
-    once = _training_step_results(True, False, conv_layout="channels_last")
-    for a, b, c in zip(built, plain, once):
+    flat = _training_step_results(True, False, conv_layout="channels_last")
+    for a, b, c in zip(built, plain, flat):
         assert a.keys() == b.keys() == c.keys() and a
         for k in a:
             assert torch.equal(b[k], c[k]), k
             torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
-    grads = once[1]
     for n in moved:
-        assert grads[n].stride() == dict(model.named_parameters())[n].stride(), n
+        assert flat[1][n].stride() == dict(model.named_parameters())[n].stride(), n
 
 
-def test_weight_copies_keep_layouts_and_take_any_gradient():
-    """utils.amp_weights._CastAll: each copy has its parameter's strides; gradients of any layout (transposed,
-    broadcast with zero strides, unused) come back as float32 with the values of a plain cast."""
-    from utils.amp_weights import _CastAll
+class _Shared(torch.nn.Module):
+    """A tied weight (in two modules), a channel-fastest conv weight, an embedding, a parameter the forward uses
+    only through a broadcast (stride-0 gradient) and one it does not use."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(3, 5)
+        self.b = torch.nn.Linear(5, 3, bias=False)
+        self.b.weight = self.a.weight
+        self.conv = torch.nn.Conv1d(3, 4, 7)
+        with torch.no_grad():
+            self.conv.weight.data = self.conv.weight.transpose(1, 2).contiguous().transpose(1, 2)
+        self.emb = torch.nn.Embedding(10, 3)
+        self.scale = torch.nn.Parameter(torch.ones(3))
+        self.unused = torch.nn.Parameter(torch.randn(2, 2))
+
+    def forward(self, x, ids):
+        h = self.a(x + self.emb(ids))  # (N, 5)
+        y = h @ self.b.weight  # the tied weight again
+        c = self.conv(y.T[None].contiguous())
+        return y.float().square().sum() + c.float().sum() + self.scale.sum() * y.float().mean()  # stride-0 gradient
+
+
+def _flat_results(flat):
     torch.manual_seed(0)
-    a = torch.randn(5, 3, requires_grad=True)
-    b = torch.randn(4, 3, 7).transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()  # channel-fastest
-    c = torch.randn(6, requires_grad=True)
-    d = torch.randn(2, 2, requires_grad=True)
-    ca, cb, cc, cd = _CastAll.apply(torch.bfloat16, a, b, c, d)
-    assert [t.dtype for t in (ca, cb, cc, cd)] == [torch.bfloat16] * 4
-    assert cb.stride() == b.stride() and ca.stride() == a.stride()
-    assert torch.equal(cb, b.to(torch.bfloat16)) and torch.equal(ca, a.to(torch.bfloat16))
-    x = torch.randn(8, 5, dtype=torch.bfloat16)
-    loss = (x @ ca).float().square().sum() + (cb * 2).float().sum() + cc.sum().float()  # cc's gradient: stride 0
-    ga, gb, gc = torch.autograd.grad(loss, [ca, cb, cc], retain_graph=True)
-    assert gc.stride() == (0,)
+    model = _Shared()
+    x, ids = torch.randn(9, 3), torch.randint(0, 10, (9,))
+    params = [p for p in model.parameters() if p.requires_grad]
+    fw = FlatWeights(model, params, torch.bfloat16) if flat else None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = fw.call(model, x, ids) if fw else model(x, ids)
     loss.backward()
-    assert d.grad is None
-    for p, g in ((a, ga), (b, gb), (c, gc)):
-        assert p.grad.dtype == torch.float32 and torch.equal(p.grad, g.float())
-    assert b.grad.stride() == b.stride()
+    grads = fw.grads() if fw else [p.grad for p in params]
+    return model, params, fw, loss, grads
+
+
+def test_flat_weights_views_gradients_and_shared_weights():
+    """utils.flat_weights.FlatWeights on a module with a tied weight, a channel-fastest conv weight, an embedding, a
+    broadcast parameter and an unused one: the parameters stay the modules' own objects with their values and
+    strides, now views of `master`; the loss and gradients equal plain autocast's bit for bit (the unused
+    parameter's is zero, and FlatWeights records it as unused); an optimiser step on `master` moves the modules'
+    weights; a gradient that reaches a parameter outside `call` raises."""
+    ref_model, ref_params, _, ref_loss, ref_grads = _flat_results(False)
+    model, params, fw, loss, grads = _flat_results(True)
+    assert len(params) == 7 and torch.equal(loss, ref_loss)
+    for p, q, g, gr in zip(params, ref_params, grads, ref_grads):
+        assert p.untyped_storage().data_ptr() == fw.master.untyped_storage().data_ptr()
+        assert p.stride() == q.stride() and torch.equal(p, q)
+        assert torch.equal(g, gr) if gr is not None else not g.any()
+    assert [params[fw.order[k]] is model.unused for k in fw.unused] == [True]
+    assert model.conv.weight.stride()[1] == 1
+    before = model.a.weight.detach().clone()
+    torch.optim.Adam([fw.master], lr=0.1).step()
+    assert model.b.weight is model.a.weight and not torch.equal(model.a.weight, before)
+    assert torch.equal(model.unused, ref_model.unused)  # zero gradient and zero moments: Adam leaves it alone
+    with pytest.raises(RuntimeError, match="outside FlatWeights.call"):
+        model(torch.randn(9, 3), torch.zeros(9, dtype=torch.long)).backward()
+
+
+def test_flat_weights_optimizer_state_round_trip():
+    """FlatWeights.per_parameter_state / flat_state: the flat Adam state saved per parameter equals per-parameter
+    Adam's after the same steps (moments to rounding), loads back into a flat optimiser exactly, and a state of the
+    wrong size or with step counts that differ is refused."""
+    _, params, fw, _, grads = _flat_results(True)
+    ref = [p.detach().clone().requires_grad_() for p in params]
+    flat_opt, ref_opt = torch.optim.Adam([fw.master], lr=1e-2), torch.optim.Adam(ref, lr=1e-2)
+    for p, g in zip(ref, grads):
+        p.grad = g.clone()
+    flat_opt.step()
+    ref_opt.step()
+    saved = fw.per_parameter_state(flat_opt.state_dict())
+    want = ref_opt.state_dict()
+    assert saved["param_groups"][0]["params"] == want["param_groups"][0]["params"]
+    for i in want["state"]:
+        for k in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(saved["state"][i][k], want["state"][i][k], rtol=1e-6, atol=1e-9)
+    for p, r in zip(params, ref):
+        torch.testing.assert_close(p.detach(), r.detach(), rtol=1e-6, atol=1e-7)
+    again = torch.optim.Adam([fw.master], lr=1e-2)
+    again.load_state_dict(fw.flat_state(saved))
+    for k in ("exp_avg", "exp_avg_sq", "step"):
+        assert torch.equal(again.state[fw.master][k], flat_opt.state[fw.master][k]), k
+    with pytest.raises(ValueError, match="parameters in the saved state"):
+        fw.flat_state(saved | {"param_groups": [saved["param_groups"][0] | {"params": [0, 1]}]})
+    bad = {i: dict(v) for i, v in saved["state"].items()}
+    bad[3]["step"] = bad[3]["step"] + 1
+    with pytest.raises(ValueError, match="step counts differ"):
+        fw.flat_state(saved | {"state": bad})
 
 
 def test_packed_attention_matches_pytorch_attention():

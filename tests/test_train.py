@@ -255,6 +255,49 @@ def test_resume_is_exact(lab):
     assert all(torch.equal(a["optimizer"]["state"][k]["exp_avg_sq"], b["state"][k]["exp_avg_sq"]) for k in b["state"])
 
 
+def test_flat_weights_resume_is_exact_and_interchangeable(lab, monkeypatch):
+    """bf16 training with flat weights (utils.flat_weights; GPU default, forced here on a CPU): 6 steps straight ==
+    3 steps, then --resume for 3 more, bit for bit; the training state keeps Adam's state per parameter, so the
+    same file resumes without flat weights (moments equal the saved ones), and a state saved without flat weights
+    resumes with them (the flat moments hold the saved ones); the flat run stays within clipping's rounding of the
+    per-parameter run."""
+    from trainers.base import Trainer
+    common = {"batch_size": 16, "epochs": 50, "amp": "bf16", "eval_split": ""}
+    monkeypatch.setattr(Trainer, "flat_weights", True)
+    straight = build_trainer(lab.config("mambatalk", out="flat_straight", max_steps=6, **common))
+    assert straight.flat is not None and straight.optimizer.param_groups[0]["params"] == [straight.flat.master]
+    straight.fit()
+    run = Path(build_trainer(lab.config("mambatalk", out="flat_halves", max_steps=3, **common)).fit())
+    resumed = build_trainer(lab.config("mambatalk", out="flat_halves", max_steps=6,
+                                       resume=str(run / "train_state.pt"), **common))
+    resumed.fit()
+    assert state_dicts_equal(resumed.raw_model.state_dict(), straight.raw_model.state_dict())
+
+    saved = torch.load(run / "train_state.pt", weights_only=True)["optimizer"]
+    trained = [p for p in resumed.raw_model.parameters() if p.requires_grad]
+    assert sorted(saved["state"]) == list(range(len(trained))) == saved["param_groups"][0]["params"]
+    assert all(saved["state"][i]["exp_avg"].shape == p.shape for i, p in enumerate(trained))
+    monkeypatch.setattr(Trainer, "flat_weights", False)
+    plain = build_trainer(lab.config("mambatalk", out="flat_halves", max_steps=6,
+                                     resume=str(run / "train_state.pt"), **common))
+    assert plain.flat is None
+    for i, p in enumerate(plain.optimizer.param_groups[0]["params"]):
+        assert torch.equal(plain.optimizer.state[p]["exp_avg_sq"], saved["state"][i]["exp_avg_sq"])
+    plain.fit()
+    for (k, a), b in zip(plain.raw_model.state_dict().items(), straight.raw_model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=k)
+
+    run = Path(build_trainer(lab.config("mambatalk", out="plain_halves", max_steps=3, **common)).fit())
+    monkeypatch.setattr(Trainer, "flat_weights", True)
+    flat = build_trainer(lab.config("mambatalk", out="plain_halves", max_steps=6,
+                                    resume=str(run / "train_state.pt"), **common))
+    saved = torch.load(run / "train_state.pt", weights_only=True)["optimizer"]
+    moments = flat.flat.param_views(flat.optimizer.state[flat.flat.master]["exp_avg"])
+    assert all(torch.equal(m, saved["state"][i]["exp_avg"]) for i, m in enumerate(moments))
+    flat.fit()
+    assert flat.global_step == 6
+
+
 DDP_SCRIPT = textwrap.dedent("""
     import os, sys
     sys.path.insert(0, {root!r})

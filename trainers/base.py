@@ -33,8 +33,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from models.layers import channels_last_conv_weights_
 from utils.checkpoint import (TRAINING_STATE_KEYS, CheckpointMismatchError, check_state_dict, load_training_state,
                               load_weights, save_training_state, save_weights)
-from utils.amp_weights import autocast_weights, call_with_cast_weights
 from utils.config import save_config
+from utils.flat_weights import FlatWeights
 from utils.log import setup_logging
 
 DDP_TIMEOUT = datetime.timedelta(hours=1)  # rank 0 may evaluate / test for a long time while the others wait
@@ -277,9 +277,9 @@ class Trainer:
         n_train = sum(p.numel() for p in self.raw_model.parameters() if p.requires_grad)
         self.log.info(f"model {type(self.raw_model).__name__}: {n_train / 1e6:.2f} M trained parameters, "
                       f"{self.rank_batch} windows per process and step, {self.sampler.batches_per_epoch()} steps per epoch")
+        self.autocast_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
         self.optimizer = self.build_optimizer()
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=args.decay_epochs, gamma=args.decay_rate)
-        self.autocast_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.amp == "fp16")
         self.model = self.raw_model
         if dist.is_initialized():
@@ -348,8 +348,28 @@ class Trainer:
         # a graphed step skips non-finite updates on the device, which only fused Adam can (apply_gradients)
         fused = bool(args.fused_adam or self.graph_step()) and self.device.type == "cuda"
         params = [p for p in self.raw_model.parameters() if p.requires_grad]
-        return torch.optim.Adam(params, lr=lr, betas=tuple(args.opt_betas), weight_decay=args.weight_decay,
-                                fused=fused or None)
+        self.flat = FlatWeights(self.raw_model, params, self.autocast_dtype) if self.use_flat_weights() else None
+        return torch.optim.Adam([self.flat.master] if self.flat else params, lr=lr, betas=tuple(args.opt_betas),
+                                weight_decay=args.weight_decay, fused=fused or None)
+
+    # Under bf16/fp16 autocast the single-process training model keeps its trainable weights in one flat tensor
+    # (utils.flat_weights: autocast's numbers; one weight cast and one gradient accumulation instead of one per
+    # weight, one tensor to clip and update). None: on GPUs, where the eager step is bound by host time per
+    # launch (on a CPU the weight copies cost more than the launches they save); True/False: always/never.
+    flat_weights = None
+
+    def use_flat_weights(self):
+        """Flat weights need the model called as itself (not DDP-wrapped or compiled: their gradient hooks and
+        graphs expect the parameters), autocast, and weight_decay 0 (FlatWeights gives unused weights a zero
+        gradient, which weight decay would turn into an update that per-parameter Adam does not make)."""
+        flat = self.device.type == "cuda" if self.flat_weights is None else self.flat_weights
+        return bool(flat and self.autocast_dtype is not None and not dist.is_initialized()
+                    and not self.args.compile and self.args.weight_decay == 0)
+
+    def optimizer_state(self):
+        """The optimiser's state_dict, per parameter also with flat weights: a training state resumes either way."""
+        state = self.optimizer.state_dict()
+        return self.flat.per_parameter_state(state) if self.flat else state
 
     def _summary_writer(self):
         if not self.is_main or self.args.stat == "none":
@@ -384,7 +404,7 @@ class Trainer:
         if not self.is_main:
             return
         state = {
-            "model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "model": self.raw_model.state_dict(), "optimizer": self.optimizer_state(),
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
             "epoch": self.epoch, "global_step": self.global_step, "batch_in_epoch": self.batch_in_epoch,
             "best_value": self.best_value, "best_epoch": self.best_epoch, "rng": rng_state(),
@@ -412,7 +432,8 @@ class Trainer:
         check_state_dict(self.raw_model, state["model"], path)  # another config: the keys and shapes that differ
         try:
             self.raw_model.load_state_dict(state["model"], strict=True)
-            self.optimizer.load_state_dict(self._this_runs_adam(state["optimizer"]))
+            saved = self._this_runs_adam(state["optimizer"])
+            self.optimizer.load_state_dict(self.flat.flat_state(saved) if self.flat else saved)
             self._moments_in_parameter_layout()
             self.scheduler.load_state_dict(state["scheduler"])
             self.scaler.load_state_dict(state["scaler"])
@@ -500,7 +521,8 @@ class Trainer:
         if self.scaler.is_enabled():  # fp16: the scaler skips steps with non-finite gradients itself
             if self.args.grad_norm > 0:
                 self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.args.grad_norm)
+                params = [p for group in self.optimizer.param_groups for p in group["params"]]
+                torch.nn.utils.clip_grad_norm_(params, self.args.grad_norm)
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
@@ -566,28 +588,12 @@ class Trainer:
         model, log-softmax) on float32 outputs outside it, where bf16 rounding would give NaN or bias."""
         return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
 
-    # Under bf16/fp16 autocast the eager training model runs on low-precision weight copies made for all weights at
-    # once (utils.amp_weights: the same numbers, ~700 fewer kernel launches per MambaTalk step). None: on GPUs, where
-    # the eager step is launch-bound (on a CPU the copies cost more host time than the launches they save);
-    # True/False: always/never.
-    cast_weights_once = None
-
     def call_model(self, model, *args, **kwargs):
-        """model(*args, **kwargs); call it under self.autocast(). When `model` is the plain (not DDP-wrapped, not
-        compiled) training model under autocast with gradients on, through utils.amp_weights.call_with_cast_weights
-        (DDP's gradient hooks and torch.compile's graphs expect the parameters themselves)."""
-        once = self.cast_weights_once
-        if once is None:
-            once = self.device.type == "cuda"
-        if not (once and self.autocast_dtype is not None and torch.is_grad_enabled()
-                and model is self.raw_model and self.model is self.raw_model):
-            return model(*args, **kwargs)
-        weights = getattr(self, "_cast_weights", None)
-        if weights is None or weights[0] is not model:
-            weights = self._cast_weights = (model, autocast_weights(model))
-        if not weights[1]:
-            return model(*args, **kwargs)
-        return call_with_cast_weights(model, self.autocast_dtype, weights[1], *args, **kwargs)
+        """model(*args, **kwargs); call it under self.autocast(). With flat weights, the training model's calls with
+        gradients on go through FlatWeights.call (weights made from the flat tensor, gradients back into it)."""
+        if self.flat is not None and model is self.raw_model and torch.is_grad_enabled():
+            return self.flat.call(model, *args, **kwargs)
+        return model(*args, **kwargs)
 
     def _done(self):
         return self.epoch >= self.args.epochs or (self.args.max_steps and self.global_step >= self.args.max_steps)
