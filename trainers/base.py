@@ -280,6 +280,9 @@ class Trainer:
         self.autocast_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
         self.optimizer = self.build_optimizer()
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=args.decay_epochs, gamma=args.decay_rate)
+        if self.flat is not None:
+            self.log.info(f"flat weights: the {len(self.flat.params)} trained parameters are views of one float32 tensor "
+                          "(utils/flat_weights.py)")
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.amp == "fp16")
         self.model = self.raw_model
         if dist.is_initialized():
