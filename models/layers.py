@@ -303,3 +303,32 @@ def use_packed_attention(module):
         if type(m) is nn.MultiheadAttention:
             m.__class__ = PackedAttention
     return module
+
+
+class _EmbeddingRows(torch.autograd.Function):
+    """weight[ids]; backward: the rows' gradients summed with one index_add_ (PyTorch's CUDA embedding backward
+    sorts the indices first: ~31 kernels per call, against 2 here)."""
+
+    @staticmethod
+    def forward(ctx, weight, ids):
+        ctx.save_for_backward(ids)
+        ctx.weight_shape = weight.shape
+        return F.embedding(ids, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (ids,) = ctx.saved_tensors
+        rows = grad.new_zeros(ctx.weight_shape)
+        return rows.index_add_(0, ids.reshape(-1), grad.reshape(-1, rows.shape[1])), None
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding (same parameters, initialisation and forward) whose training backward on a GPU sums the rows'
+    gradients with one index_add_ (atomic adds: the sums' order varies, a float32 rounding difference) instead of
+    PyTorch's sort-based kernels: the eager training step is bound by the host's time per kernel launch."""
+
+    def forward(self, ids):
+        plain = self.padding_idx is not None or self.max_norm is not None or self.sparse or self.scale_grad_by_freq
+        if plain or not (self.weight.is_cuda and self.weight.requires_grad and torch.is_grad_enabled()):
+            return super().forward(ids)
+        return _EmbeddingRows.apply(self.weight, ids)

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from models import ssm
-from models.layers import MLP, PeriodicPositionalEncoding, WavEncoder, use_packed_attention
+from models.layers import MLP, Embedding, PeriodicPositionalEncoding, WavEncoder, use_packed_attention
 from models.motion_representation import VQEncoderV6
 
 NUM_SPEAKERS = 25  # BEAT2 English speakers after the id remapping of dataloaders (spec §2)
@@ -179,9 +179,9 @@ class MambaTalk(nn.Module):
         words = word_embedding_weights(args, vocab, from_checkpoint)
         freeze = bool(getattr(args, "t_fix_pre", False))
         # face and body branches each get their own (trainable unless t_fix_pre) copy of the word vectors
-        self.text_pre_encoder_face = nn.Embedding.from_pretrained(words.clone(), freeze=freeze)
+        self.text_pre_encoder_face = Embedding.from_pretrained(words.clone(), freeze=freeze)
         self.text_encoder_face = nn.Linear(words.shape[1], A)
-        self.text_pre_encoder_body = nn.Embedding.from_pretrained(words.clone(), freeze=freeze)
+        self.text_pre_encoder_body = Embedding.from_pretrained(words.clone(), freeze=freeze)
         self.text_encoder_body = nn.Linear(words.shape[1], A)
         self.audio_pre_encoder_face = WavEncoder(A, audio_in=3)
         self.audio_pre_encoder_body = WavEncoder(A, audio_in=2)  # amplitude + CTC id only
@@ -189,8 +189,8 @@ class MambaTalk(nn.Module):
         self.at_attn_body = nn.Linear(2 * A, 2 * A)
         self.global_scan = GlobalScan(args)
         self.local_scan = LocalScan(args)
-        self.speaker_encoder_face = nn.Embedding(NUM_SPEAKERS, H)
-        self.speaker_encoder_body = nn.Embedding(NUM_SPEAKERS, H)
+        self.speaker_encoder_face = Embedding(NUM_SPEAKERS, H)
+        self.speaker_encoder_body = Embedding(NUM_SPEAKERS, H)
         use_packed_attention(self)  # GPU training: fewer kernels per attention (models.layers.PackedAttention)
 
     @staticmethod

@@ -171,7 +171,9 @@ def step_trainer(args, device, model, vq, share, amp, fused, compile_mode=None, 
         t.flat_weights = flat_weights
     if compile_mode and compile_mode != "graph":
         t.flat_weights = False  # as Trainer.use_flat_weights with compile: true (graphs expect the parameters)
-    t.optimizer = t.build_optimizer()  # a graphed step makes it capturable before capture (train_step)
+    t.optimizer = t.build_optimizer()
+    if compile_mode in GRAPH_ROWS:
+        t._make_optimizer_capturable()  # as train_step before a capture (tests capture GraphedTrainStep directly)
     t.scaler = torch.amp.GradScaler(device.type, enabled=False)
     t.epoch, t.global_step = 0, 0
     if compile_mode == "compile-graph":

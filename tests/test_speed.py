@@ -1154,3 +1154,29 @@ def test_gpu_step_raises_for_a_nonfinite_loss_without_updating():
         trainer.train_step(batch)
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), n
+
+
+def test_embedding_rows_backward_matches_pytorch():
+    """models.layers.Embedding's GPU training backward (one index_add_ instead of PyTorch's sort-based kernels): the
+    same rows forward and the same weight gradient to float32 rounding, repeated ids included; on a CPU (and
+    outside training) it is nn.Embedding itself. The MambaTalk word and speaker embeddings keep their keys."""
+    from models.layers import Embedding, _EmbeddingRows
+    torch.manual_seed(0)
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        emb = Embedding(25, 16).to(device)
+        ids = torch.randint(0, 25, (64, 64), device=device)
+        ids[:, :8] = 3  # many repeats of one row
+        gy = torch.randn(64, 64, 16, device=device)
+        out = _EmbeddingRows.apply(emb.weight, ids)
+        (g,) = torch.autograd.grad((out * gy).sum(), [emb.weight])
+        ref = torch.nn.functional.embedding(ids, emb.weight)
+        (g_ref,) = torch.autograd.grad((ref * gy).sum(), [emb.weight])
+        assert torch.equal(out, ref)
+        torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5)
+        assert g[3].abs().sum() > 0
+        y = emb(ids)
+        assert (y.grad_fn.name() == "_EmbeddingRowsBackward") == (device == "cuda"), y.grad_fn.name()
+    model = MambaTalk(load_config(REPO / "configs" / "mambatalk.yaml", dict(ctc_model="none", **bench_gpu.TINY)))
+    assert isinstance(model.text_pre_encoder_face, Embedding) and isinstance(model.speaker_encoder_body, Embedding)
+    assert "speaker_encoder_face.weight" in model.state_dict()
