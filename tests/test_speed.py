@@ -1057,6 +1057,12 @@ def test_flat_weights_views_gradients_and_shared_weights():
         assert p.stride() == q.stride() and torch.equal(p, q)
         assert torch.equal(g, gr) if gr is not None else not g.any()
     assert [params[fw.order[k]] is model.unused for k in fw.unused] == [True]
+    from utils.flat_weights import ALIGN
+    assert all(offset % ALIGN == 0 for offset in fw.offsets) and fw.n_cast % ALIGN == 0  # aligned weight addresses
+    covered = torch.zeros(fw.master.numel(), dtype=torch.bool)
+    for offset, p in zip(fw.offsets, (params[i] for i in fw.order)):
+        covered[offset:offset + p.numel()] = True
+    assert not covered.all() and not fw.master.grad[~covered].any()  # the gaps' gradient is zero: Adam leaves them
     assert model.conv.weight.stride()[1] == 1
     before = model.a.weight.detach().clone()
     torch.optim.Adam([fw.master], lr=0.1).step()

@@ -27,6 +27,7 @@ import torch.nn as nn
 
 # modules whose weights autocast casts to the low-precision dtype (linear and convolution ops; attention's
 # projections are linear ops)
+ALIGN = 64  # elements: where each parameter's part of the flat tensor starts (256 bytes in float32, 128 in bf16)
 CAST_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d, nn.MultiheadAttention)
 
 
@@ -58,12 +59,17 @@ class FlatWeights:
         # master order: the cast weights first, so that one kernel casts them all, then the rest
         self.order = ([i for i, p in enumerate(params) if id(p) in cast_ids]
                       + [i for i, p in enumerate(params) if id(p) not in cast_ids])
-        self.n_cast = sum(params[i].numel() for i in self.order if id(params[i]) in cast_ids)
+        # Each part starts at a multiple of ALIGN elements: cuBLAS and cuDNN choose slower kernels (and other
+        # summation orders) for weights whose address is not 16-byte aligned; the gaps stay zero.
         self.layouts = [_layout(params[i]) for i in self.order]
-        total = sum(params[i].numel() for i in self.order)
-        self.master = torch.empty(total, device=params[0].device, dtype=torch.float32, requires_grad=True)
-        views = _parts(self.master.detach(), self.layouts)
-        self.offsets = [v.storage_offset() for v in views]
+        self.offsets, end = [], 0
+        for i in self.order:
+            self.offsets.append(end)
+            end += -(-params[i].numel() // ALIGN) * ALIGN
+        n_cast_params = sum(id(p) in cast_ids for p in params)
+        self.n_cast = self.offsets[n_cast_params] if n_cast_params < len(params) else end  # where the rest begins
+        self.master = torch.zeros(end, device=params[0].device, dtype=torch.float32, requires_grad=True)
+        views = self.param_views(self.master.detach(), ordered=True)
         with torch.no_grad():
             for i, view in zip(self.order, views):
                 view.copy_(params[i])
@@ -93,11 +99,16 @@ class FlatWeights:
             for module, name, k in self.slots:
                 module._parameters[name] = self.params[self.order[k]]
 
-    def param_views(self, flat):
-        """Views of a flat tensor shaped like `master` (a gradient, a moment), one per parameter in `params` order."""
+    def param_views(self, flat, ordered=False):
+        """Views of a flat tensor shaped like `master` (a gradient, a moment), one per parameter in `params` order
+        (ordered=True: in master's order)."""
+        views = [flat.as_strided(shape, strides, flat.storage_offset() + offset)
+                 for (shape, strides), offset in zip(self.layouts, self.offsets)]
+        if ordered:
+            return views
         out = [None] * len(self.params)
-        for i, (shape, strides), offset in zip(self.order, self.layouts, self.offsets):
-            out[i] = flat.as_strided(shape, strides, flat.storage_offset() + offset)
+        for i, view in zip(self.order, views):
+            out[i] = view
         return out
 
     def per_parameter_state(self, state_dict):
@@ -179,8 +190,8 @@ class _FlatCopies(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         fw = ctx.flat_weights
-        flat = torch.empty_like(fw.master, memory_format=torch.contiguous_format)
-        views = _parts(flat, fw.layouts)
+        flat = torch.zeros_like(fw.master, memory_format=torch.contiguous_format)  # the gaps between parts stay 0
+        views = fw.param_views(flat, ordered=True)
         unused = [k for k, g in enumerate(grads) if g is None]
         if fw.unused is None:
             fw.unused = set(unused)
@@ -189,8 +200,6 @@ class _FlatCopies(torch.autograd.Function):
             from utils.log import get_logger
             get_logger().warning("FlatWeights: the weights without a gradient changed between steps; a weight used "
                                  "earlier is moved by Adam's momentum while unused (per-parameter Adam skips it)")
-        if unused:
-            torch._foreach_zero_([views[k] for k in unused])
         # A multi-tensor copy stays on its fast path (a few kernels) only while each pair has one dtype and the same
         # strides; the other pairs are copied one by one (gradients that come back in another layout).
         groups = {}
@@ -230,12 +239,3 @@ def _contiguous_strides(shape):
         strides.append(step)
         step *= max(n, 1)
     return tuple(reversed(strides))
-
-
-def _parts(flat, layouts):
-    """Consecutive parts of `flat`, one per (shape, strides) of a dense layout."""
-    out, offset = [], 0
-    for shape, strides in layouts:
-        out.append(flat.as_strided(shape, strides, offset))
-        offset += shape.numel()
-    return out
