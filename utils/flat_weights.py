@@ -1,9 +1,9 @@
 """The trainable weights of the single-process training step as one flat float32 tensor (issue 17: the eager bf16
 step on a GPU is bound by the host's time per kernel launch and per autograd node, not by the GPU).
 
-`FlatWeights` moves a model's trainable parameters into consecutive parts of one float32 tensor, `master`; each
-parameter stays the module's own nn.Parameter (same name, shape, layout and values, so state dicts and checkpoints
-are unchanged) but is now a view of `master`. The optimiser updates `master` alone, and the training forward runs
+`FlatWeights` moves a model's trainable parameters into parts of one float32 tensor, `master` (each part aligned
+to ALIGN elements, the gaps zero); each parameter stays the module's own nn.Parameter (same name, shape, layout and
+values, so state dicts and checkpoints are unchanged) but is now a view of `master`. The optimiser updates `master` alone, and the training forward runs
 through `FlatWeights.call`, which gives the modules weights made from `master` by one autograd node:
 
 - the weights that autocast would cast (Linear, convolution and attention weights, `autocast_weights`) come as
@@ -25,9 +25,9 @@ import functools
 import torch
 import torch.nn as nn
 
+ALIGN = 64  # elements: where each parameter's part of the flat tensor starts (256 bytes in float32, 128 in bf16)
 # modules whose weights autocast casts to the low-precision dtype (linear and convolution ops; attention's
 # projections are linear ops)
-ALIGN = 64  # elements: where each parameter's part of the flat tensor starts (256 bytes in float32, 128 in bf16)
 CAST_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d, nn.MultiheadAttention)
 
 
