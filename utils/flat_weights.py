@@ -3,8 +3,9 @@ step on a GPU is bound by the host's time per kernel launch and per autograd nod
 
 `FlatWeights` moves a model's trainable parameters into parts of one float32 tensor, `master` (each part aligned
 to ALIGN elements, the gaps zero); each parameter stays the module's own nn.Parameter (same name, shape, layout and
-values, so state dicts and checkpoints are unchanged) but is now a view of `master`. The optimiser updates `master` alone, and the training forward runs
-through `FlatWeights.call`, which gives the modules weights made from `master` by one autograd node:
+values, so state dicts and checkpoints are unchanged) but is now a view of `master`. The optimiser updates `master`
+alone, and the training forward runs through `FlatWeights.call`, which gives the modules weights made from `master`
+by one autograd node:
 
 - the weights that autocast would cast (Linear, convolution and attention weights, `autocast_weights`) come as
   `dtype` copies cast in one kernel, the others as float32 copies made in one kernel: the numbers autocast uses;
