@@ -457,6 +457,22 @@ def test_bench_prints_table():
     assert "first-step losses within 0.0e+00" in out  # shared conditioning, fp32: identical losses
 
 
+def test_bench_train_repeats_report_the_median():
+    """--train_repeats N builds and times each training row N times in the process and reports the median, with
+    every run's figure in a note (the eager step moves by tens of ms between runs on the device)."""
+    import re
+    r = subprocess.run([sys.executable, "run_scripts/bench_gpu.py", "--device", "cpu", "--tiny", "--only", "train",
+                        "--train_rows", "fast", "--train_repeats", "3", "--steps", "1", "--warmup", "0"], cwd=REPO,
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    table = r.stdout.split("MambaTalk speed on CPU")[1]
+    note = re.search(r"fast: .*: median of 3 runs in one process, ([\d.]+) / ([\d.]+) / ([\d.]+) ms/step", table)
+    assert note, table
+    runs = sorted(float(x) for x in note.groups())
+    reported = float(re.search(r"^\s+([\d.,]+)\s+ms/step", table, re.M).group(1).replace(",", ""))
+    assert abs(reported - runs[1]) <= 0.05 + 1e-3 * runs[1], (reported, runs)
+
+
 def test_bench_prints_the_rows_so_far_when_stopped():
     """SIGTERM (what `timeout` sends) stops the speed table script with the rows measured so far and a note saying
     where it stopped (a device call's time limit used to lose the whole table)."""
