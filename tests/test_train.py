@@ -215,8 +215,26 @@ def test_bf16_autocast_steps(lab):
     """amp: bf16 runs the networks under autocast and the losses in float32 (no NaN from bf16 acos/rotations)."""
     for name, overrides in (("cnn_vqvae_upper_30", {"rec_ver_weight": 1.0}), ("mambatalk", {})):
         trainer = build_trainer(lab.config(name, out="bf16", amp="bf16", **overrides))
+        assert trainer.flat is None  # CPU default
         trainer.fit()
         assert trainer.global_step == 2 and np.isfinite(trainer.best_value)
+
+
+@pytest.mark.parametrize("key", list(STAGE1))
+def test_flat_weights_train_every_stage1_model(lab, key, monkeypatch):
+    """Flat weights (the GPU default under bf16, forced here on a CPU) with every stage-1 trainer: all of their
+    training forwards go through Trainer.call_model (a gradient reaching a parameter directly would raise), the
+    weights move and stay finite."""
+    from trainers.base import Trainer
+    monkeypatch.setattr(Trainer, "flat_weights", True)
+    name, overrides = STAGE1[key]
+    trainer = build_trainer(lab.config(name, out="flat_" + key, amp="bf16", **overrides))
+    assert trainer.flat is not None
+    before = [p.detach().clone() for p in trainer.flat.params]
+    trainer.fit()
+    assert trainer.global_step == 2
+    assert all(torch.isfinite(p).all() for p in trainer.flat.params)
+    assert any(not torch.equal(a, p) for a, p in zip(before, trainer.flat.params))
 
 
 @pytest.mark.slow
