@@ -160,8 +160,8 @@ def row_trainer(bg, args, device, row, compiled=False):
     return label, model, vq, trainer, bg.training_batch(args, device)
 
 
-def profile_row(bg, args, device, row, steps, kernels=0):
-    label, model, vq, trainer, batch = row_trainer(bg, args, device, row)
+def median_step_ms(bg, trainer, batch, device, steps):
+    """Median wall time of `steps` training steps after 3 warm-up steps, un-profiled (ms)."""
     for _ in range(3):
         trainer.train_step(batch)
     times = []
@@ -171,7 +171,12 @@ def profile_row(bg, args, device, row, steps, kernels=0):
         trainer.train_step(batch)
         bg.sync(device)
         times.append(time.perf_counter() - t0)
-    wall = statistics.median(times) * 1e3
+    return statistics.median(times) * 1e3
+
+
+def profile_row(bg, args, device, row, steps, kernels=0):
+    label, model, vq, trainer, batch = row_trainer(bg, args, device, row)
+    wall = median_step_ms(bg, trainer, batch, device, steps)
     handles = label_modules(module_categories(model, vq))
     trainer.latent_loss = labelled(trainer.latent_loss, "losses")
     trainer.cls_loss = labelled(trainer.cls_loss, "losses")
@@ -405,16 +410,7 @@ def step_families(bg, args, device, row, steps=10):
     from torch.profiler import ProfilerActivity, profile
     label, _, _, trainer, batch = row_trainer(bg, args, device, row, compiled=True)
     cuda = device.type == "cuda"
-    for _ in range(3):
-        trainer.train_step(batch)
-    times = []
-    for _ in range(steps):
-        bg.sync(device)
-        t0 = time.perf_counter()
-        trainer.train_step(batch)
-        bg.sync(device)
-        times.append(time.perf_counter() - t0)
-    wall = statistics.median(times) * 1e3
+    wall = median_step_ms(bg, trainer, batch, device, steps)
     with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
         trainer.train_step(batch)
         bg.sync(device)

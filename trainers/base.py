@@ -369,6 +369,11 @@ class Trainer:
         return bool(flat and self.autocast_dtype is not None and not dist.is_initialized()
                     and not self.args.compile and self.args.weight_decay == 0)
 
+    def optimized_tensors(self):
+        """What the optimiser updates (the trainable parameters in model order, or the one flat tensor): the list to
+        clip. Taken from the optimiser: walking the module tree for it took ~3 ms of host time per step."""
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
     def optimizer_state(self):
         """The optimiser's state_dict, per parameter also with flat weights: a training state resumes either way."""
         state = self.optimizer.state_dict()
@@ -524,8 +529,7 @@ class Trainer:
         if self.scaler.is_enabled():  # fp16: the scaler skips steps with non-finite gradients itself
             if self.args.grad_norm > 0:
                 self.scaler.unscale_(self.optimizer)
-                params = [p for group in self.optimizer.param_groups for p in group["params"]]
-                torch.nn.utils.clip_grad_norm_(params, self.args.grad_norm)
+                torch.nn.utils.clip_grad_norm_(self.optimized_tensors(), self.args.grad_norm)
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
@@ -552,9 +556,7 @@ class Trainer:
         Such a step turned every weight into NaN in a 450-step fp32 run at the published size (issue 17, README
         Known limitations). Fused Adam skips on the device (its `found_inf` input, no host sync, also inside a CUDA
         graph); other optimisers check on the host."""
-        # the optimiser's own list (the trainable parameters, in model order): walking the module tree for it took
-        # ~3 ms of host time per step at the published size
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        params = self.optimized_tensors()
         if self.args.grad_norm > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, self.args.grad_norm)
         else:

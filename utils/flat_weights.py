@@ -26,6 +26,8 @@ import functools
 import torch
 import torch.nn as nn
 
+from utils.log import get_logger
+
 ALIGN = 64  # elements: where each parameter's part of the flat tensor starts (256 bytes in float32, 128 in bf16)
 # modules whose weights autocast casts to the low-precision dtype (linear and convolution ops; attention's
 # projections are linear ops)
@@ -184,7 +186,7 @@ class _FlatCopies(torch.autograd.Function):
         low = master[:n].to(fw.cast_dtype) if n else master[:0]
         rest = master[n:].clone()
         copies = []
-        for k, (layout, offset) in enumerate(zip(fw.layouts, fw.offsets)):
+        for layout, offset in zip(fw.layouts, fw.offsets):
             copies.append(low.as_strided(*layout, offset) if offset < n else rest.as_strided(*layout, offset - n))
         return tuple(copies)
 
@@ -198,7 +200,6 @@ class _FlatCopies(torch.autograd.Function):
             fw.unused = set(unused)
         elif set(unused) != fw.unused:
             fw.unused = set(unused)
-            from utils.log import get_logger
             get_logger().warning("FlatWeights: the weights without a gradient changed between steps; a weight used "
                                  "earlier is moved by Adam's momentum while unused (per-parameter Adam skips it)")
         # A multi-tensor copy stays on its fast path (a few kernels) only while each pair has one dtype and the same
