@@ -135,7 +135,9 @@ if triton is not None:
             Dv = tl.load(D_ptr + d, mask=md, other=0.0).to(tl.float32)
         TILE: tl.constexpr = BLOCK_D * BLOCK_N
         tile = tl.arange(0, BLOCK_D)[:, None] * BLOCK_N + n[None, :]
-        hs_base = hs_ptr + (b * n_blocks + blk) * L * TILE
+        # hs keeps the states of even steps only (half the scratch traffic); pass 2 recomputes an odd step's state
+        # from the even one before it, with the same expression as pass 1
+        hs_base = hs_ptr + (b * n_blocks + blk) * ((L + 1) // 2) * TILE
         u_p, dt_p = u_ptr + b * su_b + d * su_d, saved_ptr + b * L * D + d
         B_p, C_p = B_ptr + b * sb_b + n * sb_n, C_ptr + b * sc_b + n * sc_n
         z_p, g_p = z_ptr + b * sz_b + d * sz_d, gy_ptr + b * sg_b + d * sg_d
@@ -150,7 +152,8 @@ if triton is not None:
             dt_n = tl.load(dt_p + (t + 1) * D, mask=m1, other=0.0)
             B_n = tl.load(B_p + (t + 1) * sb_l, mask=mn1, other=0.0)
             h = tl.exp2(dt[:, None] * A2) * h + (dt * u.to(tl.float32))[:, None] * Bt.to(tl.float32)[None, :]
-            tl.store(hs_base + t * TILE + tile, h)
+            if t % 2 == 0:
+                tl.store(hs_base + (t // 2) * TILE + tile, h)
         tl.debug_barrier()
         # pass 2, backwards in time. G_t = dLoss/dh_t = g_t C_t + a_{t+1} G_{t+1} (g_t: the gradient of the scan's
         # own output <C_t, h_t>); `carry` holds a_{t+1} G_{t+1}.
@@ -159,25 +162,37 @@ if triton is not None:
         gD = tl.zeros((BLOCK_D,), dtype=tl.float32)
         gbias = tl.zeros((BLOCK_D,), dtype=tl.float32)
         h_t = h
+        # u, dt and B are loaded two steps ahead (step t-1's recompute the state h_{t-1} of an odd t-1 at step t),
+        # the rest one step ahead
         t = L - 1
-        u_n, dt_n = tl.load(u_p + t * su_l, mask=md, other=0.0), tl.load(dt_p + t * D, mask=md, other=0.0)
+        u_c, dt_c = tl.load(u_p + t * su_l, mask=md, other=0.0), tl.load(dt_p + t * D, mask=md, other=0.0)
+        B_c = tl.load(B_p + t * sb_l, mask=mn, other=0.0)
+        m1, mn1 = md & (L > 1), mn & (L > 1)
+        u_n, dt_n = tl.load(u_p + (t - 1) * su_l, mask=m1, other=0.0), tl.load(dt_p + (t - 1) * D, mask=m1, other=0.0)
+        B_n = tl.load(B_p + (t - 1) * sb_l, mask=mn1, other=0.0)
         g_n = tl.load(g_p + t * sg_l, mask=md, other=0.0)
         y_n = tl.load(dt_p + y_off + t * D, mask=md & HAS_Z, other=0.0)
         z_n = tl.load(z_p + t * sz_l, mask=md & HAS_Z, other=0.0)
-        B_n, C_n = tl.load(B_p + t * sb_l, mask=mn, other=0.0), tl.load(C_p + t * sc_l, mask=mn, other=0.0)
-        hp_n = tl.load(hs_base + (L - 2) * TILE + tile, mask=(tile >= 0) & (L > 1), other=0.0)
+        C_n = tl.load(C_p + t * sc_l, mask=mn, other=0.0)
+        hp_n = tl.load(hs_base + ((L - 2) // 2) * TILE + tile, mask=(tile >= 0) & (L > 1), other=0.0)
         for i in range(L):
             t = L - 1 - i
-            u, dt, g, y, z, Bt, Ct, h_prev = u_n, dt_n, g_n, y_n, z_n, B_n, C_n, hp_n
-            m1, mn1 = md & (t > 0), mn & (t > 0)
-            u_n = tl.load(u_p + (t - 1) * su_l, mask=m1, other=0.0)
-            dt_n = tl.load(dt_p + (t - 1) * D, mask=m1, other=0.0)
+            u, dt, Bt, g, y, z, Ct, h_even = u_c, dt_c, B_c, g_n, y_n, z_n, C_n, hp_n
+            u_c, dt_c, B_c = u_n, dt_n, B_n  # step t-1
+            m1, mn1, m2, mn2 = md & (t > 0), mn & (t > 0), md & (t > 1), mn & (t > 1)
+            u_n = tl.load(u_p + (t - 2) * su_l, mask=m2, other=0.0)
+            dt_n = tl.load(dt_p + (t - 2) * D, mask=m2, other=0.0)
+            B_n = tl.load(B_p + (t - 2) * sb_l, mask=mn2, other=0.0)
             g_n = tl.load(g_p + (t - 1) * sg_l, mask=m1, other=0.0)
             y_n = tl.load(dt_p + y_off + (t - 1) * D, mask=m1 & HAS_Z, other=0.0)
             z_n = tl.load(z_p + (t - 1) * sz_l, mask=m1 & HAS_Z, other=0.0)
-            B_n = tl.load(B_p + (t - 1) * sb_l, mask=mn1, other=0.0)
             C_n = tl.load(C_p + (t - 1) * sc_l, mask=mn1, other=0.0)
-            hp_n = tl.load(hs_base + (t - 2) * TILE + tile, mask=(tile >= 0) & (t > 1), other=0.0)
+            hp_n = tl.load(hs_base + ((t - 2) // 2) * TILE + tile, mask=(tile >= 0) & (t > 1), other=0.0)
+            if t % 2 == 0:  # h_{t-1} from h_{t-2} (stored; zeros and zero inputs for t = 0 give h_{-1} = 0)
+                h_prev = tl.exp2(dt_c[:, None] * A2) * h_even + \
+                    (dt_c * u_c.to(tl.float32))[:, None] * B_c.to(tl.float32)[None, :]
+            else:
+                h_prev = h_even
             u, g, Bt, Ct = u.to(tl.float32), g.to(tl.float32), Bt.to(tl.float32), Ct.to(tl.float32)
             row = b * L * D + t * D + d
             a = tl.exp2(dt[:, None] * A2)
@@ -256,7 +271,7 @@ def scan_bwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Ten
     N = A.shape[1]
     BN = _block_n(N)
     n_blocks = triton.cdiv(Dn, BLOCK_D)
-    hs = u.new_empty(b * n_blocks * L * BLOCK_D * BN, dtype=torch.float32)
+    hs = u.new_empty(b * n_blocks * ((L + 1) // 2) * BLOCK_D * BN, dtype=torch.float32)
     g_u, g_delta = u.new_empty(b, L, Dn), delta.new_empty(b, L, Dn)
     g_z = z.new_empty(b, L, Dn) if z is not None else g_u
     f32 = dict(dtype=torch.float32)
