@@ -213,3 +213,159 @@ def bias_leaky_relu_reference(x, bias, shortcut=None, shortcut_bias=None, slope=
     if shortcut is not None:
         y = y + (shortcut if shortcut_bias is None else shortcut + shortcut_bias.reshape(view))
     return torch.nn.functional.leaky_relu(y, slope)
+
+
+# The audio encoders' first convolutions (models/layers.BasicBlock, training on a GPU): 2 or 3 input channels at the
+# sample rate, 15 taps, stride 5, 128 output channels. With so few input channels cuDNN runs them far from the GPU's
+# speed (H200, batch 64 x 64 frames, bf16: 0.22 ms forward, 17 TFLOP/s, and ~0.6 ms backward per convolution, four
+# per step). Here each is one matrix product whose left operand is never built: in channels-last memory (B, L, C) the
+# k x C inputs under output position l are the contiguous run x[b, l*stride - padding :][: k*C], so row (b, l) of the
+# unfolded input is read straight from x with zeros where it falls into the padding. Only the forward and the weight
+# and bias gradients exist: the encoders' input (the waveform features) needs no gradient. Sums are float32, the
+# result rounded once to x's dtype (cuDNN under autocast rounds the convolution, then adds the bf16 bias and rounds
+# again); the weight gradient is summed per program and the partial sums added up in PyTorch (deterministic).
+WAVE_MAX_K = 64  # taps x input channels that one program's operand tile holds
+WAVE_BM, WAVE_BN, WAVE_SPLIT = 128, 128, 264  # the weight gradient's row chunks go to WAVE_SPLIT programs
+
+if triton is not None:
+
+    @triton.jit
+    def _wave_rows(x_ptr, rows, kk, M, L, Lout, Cin, K, stride, padding):
+        """The (rows x kk) tile of the unfolded input, zero outside the sequence and past M rows / K columns."""
+        b = rows // Lout
+        start = (rows % Lout) * stride - padding
+        pos = start[:, None] + kk[None, :] // Cin
+        m = (rows < M)[:, None] & (kk < K)[None, :] & (pos >= 0) & (pos < L)
+        return tl.load(x_ptr + (b.to(tl.int64) * L * Cin + start * Cin)[:, None] + kk[None, :], mask=m, other=0.0)
+
+    @triton.jit
+    def _wave_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, L, Lout, Cin, stride, padding,
+                         HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        cols = tl.program_id(1) * BN + tl.arange(0, BN)
+        kk = tl.arange(0, BK)
+        a = _wave_rows(x_ptr, rows, kk, M, L, Lout, Cin, K, stride, padding)
+        w = tl.load(w_ptr + kk[:, None] * N + cols[None, :], mask=(kk < K)[:, None] & (cols < N)[None, :], other=0.0)
+        acc = tl.dot(a, w.to(a.dtype))
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=(rows < M)[:, None] & (cols < N)[None, :])
+
+    @triton.jit
+    def _wave_wgrad_kernel(x_ptr, gy_ptr, gw_ptr, gb_ptr, M, N, K, L, Lout, Cin, stride, padding,
+                           CHUNKS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        # gw partial (split, K, N) = unfolded x^T @ gy over this program's rows; gb partial (split, N) = sum of gy
+        cols = tl.program_id(0) * BN + tl.arange(0, BN)
+        split = tl.program_id(1)
+        kk = tl.arange(0, BK)
+        acc = tl.zeros((BK, BN), dtype=tl.float32)
+        gb = tl.zeros((BN,), dtype=tl.float32)
+        first = split * (CHUNKS * BM)
+        for c in range(CHUNKS):  # the last program's rows past M load zeros
+            rows = first + c * BM + tl.arange(0, BM)
+            a = _wave_rows(x_ptr, rows, kk, M, L, Lout, Cin, K, stride, padding)
+            g = tl.load(gy_ptr + rows[:, None].to(tl.int64) * N + cols[None, :],
+                        mask=(rows < M)[:, None] & (cols < N)[None, :], other=0.0)
+            acc = tl.dot(tl.trans(a), g.to(a.dtype), acc)
+            gb += tl.sum(g.to(tl.float32), axis=0)
+        base = split.to(tl.int64) * K * N
+        tl.store(gw_ptr + base + kk[:, None] * N + cols[None, :], acc, mask=(kk < K)[:, None] & (cols < N)[None, :])
+        tl.store(gb_ptr + split * N + cols, gb, mask=cols < N)
+
+
+def _wave_sizes(x, weight, stride, padding):
+    B, L, Cin = x.shape
+    Cout, _, k = weight.shape
+    Lout = (L + 2 * padding - k) // stride + 1
+    return B, L, Cin, Cout, k, Lout
+
+
+def _wave_block_k(K):
+    return max(16, triton.next_power_of_2(K))
+
+
+@torch.library.custom_op("mambatalk::wave_conv_fwd", mutates_args=())
+def wave_conv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: int,
+                  padding: int) -> torch.Tensor:
+    """x (B, L, Cin) contiguous, weight (Cout, Cin, k) -> (B, Lout, Cout) contiguous in x's dtype."""
+    B, L, Cin, Cout, k, Lout = _wave_sizes(x, weight, stride, padding)
+    K, M = k * Cin, B * Lout
+    w = weight.permute(2, 1, 0).reshape(K, Cout).contiguous()  # row j * Cin + c: tap j of input channel c
+    y = x.new_empty(B, Lout, Cout)
+    grid = (triton.cdiv(M, WAVE_BM), triton.cdiv(Cout, WAVE_BN))
+    _wave_fwd_kernel[grid](x, w, w if bias is None else bias, y, M, Cout, K, L, Lout, Cin, stride, padding,
+                           HAS_BIAS=bias is not None, BM=WAVE_BM, BN=WAVE_BN, BK=_wave_block_k(K), num_warps=8)
+    return y
+
+
+@wave_conv_fwd.register_fake
+def _(x, weight, bias, stride, padding):
+    B, L, Cin, Cout, k, Lout = _wave_sizes(x, weight, stride, padding)
+    return x.new_empty(B, Lout, Cout)
+
+
+@torch.library.custom_op("mambatalk::wave_conv_wgrad", mutates_args=())
+def wave_conv_wgrad(x: torch.Tensor, weight: torch.Tensor, gy: torch.Tensor, stride: int,
+                    padding: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight gradient in weight's dtype and layout, bias gradient (Cout,) float32) for wave_conv_fwd's output
+    gradient gy (B, Lout, Cout)."""
+    B, L, Cin, Cout, k, Lout = _wave_sizes(x, weight, stride, padding)
+    K, M = k * Cin, B * Lout
+    gy = gy.contiguous()
+    rows_per_program = triton.cdiv(triton.cdiv(M, WAVE_SPLIT), WAVE_BM) * WAVE_BM
+    split = triton.cdiv(M, rows_per_program)
+    gw = x.new_empty(split, K, Cout, dtype=torch.float32)
+    gb = x.new_empty(split, Cout, dtype=torch.float32)
+    grid = (triton.cdiv(Cout, WAVE_BN), split)
+    _wave_wgrad_kernel[grid](x, gy, gw, gb, M, Cout, K, L, Lout, Cin, stride, padding,
+                             CHUNKS=rows_per_program // WAVE_BM, BM=WAVE_BM, BN=WAVE_BN, BK=_wave_block_k(K), num_warps=8)
+    g_weight = torch.empty_like(weight)
+    g_weight.copy_(gw.sum(0).reshape(k, Cin, Cout).permute(2, 1, 0))
+    return g_weight, gb.sum(0)
+
+
+@wave_conv_wgrad.register_fake
+def _(x, weight, gy, stride, padding):
+    return torch.empty_like(weight), weight.new_empty(weight.shape[0], dtype=torch.float32)
+
+
+def _wave_setup(ctx, inputs, output):
+    x, weight, bias, stride, padding = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.conv = (stride, padding, None if bias is None else bias.dtype)
+
+
+def _wave_backward(ctx, gy):
+    x, weight = ctx.saved_tensors
+    stride, padding, bias_dtype = ctx.conv
+    if ctx.needs_input_grad[0]:
+        raise RuntimeError("wave_conv has no input gradient (models/conv_triton.py): use it on inputs without one")
+    g_weight, g_bias = wave_conv_wgrad(x, weight, gy, stride, padding)
+    return None, g_weight, None if bias_dtype is None else g_bias.to(bias_dtype), None, None
+
+
+wave_conv_fwd.register_autograd(_wave_backward, setup_context=_wave_setup)
+
+
+def wave_conv_fits(x, weight):
+    """Whether wave_conv takes this convolution: a GPU, few input channels (taps x channels <= WAVE_MAX_K), an input
+    that needs no gradient, (B, L, C) memory and int32 offsets within a sequence."""
+    return (triton is not None and x.is_cuda and not x.requires_grad and x.dim() == 3 and x.is_contiguous() and
+            weight.shape[1] * weight.shape[2] <= WAVE_MAX_K and x.shape[1] * x.shape[2] < 2 ** 31)
+
+
+def wave_conv(x, weight, bias=None, stride=1, padding=0):
+    """Conv1d of x (B, L, Cin), channels last, with weight (Cout, Cin, k) -> (B, Lout, Cout): wave_conv_fits inputs.
+    Under autocast it computes in autocast's dtype, as F.conv1d would."""
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        return wave_conv_fwd(x, weight.to(x.dtype), bias, stride, padding)
+
+
+def wave_conv_reference(x, weight, bias=None, stride=1, padding=0):
+    """The same in PyTorch (the tests' ground truth)."""
+    return torch.nn.functional.conv1d(x.transpose(1, 2), weight, bias, stride, padding).transpose(1, 2)

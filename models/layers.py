@@ -59,6 +59,10 @@ class BasicBlock(nn.Module):
     """
 
     fused_epilogue = None
+    # wave_conv: None runs the first block's convolutions (2-3 input channels at the sample rate) as
+    # models/conv_triton.wave_conv when training on a GPU under 16-bit autocast (cuDNN is slow at so few channels:
+    # README, Speed); False: always cuDNN. Generation keeps cuDNN (its motion is unchanged).
+    wave_conv = None
 
     def __init__(self, in_channels, channels, kernel_size, stride=1, padding=0, downsample=False):
         super().__init__()
@@ -98,10 +102,20 @@ class BasicBlock(nn.Module):
             shortcut = _conv2d(self.downsample[0], x, bias=False)
             return _epilogue(out, self.conv2.bias, shortcut, self.downsample[0].bias, slope=slope)
         else:
-            shortcut = x if self.downsample is None else _bn2d(self.downsample[1], _conv2d(self.downsample[0], x))
-            out = self.act(_bn2d(self.bn1, _conv2d(self.conv1, x)))
+            shortcut = x if self.downsample is None else _bn2d(self.downsample[1], self._conv(self.downsample[0], x))
+            out = self.act(_bn2d(self.bn1, self._conv(self.conv1, x)))
             out = _bn2d(self.bn2, _conv2d(self.conv2, out))
         return self.act(out + shortcut)
+
+    def _conv(self, conv, x):
+        """_conv2d, or wave_conv on the (B, L, C) view of x's channels-last memory (see wave_conv above)."""
+        if self.wave_conv is not False and torch.is_grad_enabled() and x.is_cuda and x.shape[2] == 1 and \
+                (torch.is_autocast_enabled("cuda") or x.dtype in (torch.bfloat16, torch.float16)):
+            rows = x.squeeze(2).transpose(1, 2)
+            if conv_triton.wave_conv_fits(rows, conv.weight):
+                y = conv_triton.wave_conv(rows, conv.weight, conv.bias, conv.stride[0], conv.padding[0])
+                return y.transpose(1, 2).unsqueeze(2)
+        return _conv2d(conv, x)
 
     def _fuse(self, x):
         if self.fused_epilogue is False or self.training or torch.is_grad_enabled():

@@ -154,8 +154,8 @@ def step_trainer(args, device, model, vq, share, amp, fused, compile_mode=None, 
     # the published code runs with cuDNN's benchmark and deterministic flags on
     published = not share and amp == "none"
     torch.backends.cudnn.benchmark = torch.backends.cudnn.deterministic = published and device.type == "cuda"
-    if CUDNN_BENCHMARK is not None and not published:
-        torch.backends.cudnn.benchmark = CUDNN_BENCHMARK
+    if not published and device.type == "cuda":  # as Trainer.__init__ (--cudnn_benchmark: forced on or off)
+        torch.backends.cudnn.benchmark = MambaTalkTrainer.cudnn_benchmark if CUDNN_BENCHMARK is None else CUDNN_BENCHMARK
     for encoder in (model.audio_pre_encoder_face, model.audio_pre_encoder_body):
         encoder.channels_last = False if published else None  # the published (B, C, L) layout
     channels_last_conv_weights_(model)  # as Trainer.__init__
@@ -821,6 +821,9 @@ def main():
     p.add_argument("--conv_epilogue", choices=("fused", "torch"), default="fused",
                    help="bf16 generation's audio encoders: bias, shortcut and LeakyReLU in one Triton kernel per "
                         "convolution (models.layers.BasicBlock.fused_epilogue), or PyTorch's separate kernels")
+    p.add_argument("--wave_conv", choices=("triton", "cudnn"), default="triton",
+                   help="training rows: the audio encoders' first convolutions as models/conv_triton.wave_conv "
+                        "(models.layers.BasicBlock.wave_conv, the default) or cuDNN's")
     p.add_argument("--cudnn_benchmark", choices=("on", "off"), default=None,
                    help="this project's training rows with cuDNN's autotuning on or off (default: the trainer's)")
     opts = p.parse_args()
@@ -828,6 +831,7 @@ def main():
     CUDNN_BENCHMARK = None if opts.cudnn_benchmark is None else opts.cudnn_benchmark == "on"
     gen.SIDE_STREAMS = opts.side_streams == "on"
     BasicBlock.fused_epilogue = None if opts.conv_epilogue == "fused" else False
+    BasicBlock.wave_conv = None if opts.wave_conv == "triton" else False
     global HANG_DUMP_S
     HANG_DUMP_S = opts.hang_dump
     device = torch.device(opts.device)

@@ -270,16 +270,60 @@ print("worst", worst, "encoder", gap)
 """)
 
 
-@pytest.mark.parametrize("script", ["scan", "conv", "epilogue"])
+TRITON_WAVE_CHECK = textwrap.dedent("""
+import torch
+from models import conv_triton
+torch.manual_seed(0)
+worst = {}
+for B, L, Cin, Cout, k, s, p in [(2, 300, 3, 128, 15, 5, 40), (3, 97, 2, 20, 15, 5, 100), (1, 50, 4, 16, 3, 1, 1),
+                                 (2, 40, 1, 8, 15, 6, 0)]:
+    for dtype in (torch.float32, torch.float16):
+        x = torch.randn(B, L, Cin).to(dtype)
+        w = (torch.randn(Cout, Cin, k) * 0.3).to(dtype).requires_grad_()
+        bias = torch.randn(Cout).to(dtype).requires_grad_()
+        y = conv_triton.wave_conv(x, w, bias, s, p)
+        assert y.dtype == dtype and y.is_contiguous()
+        gy = torch.randn_like(y)
+        gw, gb = torch.autograd.grad((y.float() * gy.float()).sum(), (w, bias))
+        assert gw.dtype == dtype and gw.stride() == w.stride() and gb.dtype == dtype
+        ref = [t.detach().double().requires_grad_() for t in (w, bias)]
+        y_ref = conv_triton.wave_conv_reference(x.double(), *ref, s, p)
+        gw_ref, gb_ref = torch.autograd.grad((y_ref * gy.double()).sum(), ref)
+        for name, a, r in (("y", y, y_ref), ("gw", gw, gw_ref), ("gb", gb, gb_ref)):
+            assert a.shape == r.shape, (name, a.shape, r.shape)
+            e = ((a.double() - r).norm() / r.norm()).item()
+            worst[(name, dtype)] = max(worst.get((name, dtype), 0.0), e)
+for (name, dtype), e in worst.items():
+    assert e < (1e-6 if dtype == torch.float32 else 2e-3), (name, dtype, e)
+# channels-last weights keep their layout in the gradient
+w = torch.randn(8, 3, 15).transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+gw, = torch.autograd.grad(conv_triton.wave_conv(torch.randn(1, 40, 3), w, None, 5, 7).sum(), (w,))
+assert gw.stride() == w.stride()
+# an input that needs a gradient is refused in the backward
+x = torch.randn(1, 40, 3, requires_grad=True)
+try:
+    torch.autograd.grad(conv_triton.wave_conv(x, torch.randn(8, 3, 15, requires_grad=True), None, 5, 7).sum(), (x,))
+    raise SystemExit("no error for an input gradient")
+except RuntimeError as e:
+    assert "no input gradient" in str(e), e
+print("worst", worst)
+""")
+
+
+@pytest.mark.parametrize("script", ["scan", "conv", "epilogue", "wave"])
 def test_triton_kernels_in_interpreter(script):
     """Triton's interpreter runs the GPU kernels on CPU tensors. scan: models/scan_triton.py (bias, softplus, D, z
     inside; strided inputs) against the float64 step-by-step recurrence, every combination of the optional terms.
     conv: models/conv_triton.py against float64 PyTorch, and inside a Mamba layer (forward and all gradients).
     epilogue: the audio encoder's fused bias + shortcut + LeakyReLU against float64 PyTorch (float32 and bf16), and a
-    folded encoder with it against without it."""
+    folded encoder with it against without it. wave: the first audio convolutions' implicit matrix product
+    (models/conv_triton.wave_conv: output, weight and bias gradients against float64 PyTorch in float32 and float16;
+    Triton 3.6's interpreter computes bf16 products wrongly, so bf16 is tested on the GPU), a channels-last weight's
+    gradient layout, and the refusal of an input that needs a gradient."""
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
-    code = dict(scan=TRITON_SCAN_CHECK, conv=TRITON_CONV_CHECK, epilogue=TRITON_EPILOGUE_CHECK)[script]
+    code = dict(scan=TRITON_SCAN_CHECK, conv=TRITON_CONV_CHECK, epilogue=TRITON_EPILOGUE_CHECK,
+                wave=TRITON_WAVE_CHECK)[script]
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
 
@@ -1155,6 +1199,49 @@ def test_triton_conv_training_on_gpu_matches_pytorch():
         for ref, got in zip(*results):
             gap = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
             assert gap < tol, (amp, gap)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_wave_conv_training_on_gpu_matches_cudnn():
+    """The audio encoders' first convolutions on models/conv_triton.wave_conv (GPU training under bf16 autocast, the
+    default) against float64 PyTorch at the published shape, and both published encoders' training forward and
+    backward with it against cuDNN (the same step, within bf16 rounding)."""
+    pytest.importorskip("triton")
+    from models import conv_triton
+    from models.layers import BasicBlock, WavEncoder, channels_last_conv_weights_
+    g = torch.Generator("cuda").manual_seed(0)
+    x = torch.randn(8, 34_133, 3, device="cuda", generator=g).to(torch.bfloat16)
+    w = (torch.randn(128, 3, 15, device="cuda", generator=g) * 0.2).to(torch.bfloat16).requires_grad_()
+    b = torch.randn(128, device="cuda", generator=g).to(torch.bfloat16).requires_grad_()
+    y = conv_triton.wave_conv(x, w, b, 5, 1600)
+    gy = torch.randn_like(y)
+    got = (y,) + torch.autograd.grad((y.float() * gy.float()).sum(), (w, b))
+    ref = [t.detach().double().requires_grad_() for t in (w, b)]
+    y_ref = conv_triton.wave_conv_reference(x.double(), *ref, 5, 1600)
+    want = (y_ref,) + torch.autograd.grad((y_ref * gy.double()).sum(), ref)
+    for name, a, r in zip(("y", "gw", "gb"), got, want):
+        assert float((a.double() - r).norm() / r.norm()) < 4e-3, name
+    torch.manual_seed(0)
+    for audio_in in (3, 2):
+        enc = WavEncoder(512, audio_in=audio_in).cuda()
+        channels_last_conv_weights_(enc)
+        wav = torch.randn(16, 34_133, audio_in, device="cuda", generator=g)
+        results, calls = [], []
+        kernel = conv_triton.wave_conv_fwd
+        for use in (False, None):
+            BasicBlock.wave_conv = use
+            try:
+                conv_triton.wave_conv_fwd = lambda *a: calls.append(1) or kernel(*a)
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    out = enc(wav).float()
+                grads = torch.autograd.grad(out.square().mean(), list(enc.parameters()))
+            finally:
+                BasicBlock.wave_conv, conv_triton.wave_conv_fwd = None, kernel
+            results.append((out,) + grads)
+        assert len(calls) == 2  # the first block's convolution and its shortcut
+        for i, (ref, new) in enumerate(zip(*results)):
+            gap = float((new.float() - ref.float()).norm() / ref.float().norm())
+            assert gap < 3e-2, (audio_in, i, gap)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
