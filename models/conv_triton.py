@@ -319,7 +319,8 @@ def wave_conv_wgrad(x: torch.Tensor, weight: torch.Tensor, gy: torch.Tensor, str
     gb = x.new_empty(split, Cout, dtype=torch.float32)
     grid = (triton.cdiv(Cout, WAVE_BN), split)
     _wave_wgrad_kernel[grid](x, gy, gw, gb, M, Cout, K, L, Lout, Cin, stride, padding,
-                             CHUNKS=rows_per_program // WAVE_BM, BM=WAVE_BM, BN=WAVE_BN, BK=_wave_block_k(K), num_warps=8)
+                             CHUNKS=rows_per_program // WAVE_BM, BM=WAVE_BM, BN=WAVE_BN, BK=_wave_block_k(K),
+                             num_warps=8)
     g_weight = torch.empty_like(weight)
     g_weight.copy_(gw.sum(0).reshape(k, Cin, Cout).permute(2, 1, 0))
     return g_weight, gb.sum(0)

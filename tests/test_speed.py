@@ -1221,27 +1221,33 @@ def test_wave_conv_training_on_gpu_matches_cudnn():
     want = (y_ref,) + torch.autograd.grad((y_ref * gy.double()).sum(), ref)
     for name, a, r in zip(("y", "gw", "gb"), got, want):
         assert float((a.double() - r).norm() / r.norm()) < 4e-3, name
+    # both published encoders' training step: bf16 with wave_conv and bf16 with cuDNN against float32 (no TF32). The
+    # gradients reaching a convolution through a training-mode BatchNorm are sums with heavy cancellation (a bias
+    # before a BatchNorm gets ~0), so each gradient is held to cuDNN's own bf16 gap, not to a fixed bound.
     torch.manual_seed(0)
     for audio_in in (3, 2):
         enc = WavEncoder(512, audio_in=audio_in).cuda()
         channels_last_conv_weights_(enc)
         wav = torch.randn(16, 34_133, audio_in, device="cuda", generator=g)
-        results, calls = [], []
+        results, calls = {}, []
         kernel = conv_triton.wave_conv_fwd
-        for use in (False, None):
+        for name, use, amp in (("fp32", False, False), ("cudnn", False, True), ("wave", None, True)):
             BasicBlock.wave_conv = use
             try:
                 conv_triton.wave_conv_fwd = lambda *a: calls.append(1) or kernel(*a)
-                with torch.autocast("cuda", dtype=torch.bfloat16):
+                with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=False, allow_tf32=False), \
+                        torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
                     out = enc(wav).float()
-                grads = torch.autograd.grad(out.square().mean(), list(enc.parameters()))
+                    grads = torch.autograd.grad(out.square().mean(), list(enc.parameters()))
             finally:
                 BasicBlock.wave_conv, conv_triton.wave_conv_fwd = None, kernel
-            results.append((out,) + grads)
-        assert len(calls) == 2  # the first block's convolution and its shortcut
-        for i, (ref, new) in enumerate(zip(*results)):
-            gap = float((new.float() - ref.float()).norm() / ref.float().norm())
-            assert gap < 3e-2, (audio_in, i, gap)
+            results[name] = (out,) + grads
+        assert len(calls) == 2  # the first block's convolution and its shortcut, in the wave run only
+        for i, (ref, cudnn, wave) in enumerate(zip(results["fp32"], results["cudnn"], results["wave"])):
+            gap_cudnn, gap_wave = (float((t.float() - ref).norm() / ref.norm().clamp_min(1e-30))
+                                   for t in (cudnn, wave))
+            assert gap_wave <= 2 * gap_cudnn + 1e-3, (audio_in, i, gap_wave, gap_cudnn)
+        assert float((results["wave"][0] - results["fp32"][0]).norm() / results["fp32"][0].norm()) < 3e-2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
