@@ -215,15 +215,18 @@ def bias_leaky_relu_reference(x, bias, shortcut=None, shortcut_bias=None, slope=
     return torch.nn.functional.leaky_relu(y, slope)
 
 
-# The audio encoders' first convolutions (models/layers.BasicBlock, training on a GPU): 2 or 3 input channels at the
-# sample rate, 15 taps, stride 5, 128 output channels. With so few input channels cuDNN runs them far from the GPU's
-# speed (H200, batch 64 x 64 frames, bf16: 0.22 ms forward, 17 TFLOP/s, and ~0.6 ms backward per convolution, four
-# per step). Here each is one matrix product whose left operand is never built: in channels-last memory (B, L, C) the
-# k x C inputs under output position l are the contiguous run x[b, l*stride - padding :][: k*C], so row (b, l) of the
-# unfolded input is read straight from x with zeros where it falls into the padding. Only the forward and the weight
-# and bias gradients exist: the encoders' input (the waveform features) needs no gradient. Sums are float32, the
-# result rounded once to x's dtype (cuDNN under autocast rounds the convolution, then adds the bf16 bias and rounds
-# again); the weight gradient is summed per program and the partial sums added up in PyTorch (deterministic).
+# The audio encoders' first convolutions (models/layers.BasicBlock.wave_conv, GPU training; off by default): 2 or 3
+# input channels at the sample rate, 15 taps, stride 5, 128 output channels, where cuDNN is far from the GPU's speed.
+# Each is one matrix product whose left operand is never built: in channels-last memory (B, L, C) the k x C inputs
+# under output position l are the contiguous run x[b, l*stride - padding :][: k*C], so row (b, l) of the unfolded
+# input is read straight from x with zeros where it falls into the padding. Only the forward and the weight and bias
+# gradients exist: the encoders' input (the waveform features) needs no gradient. Sums are float32, the result rounded
+# once to x's dtype (cuDNN under autocast rounds the convolution, then adds the bf16 bias and rounds again); the
+# weight gradient is summed per program and the partial sums added up in PyTorch (deterministic).
+# H200, batch 64 x 64 frames, bf16, with the bias (session 15): forward 0.24-0.28 ms against cuDNN's 0.39 ms, but
+# forward + weight gradient 1.04 / 0.87 ms (3 / 2 input channels) against cuDNN's 0.86 / 0.85 ms, so it is off.
+# Untried: the input channel count as a constexpr (every tile element divides by it at run time) and tuned tiles (an
+# autotuned forward without the bias took 0.083 ms in a probe, this fixed tiling ~0.2 ms).
 WAVE_MAX_K = 64  # taps x input channels that one program's operand tile holds
 WAVE_BM, WAVE_BN, WAVE_SPLIT = 128, 128, 264  # the weight gradient's row chunks go to WAVE_SPLIT programs
 

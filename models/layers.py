@@ -59,10 +59,11 @@ class BasicBlock(nn.Module):
     """
 
     fused_epilogue = None
-    # wave_conv: None runs the first block's convolutions (2-3 input channels at the sample rate) as
-    # models/conv_triton.wave_conv when training on a GPU under 16-bit autocast (cuDNN is slow at so few channels:
-    # README, Speed); False: always cuDNN. Generation keeps cuDNN (its motion is unchanged).
-    wave_conv = None
+    # wave_conv: True runs the first block's convolutions (2-3 input channels at the sample rate) as
+    # models/conv_triton.wave_conv when training on a GPU under 16-bit autocast; False (default): cuDNN. Off because
+    # on the H200 its forward beat cuDNN's but its weight gradient lost more (README, Speed: session 15); generation
+    # always uses cuDNN.
+    wave_conv = False
 
     def __init__(self, in_channels, channels, kernel_size, stride=1, padding=0, downsample=False):
         super().__init__()
@@ -109,7 +110,7 @@ class BasicBlock(nn.Module):
 
     def _conv(self, conv, x):
         """_conv2d, or wave_conv on the (B, L, C) view of x's channels-last memory (see wave_conv above)."""
-        if self.wave_conv is not False and torch.is_grad_enabled() and x.is_cuda and x.shape[2] == 1 and \
+        if self.wave_conv and torch.is_grad_enabled() and x.is_cuda and x.shape[2] == 1 and \
                 (torch.is_autocast_enabled("cuda") or x.dtype in (torch.bfloat16, torch.float16)):
             rows = x.squeeze(2).transpose(1, 2)
             if conv_triton.wave_conv_fits(rows, conv.weight):

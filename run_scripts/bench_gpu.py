@@ -821,9 +821,9 @@ def main():
     p.add_argument("--conv_epilogue", choices=("fused", "torch"), default="fused",
                    help="bf16 generation's audio encoders: bias, shortcut and LeakyReLU in one Triton kernel per "
                         "convolution (models.layers.BasicBlock.fused_epilogue), or PyTorch's separate kernels")
-    p.add_argument("--wave_conv", choices=("triton", "cudnn"), default="triton",
+    p.add_argument("--wave_conv", choices=("triton", "cudnn"), default="cudnn",
                    help="training rows: the audio encoders' first convolutions as models/conv_triton.wave_conv "
-                        "(models.layers.BasicBlock.wave_conv, the default) or cuDNN's")
+                        "(models.layers.BasicBlock.wave_conv) or cuDNN's (the default)")
     p.add_argument("--cudnn_benchmark", choices=("on", "off"), default=None,
                    help="this project's training rows with cuDNN's autotuning on or off (default: the trainer's)")
     opts = p.parse_args()
@@ -831,7 +831,7 @@ def main():
     CUDNN_BENCHMARK = None if opts.cudnn_benchmark is None else opts.cudnn_benchmark == "on"
     gen.SIDE_STREAMS = opts.side_streams == "on"
     BasicBlock.fused_epilogue = None if opts.conv_epilogue == "fused" else False
-    BasicBlock.wave_conv = None if opts.wave_conv == "triton" else False
+    BasicBlock.wave_conv = opts.wave_conv == "triton"
     global HANG_DUMP_S
     HANG_DUMP_S = opts.hang_dump
     device = torch.device(opts.device)
