@@ -20,7 +20,7 @@ from models import motion_representation
 from models.mambatalk import MambaTalk
 from models.motion_representation import STAGE1_FILES
 from trainers import build_trainer
-from trainers.base import EpochSampler
+from trainers.base import EpochSampler, untuned_cudnn
 from trainers.mambatalk import mask_ratio
 from conftest import fill
 from utils.checkpoint import CheckpointMismatchError, load_weights
@@ -626,3 +626,20 @@ def test_training_on_a_gpu_turns_cudnn_attention_off():
         assert not torch.backends.cuda.cudnn_sdp_enabled()
     finally:
         torch.backends.cuda.enable_cudnn_sdp(before)
+
+
+def test_untuned_cudnn_turns_autotuning_off_and_back():
+    """Evaluation and checkpoint tests during GPU training run without cuDNN's autotuning (their lengths vary), and the
+    training steps' setting (Trainer.cudnn_benchmark) comes back afterwards, also after an error."""
+    flags = torch.backends.cudnn
+    before = (flags.benchmark, flags.deterministic, flags.allow_tf32)
+    try:
+        flags.benchmark, flags.allow_tf32 = True, False
+        with untuned_cudnn():
+            assert not flags.benchmark and not flags.allow_tf32
+        assert flags.benchmark
+        with pytest.raises(KeyError), untuned_cudnn():
+            raise KeyError("evaluation failed")
+        assert flags.benchmark and not flags.allow_tf32
+    finally:
+        flags.benchmark, flags.deterministic, flags.allow_tf32 = before
