@@ -402,7 +402,7 @@ def kernel_family(name):
     return "other"
 
 
-def step_families(bg, args, device, row, steps=10):
+def step_families(bg, args, device, row, steps=10, top=0):
     """The GPU time of one training step of `row` by kernel family (FAMILIES), compiled rows compiled (their
     kernels have no module to be charged to, so the by-module table cannot show them): where the compiled step's
     time goes. On a CPU: self time of aten ops. Graphed rows are profiled on a replay; should a profiler not see the
@@ -415,6 +415,7 @@ def step_families(bg, args, device, row, steps=10):
         trainer.train_step(batch)
         bg.sync(device)
     families = defaultdict(lambda: [0.0, 0])
+    by_name = defaultdict(lambda: [0.0, 0])
     for e in prof.events():
         if cuda and e.device_type == torch.autograd.DeviceType.CUDA:
             ms = e.device_time / 1e3
@@ -422,9 +423,9 @@ def step_families(bg, args, device, row, steps=10):
             ms = e.self_cpu_time_total / 1e3
         else:
             continue
-        f = families[kernel_family(e.name)]
-        f[0] += ms
-        f[1] += 1
+        for f in (families[kernel_family(e.name)], by_name[e.name]):
+            f[0] += ms
+            f[1] += 1
     busy = sum(ms for ms, _ in families.values())
     unit = "GPU kernels" if cuda else "CPU, self time of aten ops"
     print(f"\n[{row}] {label}: one step by kernel family ({unit}); step {wall:.1f} ms (median, not profiled), "
@@ -432,6 +433,10 @@ def step_families(bg, args, device, row, steps=10):
     print(f"  {'family':<42}{'ms':>9}{'count':>8}{'% busy':>8}")
     for family, (ms, n) in sorted(families.items(), key=lambda x: -x[1][0]):
         print(f"  {family:<42}{ms:>9.2f}{n:>8}{100 * ms / max(busy, 1e-9):>7.1f}%")
+    if top:
+        print(f"  the {top} kernels with the most time (name cut at 100 characters)")
+        for name, (ms, n) in sorted(by_name.items(), key=lambda x: -x[1][0])[:top]:
+            print(f"  {ms:>8.2f} ms {n:>5}x  {kernel_family(name)[:12]:<12}  {name[:100]}")
     return dict(families), busy
 
 
@@ -445,7 +450,7 @@ def main():
     p.add_argument("--steps", type=int, default=10, help="timed steps for the median step time")
     p.add_argument("--audio_cnns", action="store_true", help="also time the audio CNN variants")
     p.add_argument("--generate", action="store_true", help="also profile generate() on a 60-s clip")
-    p.add_argument("--kernels", type=int, default=0, help="also print the N ops/kernels with the most self time")
+    p.add_argument("--kernels", type=int, default=0, help="also print the N ops/kernels with the most self time (with --families: by kernel name)")
     p.add_argument("--families", action="store_true",
                    help="per row: one step's GPU time by kernel family (compiled rows compiled: e.g. --rows compile-graph)")
     p.add_argument("--phases", action="store_true",
@@ -477,7 +482,7 @@ def main():
             step_phases(bg, args, device, row, opts.steps)
     if opts.families:
         for row in opts.rows:
-            step_families(bg, args, device, row, opts.steps)
+            step_families(bg, args, device, row, opts.steps, opts.kernels)
         return
     for row in opts.rows:
         with contextlib.suppress(KeyboardInterrupt):
