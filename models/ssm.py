@@ -96,7 +96,8 @@ class Mamba(nn.Module):
                          self.D.float(), delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
         # split in the (b, l, 2E) layout: the backward then concatenates the two halves' gradients straight into the
         # projection's layout; split after the transpose, it built a (b, 2E, l) gradient that the projection's
-        # backward copied back with a strided copy (H200, published size: 1.8 ms per step in 7 copies)
+        # backward copied back with a strided copy (H200, published size: 1.8 ms per step in 7 copies; the graphed
+        # bf16 step 83.6 -> 81.0 ms, same call)
         x, z = xz.chunk(2, dim=-1)
         z = z.transpose(1, 2)
         if _triton_conv(x, backend):  # (b, l, E) in and out: the x-projection reads it, the scan its transpose
