@@ -450,7 +450,8 @@ def main():
     p.add_argument("--steps", type=int, default=10, help="timed steps for the median step time")
     p.add_argument("--audio_cnns", action="store_true", help="also time the audio CNN variants")
     p.add_argument("--generate", action="store_true", help="also profile generate() on a 60-s clip")
-    p.add_argument("--kernels", type=int, default=0, help="also print the N ops/kernels with the most self time (with --families: by kernel name)")
+    p.add_argument("--kernels", type=int, default=0,
+                   help="also print the N ops/kernels with the most self time (with --families: by kernel name)")
     p.add_argument("--families", action="store_true",
                    help="per row: one step's GPU time by kernel family (compiled rows compiled: e.g. --rows compile-graph)")
     p.add_argument("--phases", action="store_true",
