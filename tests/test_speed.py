@@ -614,15 +614,21 @@ def test_step_phases_run_on_cpu():
 
 def test_step_families_run_on_cpu():
     """profile_step.py --families (one step's time by kernel family, for the compiled step's breakdown, issue 17) at
-    tiny sizes on a CPU (aten ops): the families add up to the busy time and the audio CNNs show as convolutions."""
-    r = subprocess.run([sys.executable, "run_scripts/profile_step.py", "--rows", "fast", "--families", "--steps", "1"],
+    tiny sizes on a CPU (aten ops): the families add up to the busy time and the audio CNNs show as convolutions;
+    --kernels 4 lists the four ops with the most time, largest first, none above its family's total."""
+    r = subprocess.run([sys.executable, "run_scripts/profile_step.py", "--rows", "fast", "--families", "--steps", "1",
+                        "--kernels", "4"],
                        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     head, table = r.stdout.split("one step by kernel family")[1].split("% busy")
+    table, top = table.split("kernels with the most time")
     busy = float(head.split("busy ")[1].split(" ms")[0])
-    rows = {line[:44].strip(): float(line[44:].split()[0]) for line in table.strip().splitlines()}
+    rows = {line[:44].strip(): float(line[44:].split()[0]) for line in table.strip().splitlines()[:-1]}
     assert abs(sum(rows.values()) - busy) < 0.05 + 0.01 * len(rows)
     assert rows["convolutions (cuDNN, layout transforms)"] > 0 and rows["matrix products"] > 0
+    top_ms = [float(line.split()[0]) for line in top.strip().splitlines()[1:]]
+    assert len(top_ms) == 4 and top_ms == sorted(top_ms, reverse=True)
+    assert top_ms[0] <= max(rows.values()) + 0.01
 
 
 def test_kernel_families_of_real_kernel_names():
