@@ -254,6 +254,59 @@ def test_wav_encoder_gives_64_frames(samples):
         assert encoder(torch.randn(1, samples, 3)).shape == (1, 64, 512)
 
 
+def _block_with_conv_biases(block, x):
+    """BasicBlock's maths as the published code computes it: each convolution with its bias, then its BatchNorm."""
+    shortcut = x if block.downsample is None else block.downsample(x)
+    out = block.act(block.bn1(block.conv1(x)))
+    return block.act(block.bn2(block.conv2(out)) + shortcut)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_conv_bias_before_training_batchnorm_is_left_out(momentum, layout):
+    """In training, BasicBlock runs a convolution that feeds a BatchNorm without its bias (the BatchNorm takes out
+    any per-channel constant): output, gradients and running statistics equal those with the biases in the
+    convolutions (float64), each such bias gets an exact zero gradient (with the bias in, its gradient is rounding
+    noise), and the eval-mode block that uses the running statistics with the biases agrees too."""
+    from models.layers import BasicBlock
+    torch.manual_seed(0)
+    new = BasicBlock(3, 8, 15, stride=5, padding=7, downsample=True).double()
+    with torch.no_grad():
+        for name, p in new.named_parameters():
+            p.copy_(torch.randn_like(p) * (2.0 if name.endswith("bias") else 0.3))
+    for m in new.modules():
+        if isinstance(m, torch.nn.BatchNorm1d):
+            m.momentum = momentum
+    ref = copy.deepcopy(new)
+    convs = [new.conv1, new.conv2, new.downsample[0]]
+    for step in range(2):
+        x = torch.randn(2, 3, 400, dtype=torch.float64)
+        x_new = x.unsqueeze(2).contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+        y_new, y_ref = new(x_new), _block_with_conv_biases(ref, x)
+        if layout == "channels_last":
+            y_new = y_new.squeeze(2)
+        torch.testing.assert_close(y_new, y_ref, rtol=1e-9, atol=1e-10)
+        gy = torch.randn_like(y_ref)
+        for model, y in ((new, y_new), (ref, y_ref)):
+            model.zero_grad()
+            (y * gy).sum().backward()
+        for (name, p), q in zip(new.named_parameters(), ref.parameters()):
+            if any(p is c.bias for c in convs):
+                assert p.grad is not None and not p.grad.any(), name
+                assert float(q.grad.abs().max()) < 1e-9 * float(gy.abs().sum()), name  # the true gradient is 0
+            else:
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-8, atol=1e-10, msg=name)
+        for (name, a), b in zip(new.named_buffers(), ref.buffers()):
+            if name.endswith("num_batches_tracked") and layout == "channels_last" and momentum is not None:
+                continue  # advanced by WavEncoder for all its BatchNorms at once
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=name)
+    new.eval(), ref.eval()
+    with torch.no_grad():
+        y_new = new(x_new)
+        torch.testing.assert_close(y_new.squeeze(2) if layout == "channels_last" else y_new,
+                                   _block_with_conv_biases(ref, x), rtol=1e-9, atol=1e-10)
+
+
 def test_periodic_positional_encoding():
     pe = PeriodicPositionalEncoding(8, dropout=0.0, period=4, max_seq_len=8)
     assert pe.pe.shape == (1, 12, 8) and "pe" in pe.state_dict()
