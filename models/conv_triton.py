@@ -98,8 +98,7 @@ def _grid(x):
     return (b, triton.cdiv(L, BLOCK_L), triton.cdiv(E, BLOCK_E))
 
 
-@torch.library.custom_op("mambatalk::causal_conv_silu_fwd", mutates_args=())
-def conv_silu_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def _conv_silu_fwd(x, weight, bias):
     b, L, E = x.shape
     y = x.new_empty(b, L, E)
     _fwd_kernel[_grid(x)](x, weight, bias, y, L, E, *x.stride(), K=weight.shape[1], BLOCK_L=BLOCK_L,
@@ -107,14 +106,17 @@ def conv_silu_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> 
     return y
 
 
+@torch.library.custom_op("mambatalk::causal_conv_silu_fwd", mutates_args=())
+def conv_silu_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return _conv_silu_fwd(x, weight, bias)
+
+
 @conv_silu_fwd.register_fake
 def _(x, weight, bias):
     return x.new_empty(x.shape)
 
 
-@torch.library.custom_op("mambatalk::causal_conv_silu_bwd", mutates_args=())
-def conv_silu_bwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                  gy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _conv_silu_bwd(x, weight, bias, gy):
     b, L, E = x.shape
     K = weight.shape[1]
     grid = _grid(x)
@@ -125,6 +127,12 @@ def conv_silu_bwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     _bwd_kernel[grid](x, weight, bias, gy, gx, gw, gb, L, E, *x.stride(), K=K, BLOCK_L=BLOCK_L, BLOCK_E=BLOCK_E,
                       num_warps=4)
     return gx, gw.sum(0), gb.sum(0)
+
+
+@torch.library.custom_op("mambatalk::causal_conv_silu_bwd", mutates_args=())
+def conv_silu_bwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                  gy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _conv_silu_bwd(x, weight, bias, gy)
 
 
 @conv_silu_bwd.register_fake
@@ -143,10 +151,27 @@ def _backward(ctx, gy):
 conv_silu_fwd.register_autograd(_backward, setup_context=_setup)
 
 
+class _EagerConvSilu(torch.autograd.Function):
+    """The custom ops' kernels without torch.library's dispatch (host time; see scan_triton._EagerScan)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight, bias)
+        return _conv_silu_fwd(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, gy):
+        return _conv_silu_bwd(*ctx.saved_tensors, gy)
+
+
 def causal_conv1d_silu(x, weight, bias):
     """silu(causal depthwise conv) of x (b, l, E) with weight (E, K) and bias (E,) (float32); -> (b, l, E) contiguous
-    in x's dtype. Differentiable in all three."""
-    return conv_silu_fwd(x, weight.contiguous(), bias.contiguous())
+    in x's dtype. Differentiable in all three. The custom ops under torch.compile, else the same kernels through an
+    autograd.Function (less host time per call)."""
+    weight, bias = weight.contiguous(), bias.contiguous()
+    if torch.compiler.is_compiling():
+        return conv_silu_fwd(x, weight, bias)
+    return _EagerConvSilu.apply(x, weight, bias)
 
 
 def causal_conv1d_silu_reference(x, weight, bias):

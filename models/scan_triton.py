@@ -15,7 +15,8 @@ The forward also writes dt and the ungated output for the backward, which re-run
 in a scratch buffer of its own, then walks time backwards. Reductions across channels (dB, dC) and across the batch
 (dA, dD, d bias) are written as per-program partial sums and added up in PyTorch, so results are deterministic.
 
-Both passes are registered as torch.library custom ops (opaque to torch.compile, capturable in CUDA graphs).
+Both passes are registered as torch.library custom ops, which torch.compile traces (opaque to it, capturable in
+CUDA graphs); eager calls run the same kernels through an autograd.Function (`_EagerScan`: less host time).
 Triton's interpreter (TRITON_INTERPRET=1) runs the same kernels on CPU tensors; the tests use it.
 """
 from typing import Optional
@@ -238,10 +239,7 @@ def _strides(t, like):
     return t.stride() if t is not None else like.stride()
 
 
-@torch.library.custom_op("mambatalk::selective_scan_fwd", mutates_args=())
-def scan_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-             D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
-             delta_softplus: bool, save: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, save):
     """(y, saved): saved holds dt and the ungated y for the backward when `save`, else it is empty."""
     b, Dn, L = u.shape
     N = A.shape[1]
@@ -256,16 +254,20 @@ def scan_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Ten
     return y, saved
 
 
+@torch.library.custom_op("mambatalk::selective_scan_fwd", mutates_args=())
+def scan_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+             D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
+             delta_softplus: bool, save: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, save)
+
+
 @scan_fwd.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, save):
     b, Dn, L = u.shape
     return u.new_empty(b, L, Dn).transpose(1, 2), u.new_empty((2, b, L, Dn) if save else (0,), dtype=torch.float32)
 
 
-@torch.library.custom_op("mambatalk::selective_scan_bwd", mutates_args=())
-def scan_bwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-             D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
-             delta_softplus: bool, saved: torch.Tensor, gy: torch.Tensor) -> list[torch.Tensor]:
+def _scan_bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, saved, gy):
     """[g_u, g_delta, g_A, g_B, g_C] + [g_D] + [g_z] + [g_delta_bias] for the inputs that are given."""
     b, Dn, L = u.shape
     N = A.shape[1]
@@ -296,6 +298,13 @@ def scan_bwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Ten
     return out
 
 
+@torch.library.custom_op("mambatalk::selective_scan_bwd", mutates_args=())
+def scan_bwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+             D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
+             delta_softplus: bool, saved: torch.Tensor, gy: torch.Tensor) -> list[torch.Tensor]:
+    return _scan_bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, saved, gy)
+
+
 @scan_bwd.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, saved, gy):
     b, Dn, L = u.shape
@@ -315,15 +324,36 @@ def _setup(ctx, inputs, output):
     ctx.softplus = inputs[8]
 
 
-def _backward(ctx, gy, _):
+def _input_grads(ctx, gy, bwd):
+    """The 8 inputs' gradients (None for an absent D, z or bias) from the backward kernel's list."""
     u, delta, A, B, C, D, z, bias, saved = ctx.saved_tensors
-    grads = iter(scan_bwd(u, delta, A, B, C, D, z, bias, ctx.softplus, saved, gy))
+    grads = iter(bwd(u, delta, A, B, C, D, z, bias, ctx.softplus, saved, gy))
     out = [next(grads) for _ in range(5)]
-    out += [next(grads) if t is not None else None for t in (D, z, bias)]
-    return (*out, None, None)
+    return out + [next(grads) if t is not None else None for t in (D, z, bias)]
+
+
+def _backward(ctx, gy, _):
+    return (*_input_grads(ctx, gy, scan_bwd), None, None)
 
 
 scan_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+class _EagerScan(torch.autograd.Function):
+    """The same kernels and saved tensors as the custom ops, without torch.library's dispatch: that costs ~70 us of
+    host time per call (CPU probe: 260 against 120 us per forward + backward), and the eager training step on a
+    GPU is set by its host (issue 17). torch.compile traces the custom ops instead."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+        y, saved = _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, True)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, saved)
+        ctx.softplus = delta_softplus
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        return (*_input_grads(ctx, gy, _scan_bwd), None)
 
 
 def selective_scan_fused(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
@@ -332,5 +362,9 @@ def selective_scan_fused(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     float32 as the PyTorch path does; gradients come back in each input's dtype."""
     ins = (u, delta, A, B, C, D, z, delta_bias)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ins)
-    return scan_fwd(*ins, bool(delta_softplus), save)[0]
+    if torch.compiler.is_compiling():
+        return scan_fwd(*ins, bool(delta_softplus), save)[0]
+    if save:
+        return _EagerScan.apply(*ins, bool(delta_softplus))
+    return _scan_fwd(*ins, bool(delta_softplus), False)[0]
 

@@ -181,6 +181,10 @@ TRITON_SCAN_CHECK = textwrap.dedent("""
             for a, r in zip((y,) + g, (y_ref,) + g_ref):
                 assert a.shape == r.shape and a.dtype == torch.float32
                 worst = max(worst, ((a.double() - r).norm() / r.norm()).item())
+            # the custom op (what torch.compile traces) gives what the eager path gives, bit for bit
+            y_op = scan_triton.scan_fwd(*xs, bool(softplus), True)[0]
+            g_op = torch.autograd.grad((y_op * gy).sum(), [t for t in xs if t is not None])
+            assert all(torch.equal(a, c) for a, c in zip((y,) + g, (y_op,) + g_op))
         # bf16 in (as under autocast): bf16 out, bf16 gradients
         xb = [t.to(torch.bfloat16).requires_grad_() if t is not None and t.dim() == 3 else t for t in ins]
         yb = scan_triton.selective_scan_fused(*xb, delta_softplus=softplus)
@@ -210,6 +214,10 @@ TRITON_CONV_CHECK = textwrap.dedent("""
         g_ref = torch.autograd.grad((y_ref * gy.double()).sum(), ref)
         for a, r in zip((y,) + g, (y_ref,) + g_ref):
             worst = max(worst, ((a.double() - r).norm() / r.norm()).item())
+        # the custom op (what torch.compile traces) gives what the eager path gives, bit for bit
+        y_op = conv_triton.conv_silu_fwd(x, w.contiguous(), bias)
+        g_op = torch.autograd.grad((y_op * gy).sum(), (x, w, bias))
+        assert all(torch.equal(a, c) for a, c in zip((y,) + g, (y_op,) + g_op))
     assert worst < 1e-6, worst
     # a Mamba layer with its convolution on the kernels (forced: on CPU it uses PyTorch's) against PyTorch's
     layer = ssm.Mamba(32)
