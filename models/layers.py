@@ -59,6 +59,9 @@ class BasicBlock(nn.Module):
     """
 
     fused_epilogue = None
+    # left_out: None, or (while WavEncoder.forward runs) the encoder's list of (BatchNorm, conv bias) pairs whose
+    # zero gradient and running-mean shift _conv_bn leaves to the encoder
+    left_out = None
     # wave_conv: True runs the first block's convolutions (2-3 input channels at the sample rate) as
     # models/conv_triton.wave_conv when training on a GPU under 16-bit autocast; False (default): cuDNN. Off because
     # on the H200 its forward beat cuDNN's but its weight gradient lost more (README, Speed: session 15); generation
@@ -110,17 +113,21 @@ class BasicBlock(nn.Module):
         rounding noise, which Adam then turns into steps of about the learning rate). So in training the
         convolution runs without its bias, which saves a pass over the output forward (the add) and one backward
         (that sum: ~2.6 ms of the H200 training step); the bias gets an exact zero gradient and is added to the
-        running mean, which then holds what it would hold with the bias in the convolution."""
+        running mean, which then holds what it would hold with the bias in the convolution. Inside a WavEncoder
+        (`left_out` set) the encoder does both for all of its blocks at once (the eager step is host-bound)."""
         skip = isinstance(bn, nn.BatchNorm1d) and bn.training and conv.bias is not None
         if x.dim() == 3:
             out = F.conv1d(x, conv.weight, None if skip else conv.bias, conv.stride, conv.padding)
         else:
             out = self._conv(conv, x, bias=not skip) if wave else _conv2d(conv, x, bias=not skip)
-        if skip:
+        if skip and self.left_out is None:
             out = _ZeroGradient.apply(out, conv.bias)
         out = bn(out) if x.dim() == 3 else _bn2d(bn, out)
         if skip:
-            _shift_running_mean(bn, conv.bias, x)
+            if self.left_out is None:
+                _shift_running_means([(bn, conv.bias)], x.device.type)
+            else:
+                self.left_out.append((bn, conv.bias))
         return out
 
     def _conv(self, conv, x, bias=True):
@@ -151,32 +158,50 @@ def _epilogue(out, bias, shortcut=None, shortcut_bias=None, slope=0.01):
 
 
 class _ZeroGradient(torch.autograd.Function):
-    """x itself; `left_out`, a parameter that the computation leaves out because its gradient is exactly zero, gets
-    that zero, so that every trained parameter still receives a gradient (DistributedDataParallel expects one)."""
+    """x itself; each of `left_out`, parameters that the computation leaves out because their gradient is exactly
+    zero, gets that zero (parts of one zero-filled buffer: one kernel), so that every trained parameter still
+    receives a gradient (DistributedDataParallel expects one)."""
 
     @staticmethod
-    def forward(ctx, x, left_out):
-        ctx.like = (left_out.shape, left_out.dtype, left_out.device)
+    def forward(ctx, x, *left_out):
+        ctx.like = [(p.shape, p.dtype) for p in left_out]
+        ctx.device = x.device
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad):
-        shape, dtype, device = ctx.like
-        return grad, torch.zeros(shape, dtype=dtype, device=device)
+        zeros = [None] * len(ctx.like)
+        for dtype in dict.fromkeys(d for _, d in ctx.like):
+            which = [i for i, (_, d) in enumerate(ctx.like) if d == dtype]
+            sizes = [ctx.like[i][0].numel() for i in which]
+            buf = torch.zeros(sum(sizes), dtype=dtype, device=ctx.device)
+            for i, part in zip(which, buf.split(sizes)):
+                zeros[i] = part.view(ctx.like[i][0])
+        return (grad, *zeros)
 
 
 @torch.no_grad()
-def _shift_running_mean(bn, bias, x):
-    """bn's running mean as if its input had included `bias` (bn has just been updated with the batch's statistics:
-    the running variance does not depend on a constant shift). The bias is taken in the dtype the convolution would
-    have used (autocast's cast), so flat-weights and per-parameter training keep the same statistics."""
-    if not bn.track_running_stats or bn.running_mean is None:
+def _shift_running_means(pairs, device_type):
+    """For each (bn, bias): bn's running mean as if its input had included `bias` (bn has just been updated with the
+    batch's statistics: the running variance does not depend on a constant shift). The biases are taken in the dtype
+    the convolution would have used (autocast's cast), so flat-weights and per-parameter training keep the same
+    statistics. One multi-tensor add per momentum value."""
+    pairs = [(bn, bias) for bn, bias in pairs if bn.track_running_stats and bn.running_mean is not None]
+    if not pairs:
         return
-    factor = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
-    bias = bias.detach()
-    if torch.is_autocast_enabled(x.device.type):
-        bias = bias.to(torch.get_autocast_dtype(x.device.type))
-    bn.running_mean.data.add_(bias, alpha=factor)  # .data: batch_norm saved it for backward (unused in training)
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    biases = torch.cat([bias.detach().reshape(-1) for _, bias in pairs])
+    if dtype is not None:
+        biases = biases.to(dtype)
+    biases = biases.to(pairs[0][0].running_mean.dtype).split([bias.numel() for _, bias in pairs])
+    groups = {}
+    for (bn, _), b in zip(pairs, biases):
+        factor = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+        means, adds = groups.setdefault(factor, ([], []))
+        means.append(bn.running_mean.data)  # .data: batch_norm saved it for backward (unused in training)
+        adds.append(b)
+    for factor, (means, adds) in groups.items():
+        torch._foreach_add_(means, adds, alpha=factor)
 
 
 @torch.no_grad()
@@ -247,6 +272,11 @@ class WavEncoder(nn.Module):
         ])
         self.out = nn.Linear(3 * c3, out_dim)
 
+    def _blocks(self):
+        if "_block_list" not in self.__dict__:
+            self.__dict__["_block_list"] = [m for m in self.modules() if isinstance(m, BasicBlock)]
+        return self.__dict__["_block_list"]
+
     def _counted_batchnorms(self):
         """The BatchNorms whose counter _bn2d does not advance (found once: the training step is host-bound)."""
         if "_bn_list" not in self.__dict__:
@@ -264,10 +294,21 @@ class WavEncoder(nn.Module):
                 torch.is_autocast_enabled(wav.device.type)
         if nhwc:  # (B, C, 1, L) with channel stride 1: (B, L, C) memory, as the input already is
             x = x.unsqueeze(2).contiguous(memory_format=torch.channels_last)
-        fine = self.feat_extractor[:3](x)             # ~1/30 of the samples
-        mid = self.feat_extractor[3:5](fine)          # ~1/180
-        coarse = self.feat_extractor[5](mid)          # frame rate
-        feats = torch.cat([self.multi_scale[0](fine), self.multi_scale[1](mid), coarse], dim=1)
+        left_out = [] if self.training else None
+        for block in self._blocks():
+            block.__dict__["left_out"] = left_out
+        try:
+            blocks = list(self.feat_extractor)  # (slicing the Sequential would build a new module per call)
+            fine = blocks[2](blocks[1](blocks[0](x)))     # ~1/30 of the samples
+            mid = blocks[4](blocks[3](fine))              # ~1/180
+            coarse = blocks[5](mid)                       # frame rate
+            feats = torch.cat([self.multi_scale[0](fine), self.multi_scale[1](mid), coarse], dim=1)
+        finally:
+            for block in self._blocks():
+                block.__dict__["left_out"] = None
+        if left_out:  # the biases BasicBlock._conv_bn left out: zero gradients and running-mean shifts, all at once
+            feats = _ZeroGradient.apply(feats, *(bias for _, bias in left_out))
+            _shift_running_means(left_out, wav.device.type)
         if nhwc:
             feats = feats.squeeze(2)                  # channel stride 1: the transpose below is contiguous
             if self.training:  # the batch counters _bn2d left to us

@@ -94,7 +94,8 @@ def _backward_node(event):
 
 
 def attribute(events, use_kernels):
-    """{category: [forward ms, backward ms]} and the number of kernels (or host ops on CPU)."""
+    """{category: [forward ms, backward ms, forward kernels, backward kernels]} (on a CPU: host ops instead of
+    kernels) and the total number of kernels (ops)."""
     seq_label = {}
     for e in events:
         if e.device_type == torch.autograd.DeviceType.CPU and e.sequence_nr >= 0 and \
@@ -102,24 +103,28 @@ def attribute(events, use_kernels):
             label = _label_of(e)
             if label is not None:
                 seq_label.setdefault(e.sequence_nr, label)
-    table, count = defaultdict(lambda: [0.0, 0.0]), 0
+    table, count = defaultdict(lambda: [0.0, 0.0, 0, 0]), 0
     for e in events:
         if e.device_type != torch.autograd.DeviceType.CPU:
             continue
         if use_kernels:
-            t = sum(k.duration for k in e.kernels) / 1e3
-            count += len(e.kernels)
+            t, n = sum(k.duration for k in e.kernels) / 1e3, len(e.kernels)
         else:  # CPU: self time of leaf aten ops
             if not e.name.startswith("aten::") or e.cpu_children:
                 continue
-            t, count = e.self_cpu_time_total / 1e3, count + 1
+            t, n = e.self_cpu_time_total / 1e3, 1
+        count += n
         if t == 0:
             continue
         node = _backward_node(e)
         if node is not None:
-            table[seq_label.get(node.sequence_nr, "other")][1] += t
+            row = table[seq_label.get(node.sequence_nr, "other")]
+            row[1] += t
+            row[3] += n
         else:
-            table[_label_of(e) or "other"][0] += t
+            row = table[_label_of(e) or "other"]
+            row[0] += t
+            row[2] += n
     return table, count
 
 
@@ -204,15 +209,17 @@ def profile_row(bg, args, device, row, steps, kernels=0):
 
 
 def print_table(title, wall, table, count, gpu):
-    busy = sum(f + b for f, b in table.values())
+    busy = sum(f + b for f, b, _, _ in table.values())
     unit = "GPU" if gpu else "CPU (self time of aten ops)"
     print(f"\n{title}\nstep {wall:.1f} ms (median, not profiled); {unit} busy {busy:.1f} ms in "
           f"{count} {'kernels' if gpu else 'ops'}")
-    print(f"{'module':<36}{'forward ms':>11}{'backward ms':>12}{'total ms':>10}{'% step':>8}")
+    what = "kernels" if gpu else "ops"
+    print(f"{'module':<36}{'forward ms':>11}{'backward ms':>12}{'total ms':>10}{'% step':>8}"
+          f"{'fwd ' + what:>13}{'bwd ' + what:>13}")
     for cat in CATEGORIES:
         if cat in table:
-            f, b = table[cat]
-            print(f"{cat:<36}{f:>11.2f}{b:>12.2f}{f + b:>10.2f}{100 * (f + b) / wall:>7.1f}%")
+            f, b, nf, nb = table[cat]
+            print(f"{cat:<36}{f:>11.2f}{b:>12.2f}{f + b:>10.2f}{100 * (f + b) / wall:>7.1f}%{nf:>13}{nb:>13}")
     if gpu:
         gap = wall - busy
         print(f"{'launch gaps (GPU idle)':<36}{'':>11}{'':>12}{gap:>10.2f}{100 * gap / wall:>7.1f}%")

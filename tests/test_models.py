@@ -1,6 +1,7 @@
 """Models: checkpoint-compatible key lists and shapes (spec §4.5, state_dict_*.tsv), parameter counts (§4.2.3),
 skeleton topology (§4.3), quantiser, forward shapes, word embeddings and the published weights format."""
 import copy
+import functools
 import hashlib
 import pickle
 import warnings
@@ -305,6 +306,56 @@ def test_conv_bias_before_training_batchnorm_is_left_out(momentum, layout):
         y_new = new(x_new)
         torch.testing.assert_close(y_new.squeeze(2) if layout == "channels_last" else y_new,
                                    _block_with_conv_biases(ref, x), rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_wav_encoder_settles_left_out_biases_at_once(momentum, channels_last):
+    """Inside a training WavEncoder the blocks leave the zero gradients and running-mean shifts of their left-out
+    conv biases to the encoder, which settles all of them at once: output, gradients and every buffer equal the
+    published maths (each convolution with its bias), float64, over two steps; each such bias gets an exact zero."""
+    from models.layers import WavEncoder
+    torch.manual_seed(0)
+    new = WavEncoder(16, audio_in=2).double()
+    new.channels_last = channels_last
+    with torch.no_grad():
+        for name, p in new.named_parameters():
+            p.copy_(torch.randn_like(p) * (2.0 if name.endswith("bias") else 0.2))
+    for m in new.modules():
+        if isinstance(m, torch.nn.BatchNorm1d):
+            m.momentum = momentum
+    ref = copy.deepcopy(new)
+    left_out = {id(b.conv1.bias) for b in new.modules() if hasattr(b, "bn1")}
+    left_out |= {id(b.conv2.bias) for b in new.modules() if hasattr(b, "bn2")}
+    left_out |= {id(b.downsample[0].bias) for b in new.modules() if getattr(b, "downsample", None) is not None}
+
+    def published(enc, wav):
+        run = lambda blocks, x: functools.reduce(lambda h, b: _block_with_conv_biases(b, h), blocks, x)
+        fe = list(enc.feat_extractor)
+        fine = run(fe[:3], wav.transpose(1, 2))
+        mid = run(fe[3:5], fine)
+        feats = torch.cat([run(enc.multi_scale[0], fine), run(enc.multi_scale[1], mid), run(fe[5:], mid)], dim=1)
+        return enc.out(feats.transpose(1, 2))
+
+    for step in range(2):
+        wav = torch.randn(2, 3000, 2, dtype=torch.float64)
+        y_new, y_ref = new(wav), published(ref, wav)
+        torch.testing.assert_close(y_new, y_ref, rtol=1e-9, atol=1e-10)
+        gy = torch.randn_like(y_ref)
+        for model, y in ((new, y_new), (ref, y_ref)):
+            model.zero_grad()
+            (y * gy).sum().backward()
+        n_zero = 0
+        for (name, p), q in zip(new.named_parameters(), ref.parameters()):
+            if id(p) in left_out:
+                assert p.grad is not None and not p.grad.any(), name
+                n_zero += 1
+            else:
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-7, atol=1e-9, msg=name)
+        assert n_zero == len(left_out) == 25  # 9 blocks: 18 convolutions and 7 shortcut convolutions
+        for (name, a), b in zip(new.named_buffers(), ref.buffers()):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=name)
+    assert all(b.left_out is None for b in new.modules() if hasattr(b, "left_out"))
 
 
 def test_periodic_positional_encoding():
