@@ -291,13 +291,14 @@ class MambaTalk(nn.Module):
             torch._foreach_add_(runs, r0s, alpha=c0)
         torch._foreach_add_([m.num_batches_tracked for m in bns], passes - 1)
 
-    def forward(self, in_audio, in_word, mask, in_motion, in_id, condition=None, **kwargs):
+    def forward(self, in_audio, in_word, mask, in_motion, in_id, condition=None, stack_passes=False, **kwargs):
         """in_audio (B,L,3), in_word (B,T) long, mask and in_motion (B,T,pose_dims+7), in_id (B,T,1) long.
         Returns rec_{face,upper,lower,hands} (B,T,K) latents and cls_* (B,T,K) code logits.
 
         `mask` may be a list of masks: then the passes share one conditioning (encode_condition, with the BatchNorm
         statistics updated as by that many separate passes), run as one batch (see batch_passes) and a list of
-        output dicts comes back, one per mask.
+        output dicts comes back, one per mask (`stack_passes`: one dict whose batch holds the passes one after the
+        other, (k*B, T, K), for losses computed for all passes at once).
         This is the training step's three passes in one call. `condition` (from encode_condition) skips the
         encoders. Extra keyword arguments of the published call (use_word, is_test, ...) have no effect there and
         are ignored."""
@@ -308,7 +309,11 @@ class MambaTalk(nn.Module):
             k = len(masks)
             stacked = {name: v.repeat(k, *[1] * (v.dim() - 1)) for name, v in condition.items()}
             out = self.predict(stacked, torch.cat(masks), in_motion.repeat(k, 1, 1))
+            if stack_passes:
+                return out
             outputs = [dict(zip(out, parts)) for parts in zip(*(v.chunk(k) for v in out.values()))]
         else:
             outputs = [self.predict(condition, m, in_motion) for m in masks]
+        if stack_passes:
+            return {name: torch.cat([o[name] for o in outputs]) for name in outputs[0]}
         return outputs if isinstance(mask, (list, tuple)) else outputs[0]

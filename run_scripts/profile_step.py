@@ -185,6 +185,7 @@ def profile_row(bg, args, device, row, steps, kernels=0):
     handles = label_modules(module_categories(model, vq))
     trainer.latent_loss = labelled(trainer.latent_loss, "losses")
     trainer.cls_loss = labelled(trainer.cls_loss, "losses")
+    trainer.pass_losses = labelled(trainer.pass_losses, "losses")
     clip = torch.nn.utils.clip_grad_norm_
     torch.nn.utils.clip_grad_norm_ = labelled(clip, "optimiser (clip, Adam)")
     import trainers.mambatalk as tm

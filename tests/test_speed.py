@@ -91,6 +91,52 @@ def test_shared_condition_equals_three_passes():
         torch.testing.assert_close(buf, buffers_a[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_pass_losses_equal_per_pass_losses():
+    """The training step's losses of the three passes computed at once from the pass-stacked outputs equal
+    latent_loss / cls_loss on each pass (float32 rounding), with the published weights, a classification weight of 0
+    included; and the step gives the same losses either way."""
+    from trainers.generate import PARTS
+    from trainers.mambatalk import MambaTalkTrainer
+    g = torch.Generator().manual_seed(0)
+    B, T, K = 3, 8, 16
+    out = {f"{kind}_{k}": torch.randn(3 * B, T, K, generator=g) for kind in ("rec", "cls") for k in PARTS}
+    t = {"motion": torch.zeros(B, T, 5), "latent": {k: torch.randn(B, T, K, generator=g) for k in PARTS},
+         "index": {k: torch.randint(0, K, (B, T), generator=g) for k in PARTS}}
+    lat_w = {"face": 1.0, "upper": 0.5, "hands": 2.0, "lower": 1.5}
+    cls_w = {"face": 0.0, "upper": 1.0, "hands": 3.0, "lower": 1.0}
+    ones = dict.fromkeys(PARTS, 1.0)
+    trainer = MambaTalkTrainer.__new__(MambaTalkTrainer)
+    got = trainer.pass_losses(out, t, [(lat_w, cls_w), (lat_w, ones), (lat_w, ones)])
+    chunks = [{k: v[p * B:(p + 1) * B] for k, v in out.items()} for p in range(3)]
+    want = {"latent": trainer.latent_loss(chunks[0], t, lat_w), "cls_full": trainer.cls_loss(chunks[0], t, cls_w),
+            "latent_self": trainer.latent_loss(chunks[1], t, lat_w), "cls_self": trainer.cls_loss(chunks[1], t, ones),
+            "latent_word": trainer.latent_loss(chunks[2], t, lat_w), "cls_word": trainer.cls_loss(chunks[2], t, ones)}
+    assert list(got) == list(want)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-7, msg=k)
+    with pytest.raises(ValueError, match="3 passes"):
+        trainer.pass_losses(out, t, [(lat_w, cls_w)] * 2)
+
+    # the step: the pass-stacked outputs come in the order of the weights (seeded, masked, word pass)
+    args = load_config(REPO / "configs" / "mambatalk.yaml", dict(ctc_model="none", **bench_gpu.TINY))
+    model, vq = bench_gpu.build_models(args, torch.device("cpu"))
+    step = bench_gpu.step_trainer(args, torch.device("cpu"), model, vq, True, "none", False)
+    batch = bench_gpu.training_batch(args, torch.device("cpu"))
+    results = []
+    for split in (False, True):
+        if split:  # the per-pass losses on the same outputs
+            step.pass_losses = lambda out, t, w: {
+                name: loss(chunk, t, weights) for chunk, (lw, cw), names in zip(
+                    [dict(zip(out, parts)) for parts in zip(*(v.chunk(3) for v in out.values()))], w,
+                    [("latent", "cls_full"), ("latent_self", "cls_self"), ("latent_word", "cls_word")])
+                for name, loss, weights in zip(names, (step.latent_loss, step.cls_loss), (lw, cw))}
+        torch.manual_seed(3)
+        with torch.no_grad():
+            results.append(step.compute_losses(step.model, batch, 0))
+    for k in results[1]:
+        torch.testing.assert_close(results[0][k], results[1][k], rtol=1e-6, atol=1e-7, msg=k)
+
+
 def no_dropout(model):
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
