@@ -1,8 +1,10 @@
 """Windowed generation, test.py and infer.py on the demo data and the real sample (randomly initialised weights:
 these tests check the mechanics, lengths, files and error messages, not motion quality)."""
 import json
+import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -112,11 +114,19 @@ def vars_subset(args):
     return {k: getattr(args, k) for k in keys}
 
 
-def run_infer(args, *extra):
+def run_infer(args, *extra, env=None):
     cmd = [sys.executable, str(ROOT / "infer.py"), "--config", str(ROOT / "configs/demo/mambatalk.yaml")]
     for k, v in vars_subset(args).items():
         cmd += [f"--{k}", str(v)]
-    return subprocess.run(cmd + list(extra), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd + list(extra), cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+
+
+def run_infer_many(args, *runs):
+    """run_infer for each argument list, two processes at a time with one thread each (the suite's time on a
+    2-core machine: these runs are mostly start-up, which one thread does anyway); results in the order given."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return list(pool.map(lambda extra: run_infer(args, *extra, env=env), runs))
 
 
 def test_infer_on_real_wav(setup, beat2_sample, tmp_path):
@@ -125,9 +135,11 @@ def test_infer_on_real_wav(setup, beat2_sample, tmp_path):
     seconds = sf.info(str(wav)).frames / sf.info(str(wav)).samplerate
     outs = []
     none = ["--words", "none"]  # automatic words are tested in tests/test_align.py
-    for extra in (none, ["--textgrid", str(beat2_sample / "textgrid" / "2_scott_0_1_1.TextGrid")], none):
-        out = tmp_path / f"res_{len(outs)}.npz"
-        r = run_infer(args, "--audio", str(wav), "--out", str(out), *extra)
+    extras = (none, ["--textgrid", str(beat2_sample / "textgrid" / "2_scott_0_1_1.TextGrid")], none)
+    results = run_infer_many(args, *(["--audio", str(wav), "--out", str(tmp_path / f"res_{i}.npz"), *extra]
+                                     for i, extra in enumerate(extras)))
+    for i, r in enumerate(results):
+        out = tmp_path / f"res_{i}.npz"
         assert r.returncode == 0, r.stderr
         poses = np.load(out)["poses"]
         assert poses.shape == (int(seconds * 30), 165) and np.isfinite(poses).all()
@@ -142,21 +154,22 @@ def test_infer_bad_inputs(setup, beat2_sample, tmp_path):
     sf.write(silent, np.zeros(16000 * 3, np.float32), 16000)
     sf.write(short, 0.1 * np.random.default_rng(0).standard_normal(8000).astype(np.float32), 16000)
     corrupt.write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk")
-    r = run_infer(args, "--audio", str(silent), "--out", str(tmp_path / "a.npz"))
-    assert r.returncode == 0 and "silent" in r.stderr
-    r = run_infer(args, "--audio", str(short), "--out", str(tmp_path / "b.npz"))
-    assert r.returncode == 0 and "shorter than one" in r.stderr
-    assert np.load(tmp_path / "b.npz")["poses"].shape == (15, 165)
-    r = run_infer(args, "--audio", str(corrupt), "--out", str(tmp_path / "c.npz"))
-    assert r.returncode == 2 and "corrupt.wav" in r.stderr and "Traceback" not in r.stderr
     grid = beat2_sample / "textgrid" / "2_scott_0_1_1.TextGrid"  # 64 s of words against 3 s of audio
-    r = run_infer(args, "--audio", str(silent), "--textgrid", str(grid), "--out", str(tmp_path / "d.npz"))
-    assert r.returncode == 0 and "past the end of the audio" in r.stderr
     other = tmp / "other.bin"
     save_weights(MambaTalk(load_config(ROOT / "configs/demo/mambatalk.yaml", {**vars_subset(args), "hidden_size": 48})),
                  other)
-    r = run_infer(args, "--audio", str(short), "--out", str(tmp_path / "e.npz"), "--ckpt", str(other))
-    assert r.returncode == 2 and "other.bin" in r.stderr and "Traceback" not in r.stderr
+    silent_r, short_r, corrupt_r, grid_r, other_r = run_infer_many(
+        args, ["--audio", str(silent), "--out", str(tmp_path / "a.npz")],
+        ["--audio", str(short), "--out", str(tmp_path / "b.npz")],
+        ["--audio", str(corrupt), "--out", str(tmp_path / "c.npz")],
+        ["--audio", str(silent), "--textgrid", str(grid), "--out", str(tmp_path / "d.npz")],
+        ["--audio", str(short), "--out", str(tmp_path / "e.npz"), "--ckpt", str(other)])
+    assert silent_r.returncode == 0 and "silent" in silent_r.stderr
+    assert short_r.returncode == 0 and "shorter than one" in short_r.stderr
+    assert np.load(tmp_path / "b.npz")["poses"].shape == (15, 165)
+    assert corrupt_r.returncode == 2 and "corrupt.wav" in corrupt_r.stderr and "Traceback" not in corrupt_r.stderr
+    assert grid_r.returncode == 0 and "past the end of the audio" in grid_r.stderr
+    assert other_r.returncode == 2 and "other.bin" in other_r.stderr and "Traceback" not in other_r.stderr
     assert not (tmp_path / "e.npz").exists()
 
 
