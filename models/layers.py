@@ -319,21 +319,25 @@ class WavEncoder(nn.Module):
 
 
 def channels_last_conv_weights_(model):
-    """Stores the convolution weights of every channels-last WavEncoder in `model` with the input channel fastest
-    ((C_out, C_in, k) with strides (C_in k, 1, C_in)): the memory order a channels-last convolution reads. Same
-    values, so the same maths and checkpoints; the parameters stay the same objects (call it before the optimizer
-    has state). Why: cuDNN otherwise reorders each weight in a kernel of its own in the forward pass and the weight
-    gradient back in the backward pass (GPU training: about 110 kernels per MambaTalk step). Only for encoders that
-    run channels-last on this device; returns how many weights it reordered."""
+    """Stores the convolution weights of the encoders in `model` whose convolutions run channels-last on this device
+    with the input channel fastest ((C_out, C_in, k) with strides (C_in k, 1, C_in)): the memory order a
+    channels-last convolution reads. Same values, so the same maths and checkpoints; the parameters stay the same
+    objects (call it before the optimizer has state). Why: cuDNN otherwise reorders each weight in a kernel of its
+    own in the forward pass and the weight gradient back in the backward pass (GPU training: about 110 kernels per
+    MambaTalk step for the audio encoders alone). Encoders are the modules with a `channels_last` class attribute
+    (WavEncoder; the motion encoders VQEncoderV5/V6, whose (B, T, C) input already gives their convolutions the
+    channel fastest): True always, None on GPUs. Returns how many weights it reordered."""
     n = 0
     for encoder in model.modules():
-        if not isinstance(encoder, WavEncoder):
+        wanted = getattr(type(encoder), "channels_last", "absent")
+        if wanted == "absent":
             continue
-        device = next(encoder.parameters()).device
-        if not (encoder.channels_last or (encoder.channels_last is None and device.type == "cuda")):
+        wanted = getattr(encoder, "channels_last")
+        params = list(encoder.parameters())
+        if not params or not (wanted or (wanted is None and params[0].device.type == "cuda")):
             continue
         for conv in encoder.modules():
-            if isinstance(conv, nn.Conv1d):
+            if isinstance(conv, nn.Conv1d) and conv.weight.stride(1) != 1:
                 w = conv.weight
                 w.data = w.data.transpose(1, 2).contiguous().transpose(1, 2)
                 n += 1

@@ -37,7 +37,15 @@ def run_layers(layers, x, keep=None):
 
 
 class VQEncoderV5(nn.Module):
-    """n x [Conv1d(k3), LeakyReLU(0.2), ResBlock]; no temporal down-sampling (one latent per frame)."""
+    """n x [Conv1d(k3), LeakyReLU(0.2), ResBlock]; no temporal down-sampling (one latent per frame).
+
+    Its (B, T, C) input, permuted to (B, C, T), has the channel fastest, so cuDNN runs its convolutions
+    channels-last; `channels_last` (None: on GPUs; True/False: always/never) says whether
+    models.layers.channels_last_conv_weights_ stores its weights in that order too (otherwise cuDNN reorders the
+    input and each weight, and the weight gradients back, in kernels of their own: ~140 per MambaTalk training
+    step for the motion encoder and the four stage-1 target encoders)."""
+
+    channels_last = None
 
     def __init__(self, in_dim, width, n_layers):
         super().__init__()

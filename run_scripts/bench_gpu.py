@@ -156,9 +156,12 @@ def step_trainer(args, device, model, vq, share, amp, fused, compile_mode=None, 
     torch.backends.cudnn.benchmark = torch.backends.cudnn.deterministic = published and device.type == "cuda"
     if not published and device.type == "cuda":  # as Trainer.__init__ (--cudnn_benchmark: forced on or off)
         torch.backends.cudnn.benchmark = MambaTalkTrainer.cudnn_benchmark if CUDNN_BENCHMARK is None else CUDNN_BENCHMARK
-    for encoder in (model.audio_pre_encoder_face, model.audio_pre_encoder_body):
-        encoder.channels_last = False if published else None  # the published (B, C, L) layout
+    for encoder in (model.audio_pre_encoder_face, model.audio_pre_encoder_body, model.global_scan.motion_encoder):
+        encoder.channels_last = False if published else None  # the published layouts
     channels_last_conv_weights_(model)  # as Trainer.__init__
+    if not published:
+        for m in vq.values():
+            channels_last_conv_weights_(m)  # as trainers.mambatalk.load_frozen_models
     model.batch_passes = batched
     args = copy.copy(args)
     args.amp, args.fused_adam = amp, fused

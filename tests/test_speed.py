@@ -1,5 +1,6 @@
 """Speed work (issue 9) changes no results: shared conditioning of the training step, batched/graphed generation,
 the Triton scan kernels (through Triton's CPU interpreter here, natively on a GPU), and the speed table script."""
+import copy
 import os
 import subprocess
 import sys
@@ -1084,6 +1085,35 @@ def test_flat_weights_give_autocast_numbers_exactly():
         assert a.keys() == b.keys() and a
         for k in a:
             assert torch.equal(a[k], b[k]), k
+
+
+def test_motion_encoder_weights_channels_last():
+    """The motion encoders (VQEncoderV5/V6: MambaTalk's and the stage-1 models') get their convolution weights in
+    channels-last order too (GPU training and the frozen target encoders; forced here on a CPU): the same outputs,
+    input and weight gradients, and checkpoints; a second call reorders nothing."""
+    from models.layers import channels_last_conv_weights_
+    from models.motion_representation import VQEncoderV5
+    torch.manual_seed(0)
+    enc = VQEncoderV5(12, 16, 2).double()
+    assert channels_last_conv_weights_(enc) == 0  # CPU: only where asked
+    ref = copy.deepcopy(enc)
+    enc.channels_last = True
+    assert channels_last_conv_weights_(enc) == 6 and channels_last_conv_weights_(enc) == 0
+    assert all(m.weight.stride(1) == 1 and not m.weight.is_contiguous()
+               for m in enc.modules() if isinstance(m, torch.nn.Conv1d))
+    x = torch.randn(3, 20, 12, dtype=torch.float64, requires_grad=True)
+    xr = x.detach().clone().requires_grad_(True)
+    y, yr = enc(x), ref(xr)
+    torch.testing.assert_close(y, yr, rtol=1e-12, atol=1e-12)
+    gy = torch.randn_like(y)
+    (y * gy).sum().backward()
+    (yr * gy).sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-12, atol=1e-12)
+    for (n, p), q in zip(enc.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=n)
+    fresh = VQEncoderV5(12, 16, 2).double()
+    fresh.load_state_dict(enc.state_dict())
+    torch.testing.assert_close(fresh(x), y, rtol=1e-12, atol=1e-12)
 
 
 def test_channels_last_conv_weights_keep_the_training_step():

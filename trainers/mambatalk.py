@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from models.layers import channels_last_conv_weights_
 from models.mambatalk import MambaTalk
 from models.motion_representation import STAGE1_FILES, VAESKConv, build_stage1_models
 from trainers.base import Trainer, to_device
@@ -62,6 +63,7 @@ def load_frozen_models(args, device):
     for name, model in models.items():
         load_weights(model, os.path.join(stage1_dir(args), STAGE1_FILES[name]))
         model.to(device).eval().requires_grad_(False)
+        channels_last_conv_weights_(model)  # GPUs: the encoders' weights in the order their convolutions read
     return models
 
 
