@@ -329,10 +329,9 @@ def channels_last_conv_weights_(model):
     channel fastest): True always, None on GPUs. Returns how many weights it reordered."""
     n = 0
     for encoder in model.modules():
-        wanted = getattr(type(encoder), "channels_last", "absent")
-        if wanted == "absent":
+        if not hasattr(type(encoder), "channels_last"):
             continue
-        wanted = getattr(encoder, "channels_last")
+        wanted = encoder.channels_last
         params = list(encoder.parameters())
         if not params or not (wanted or (wanted is None and params[0].device.type == "cuda")):
             continue

@@ -262,6 +262,18 @@ def _block_with_conv_biases(block, x):
     return block.act(block.bn2(block.conv2(out)) + shortcut)
 
 
+def _large_biases(module, weight_scale, momentum):
+    """`module` with random weights of `weight_scale`, biases of scale 2 (large enough that leaving one out where
+    it matters would show) and every BatchNorm's momentum set."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            p.copy_(torch.randn_like(p) * (2.0 if name.endswith("bias") else weight_scale))
+    for m in module.modules():
+        if isinstance(m, torch.nn.BatchNorm1d):
+            m.momentum = momentum
+    return module
+
+
 @pytest.mark.parametrize("momentum", [0.1, None])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_conv_bias_before_training_batchnorm_is_left_out(momentum, layout):
@@ -271,13 +283,7 @@ def test_conv_bias_before_training_batchnorm_is_left_out(momentum, layout):
     noise), and the eval-mode block that uses the running statistics with the biases agrees too."""
     from models.layers import BasicBlock
     torch.manual_seed(0)
-    new = BasicBlock(3, 8, 15, stride=5, padding=7, downsample=True).double()
-    with torch.no_grad():
-        for name, p in new.named_parameters():
-            p.copy_(torch.randn_like(p) * (2.0 if name.endswith("bias") else 0.3))
-    for m in new.modules():
-        if isinstance(m, torch.nn.BatchNorm1d):
-            m.momentum = momentum
+    new = _large_biases(BasicBlock(3, 8, 15, stride=5, padding=7, downsample=True).double(), 0.3, momentum)
     ref = copy.deepcopy(new)
     convs = [new.conv1, new.conv2, new.downsample[0]]
     for step in range(2):
@@ -316,14 +322,8 @@ def test_wav_encoder_settles_left_out_biases_at_once(momentum, channels_last):
     published maths (each convolution with its bias), float64, over two steps; each such bias gets an exact zero."""
     from models.layers import WavEncoder
     torch.manual_seed(0)
-    new = WavEncoder(16, audio_in=2).double()
+    new = _large_biases(WavEncoder(16, audio_in=2).double(), 0.2, momentum)
     new.channels_last = channels_last
-    with torch.no_grad():
-        for name, p in new.named_parameters():
-            p.copy_(torch.randn_like(p) * (2.0 if name.endswith("bias") else 0.2))
-    for m in new.modules():
-        if isinstance(m, torch.nn.BatchNorm1d):
-            m.momentum = momentum
     ref = copy.deepcopy(new)
     left_out = {id(b.conv1.bias) for b in new.modules() if hasattr(b, "bn1")}
     left_out |= {id(b.conv2.bias) for b in new.modules() if hasattr(b, "bn2")}
