@@ -376,16 +376,33 @@ class PackedAttention(nn.MultiheadAttention):
     projection, scaled-dot-product attention with dropout on the weights, the output projection.
 
     `packed`: None uses it for training on GPUs only (CPU training and all inference keep PyTorch's code, so their
-    numbers stay those of earlier runs); True/False: always/never (tests compare the two)."""
+    numbers stay those of earlier runs); True/False: always/never (tests compare the two).
+
+    Batch-first, key and value may have a batch that divides the query's: the query batch then holds passes over the
+    same keys one after the other (MambaTalk's training passes share one cross-attention memory), and the key/value
+    projection runs once per key item instead of once per pass, its result repeated (PyTorch's path gets the keys
+    repeated instead)."""
 
     packed = None
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
+        passes = 1
+        if self.batch_first and query.dim() == 3 and key.dim() == 3 and key.shape[0] != query.shape[0]:
+            if query.shape[0] % key.shape[0] or value.shape[0] != key.shape[0]:
+                raise ValueError(f"attention: key/value batch {key.shape[0]} does not divide the query batch "
+                                 f"{query.shape[0]}")
+            passes = query.shape[0] // key.shape[0]
         use = self.packed if self.packed is not None else (self.training and query.is_cuda)
         if not (use and self.batch_first and key is value and key_padding_mask is None and attn_mask is None
                 and not need_weights and not is_causal and self._qkv_same_embed_dim and self.in_proj_bias is not None
                 and self.bias_k is None and not self.add_zero_attn and query.dim() == 3):
+            if passes > 1:
+                same = key is value
+                key = key.repeat(passes, 1, 1)
+                value = key if same else value.repeat(passes, 1, 1)
+                if key_padding_mask is not None:
+                    key_padding_mask = key_padding_mask.repeat(passes, 1)
             return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
                                    attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal)
         B, T, E = query.shape
@@ -395,7 +412,10 @@ class PackedAttention(nn.MultiheadAttention):
             q, k, v = F.linear(query, w, b).unflatten(-1, (3, h, E // h)).unbind(2)
         else:
             q = F.linear(query, w[:E], b[:E]).unflatten(-1, (h, E // h))
-            k, v = F.linear(key, w[E:], b[E:]).unflatten(-1, (2, h, E // h)).unbind(2)
+            kv = F.linear(key, w[E:], b[E:])
+            if passes > 1:
+                kv = kv.repeat(passes, 1, 1)
+            k, v = kv.unflatten(-1, (2, h, E // h)).unbind(2)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                              dropout_p=self.dropout if self.training else 0.0)
         return self.out_proj(out.transpose(1, 2).reshape(B, T, E)), None

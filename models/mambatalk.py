@@ -307,7 +307,10 @@ class MambaTalk(nn.Module):
             condition = self.encode_condition(in_audio, in_word, in_id, in_motion.shape[1], passes=len(masks))
         if len(masks) > 1 and self.batch_passes:
             k = len(masks)
-            stacked = {name: v.repeat(k, *[1] * (v.dim() - 1)) for name, v in condition.items()}
+            # the cross-attention memory is not repeated: its keys and values are computed once for the k passes
+            # (layers.PackedAttention), a third of the projections' work
+            stacked = {name: v if name == "memory" else v.repeat(k, *[1] * (v.dim() - 1))
+                       for name, v in condition.items()}
             out = self.predict(stacked, torch.cat(masks), in_motion.repeat(k, 1, 1))
             if stack_passes:
                 return out

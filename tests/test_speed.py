@@ -1265,6 +1265,31 @@ def test_packed_attention_matches_pytorch_attention():
             torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
+def test_attention_keys_shared_by_passes():
+    """A key/value batch that divides the query batch (MambaTalk's passes share one cross-attention memory): the
+    keys and values are projected once and repeated, on both paths; outputs and gradients equal those with the
+    memory repeated beforehand (float64), and a batch that does not divide is refused."""
+    from models.layers import PackedAttention
+    torch.manual_seed(0)
+    attn = PackedAttention(24, 4, dropout=0.0, batch_first=True).double()
+    query = torch.randn(6, 5, 24, dtype=torch.float64, requires_grad=True)
+    memory = torch.randn(2, 7, 24, dtype=torch.float64, requires_grad=True)
+    for packed in (True, False):
+        attn.packed = packed
+        results = []
+        for mem in (memory, memory.repeat(3, 1, 1)):
+            attn.zero_grad()
+            query.grad = memory.grad = None
+            out = attn(query, mem, mem, need_weights=False)[0]
+            (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+            results.append([out, query.grad, memory.grad, attn.in_proj_weight.grad, attn.in_proj_bias.grad])
+        for got, want in zip(*results):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        assert results[0][2].abs().sum() > 0
+    with pytest.raises(ValueError, match="does not divide"):
+        attn(query, memory[:1].repeat(4, 1, 1), memory[:1].repeat(4, 1, 1), need_weights=False)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_triton_conv_training_on_gpu_matches_pytorch():
     """Mamba's causal conv + SiLU on models/conv_triton.py (GPU training's default) against PyTorch's convolution:
